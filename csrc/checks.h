@@ -1,0 +1,67 @@
+// Argument checks shared by every backend: each error names the argument and what was expected.
+#pragma once
+#include <ATen/ATen.h>
+#include <cmath>
+
+namespace modsplit {
+
+constexpr int64_t kBitsPerWord = 32;
+
+inline int64_t words_for(int64_t cols) { return (cols + kBitsPerWord - 1) / kBitsPerWord; }
+
+// Number of entries a layer of n elements keeps: max(1, round-half-up(density * n)).
+inline int64_t keep_count(double density, int64_t n) {
+  const int64_t k = static_cast<int64_t>(std::floor(density * static_cast<double>(n) + 0.5));
+  return std::min<int64_t>(n, std::max<int64_t>(1, k));
+}
+
+inline void check_density(double density) {
+  TORCH_CHECK(std::isfinite(density) && density > 0.0 && density <= 1.0,
+              "modsplit: density must be in (0, 1], got ", density);
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "modsplit: ", name,
+              " must be a floating-point tensor, got dtype ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "modsplit: ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "modsplit: ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+}
+
+// packed must be int32 [lead..., O, ceil(R/32)] for a weight [O, ...]; lead = 0 or 1 dims (K).
+inline void check_packed_for_weight(const at::Tensor& packed, const at::Tensor& weight,
+                                    int64_t lead_dims) {
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "modsplit: packed must be an int32 mask, got ",
+              packed.scalar_type());
+  check_same_device(packed, weight, "packed", "weight");
+  TORCH_CHECK(weight.dim() >= 2, "modsplit: weight must have at least 2 dims, got shape ",
+              weight.sizes());
+  TORCH_CHECK(packed.dim() == 2 + lead_dims, "modsplit: packed must have ", 2 + lead_dims,
+              " dims (", lead_dims ? "[K, O, words]" : "[O, words]", "), got shape ",
+              packed.sizes());
+  const int64_t rows = weight.size(0);
+  const int64_t cols = weight.numel() / std::max<int64_t>(rows, 1);
+  TORCH_CHECK(packed.size(lead_dims) == rows && packed.size(lead_dims + 1) == words_for(cols),
+              "modsplit: packed has shape ", packed.sizes(), " but weight of shape ",
+              weight.sizes(), " needs [", lead_dims ? "K, " : "", rows, ", ", words_for(cols),
+              "]");
+}
+
+inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& weight) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "modsplit: bias must have shape [",
+              weight.size(0), "], got ", bias->sizes());
+  check_same_device(*bias, weight, "bias", "weight");
+  check_same_dtype(*bias, weight, "bias", "weight");
+}
+
+}  // namespace modsplit

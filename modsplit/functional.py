@@ -1,0 +1,67 @@
+"""Score-differentiable masked layers (edge-popup's straight-through estimator).
+
+The mask is M = topk(|S|); the forward uses W*M; the backward sends grad_S = dL/d(W*M) * W * sign(S)
+(GetSubnet passes the gradient straight through, |S| multiplies it by sign(S)). The packed mask is
+passed in so that callers compute it once per step with multi_topk_mask.
+"""
+import torch
+
+from modsplit.ops.conv import _pair
+
+_ops = torch.ops.modsplit
+
+
+class _MultiMaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scores, packed, bias, shared_input):
+        ctx.save_for_backward(x, weight, scores, packed)
+        ctx.shared_input = shared_input
+        return _ops.multi_masked_linear(x, weight, packed, bias, shared_input)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scores, packed = ctx.saved_tensors
+        need_x, _, need_s, _, need_b, _ = ctx.needs_input_grad
+        gx, gs, gb = _ops.multi_masked_linear_backward(grad_out.contiguous(), x, weight, packed,
+                                                       ctx.shared_input, [need_x, need_s, need_b])
+        if gs is not None:
+            gs = gs * scores.sign()
+        return gx, None, gs, None, gb, None
+
+
+class _MultiMaskedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scores, packed, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, scores, packed)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        return _ops.multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scores, packed = ctx.saved_tensors
+        need_x, _, need_s, _, need_b = ctx.needs_input_grad[:5]
+        gx, gs, gb = _ops.multi_masked_conv2d_backward(grad_out.contiguous(), x, weight, packed,
+                                                       *ctx.conv_args, [need_x, need_s, need_b])
+        if gs is not None:
+            gs = gs * scores.sign()
+        return gx, None, gs, None, gb, None, None, None, None
+
+
+def multi_masked_linear(x, weight, scores, packed, bias=None, shared_input=False):
+    """K modules' masked linear with the straight-through score gradient.
+
+    x [K, *, I] (or [*, I] with shared_input), weight [O, I] (frozen), scores float [K, O, I],
+    packed int32 [K, O, ceil(I/32)] = multi_topk_mask(scores, density) -> [K, *, O].
+    """
+    return _MultiMaskedLinear.apply(x, weight, scores, packed, bias, shared_input)
+
+
+def multi_masked_conv2d(x, weight, scores, packed, bias=None, stride=1, padding=0, dilation=1,
+                        groups=1):
+    """K modules' masked conv2d with the straight-through score gradient.
+
+    x [K, B, C, H, W] (or shared [B, C, H, W]), weight [O, C/groups, kh, kw], scores
+    [K, *weight.shape], packed int32 [K, O, words] -> [K, B, O, Ho, Wo].
+    """
+    return _MultiMaskedConv2d.apply(x, weight, scores, packed, bias, _pair(stride), _pair(padding),
+                                    _pair(dilation), int(groups))

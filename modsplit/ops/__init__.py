@@ -1,0 +1,13 @@
+"""Python entry points of the torch.ops.modsplit ops, with fake impls and autograd registered.
+
+Every op has a pure-PyTorch twin in modsplit.reference with the same signature.
+"""
+from modsplit import _extension  # noqa: F401  (registers the schemas and kernels)
+from modsplit.ops.conv import masked_conv2d, multi_masked_conv2d
+from modsplit.ops.linear import masked_linear, multi_masked_linear
+from modsplit.ops.mask import multi_topk_mask, pack_mask, topk_mask, unpack_mask
+
+__all__ = [
+    "topk_mask", "multi_topk_mask", "pack_mask", "unpack_mask", "masked_linear",
+    "multi_masked_linear", "masked_conv2d", "multi_masked_conv2d",
+]

@@ -1,0 +1,124 @@
+"""Pure-PyTorch reference of every modsplit op: the specification the kernels are tested against.
+
+Mask format: for a weight [O, ...] with R = prod(other dims), a packed mask is int32
+[O, ceil(R/32)]; bit j (least significant first) of word w keeps flat column 32*w + j of row o;
+padding bits are 0. A bank of K modules is [K, O, ceil(R/32)].
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+BITS = 32
+
+
+def words_for(cols: int) -> int:
+    return (cols + BITS - 1) // BITS
+
+
+def keep_count(density: float, n: int) -> int:
+    """Entries a layer of n elements keeps: max(1, floor(density * n + 0.5)), at most n."""
+    return min(n, max(1, int(math.floor(density * n + 0.5))))
+
+
+def pack_mask(mask: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
+    """bool [lead..., rest...] (lead = batch_dims + 1 dims) -> int32 [lead..., ceil(R/32)]."""
+    lead = mask.shape[: batch_dims + 1]
+    m = mask.reshape(*lead, -1).to(torch.int64)
+    cols = m.shape[-1]
+    words = words_for(cols)
+    m = F.pad(m, (0, words * BITS - cols)).reshape(*lead, words, BITS)
+    weights = torch.ones(BITS, dtype=torch.int64, device=mask.device) << torch.arange(
+        BITS, device=mask.device)
+    packed = (m * weights).sum(-1)  # int64 in [0, 2^32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    """int32 [lead..., words] -> bool tensor of `shape` (which starts with lead...)."""
+    shape = tuple(shape)
+    lead = packed.shape[:-1]
+    cols = math.prod(shape[len(lead):])
+    bits = (packed.to(torch.int64).unsqueeze(-1) >> torch.arange(BITS, device=packed.device)) & 1
+    return bits.reshape(*lead, -1)[..., :cols].bool().reshape(shape)
+
+
+def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """scores [O, ...] -> packed [O, ceil(R/32)]: keep the keep_count largest |scores|, ties to
+    the lower flat index."""
+    flat = scores.detach().abs().flatten()
+    k = keep_count(density, flat.numel())
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order] = True
+    return pack_mask(keep.reshape(scores.shape))
+
+
+def multi_topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """scores [K, O, ...] -> packed [K, O, ceil(R/32)], one selection per module."""
+    return torch.stack([topk_mask(s, density) for s in scores])
+
+
+def _effective(weight, packed):
+    """W * M for packed [O, words] or [K, O, words] -> [O, ...] or [K, O, ...]."""
+    shape = tuple(packed.shape[:-1]) + tuple(weight.shape[1:])
+    return weight * unpack_mask(packed, shape).to(weight.dtype)
+
+
+def masked_linear(x, weight, packed, bias=None):
+    """x [*, I], weight [O, I], packed [O, ceil(I/32)] -> [*, O]."""
+    return F.linear(x, _effective(weight, packed), bias)
+
+
+def masked_linear_backward(grad_out, x, weight, packed):
+    """-> (grad_x [*, I], grad_scores [O, I] = (g^T x) * W, grad_bias [O])."""
+    g = grad_out.reshape(-1, weight.shape[0])
+    x2 = x.reshape(-1, weight.shape[1])
+    return (grad_out @ _effective(weight, packed), (g.T @ x2) * weight, g.sum(0))
+
+
+def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
+    """x [K, *, I] (or [*, I] with shared_input) -> [K, *, O]."""
+    xs = [x] * packed.shape[0] if shared_input else list(x)
+    return torch.stack([masked_linear(xk, weight, pk, bias) for xk, pk in zip(xs, packed)])
+
+
+def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input=False):
+    """-> (grad_x shaped like x (summed over K when shared), grad_scores [K, O, I], grad_bias [O])."""
+    xs = [x] * packed.shape[0] if shared_input else list(x)
+    parts = [masked_linear_backward(g, xk, weight, pk) for g, xk, pk in zip(grad_out, xs, packed)]
+    gx = torch.stack([p[0] for p in parts])
+    return (gx.sum(0) if shared_input else gx, torch.stack([p[1] for p in parts]),
+            torch.stack([p[2] for p in parts]).sum(0))
+
+
+def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
+    """x [B, C, H, W], weight [O, C/groups, kh, kw], packed [O, ceil(C/groups*kh*kw/32)]."""
+    return F.conv2d(x, _effective(weight, packed), bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups):
+    """-> (grad_x, grad_scores = dL/d(W*M) * W, grad_bias), via autograd of the reference."""
+    x = x.detach().requires_grad_(True)
+    w = _effective(weight, packed).detach().requires_grad_(True)
+    b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device, requires_grad=True)
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad_out)
+    return gx, gw * weight, gb
+
+
+def multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
+    """x [B, C, H, W] shared or [K, B, C, H, W] -> [K, B, O, Ho, Wo]."""
+    xs = [x] * packed.shape[0] if x.dim() == 4 else list(x)
+    return torch.stack([masked_conv2d(xk, weight, pk, bias, stride, padding, dilation, groups)
+                        for xk, pk in zip(xs, packed)])
+
+
+def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups):
+    shared = x.dim() == 4
+    xs = [x] * packed.shape[0] if shared else list(x)
+    parts = [masked_conv2d_backward(g, xk, weight, pk, stride, padding, dilation, groups)
+             for g, xk, pk in zip(grad_out, xs, packed)]
+    gx = torch.stack([p[0] for p in parts])
+    return (gx.sum(0) if shared else gx, torch.stack([p[1] for p in parts]),
+            torch.stack([p[2] for p in parts]).sum(0))
