@@ -1,0 +1,23 @@
+"""Launch helpers shared by the Triton kernels (no kernels here)."""
+import os
+
+import torch
+
+# Captured when triton_kernels is first imported: TRITON_INTERPRET decides, at decoration time,
+# whether @triton.jit returns a GPU kernel or an interpreted one that runs on CPU tensors.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(gpu_configs, interpreter_config):
+    """Autotuning with several configs needs a GPU driver: one (large-tile) config when
+    interpreting, where cost grows with programs x loop iterations."""
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+def dot_precision() -> str:
+    """tl.dot input precision of fp32 operands, following torch's matmul setting."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
