@@ -56,11 +56,33 @@ def use(name):
         _selected = previous
 
 
-def _triton_ops(device: torch.device):
+def load_triton(interpret=None):
+    """Imports triton_kernels, which registers torch.ops.modsplit_triton, and returns it.
+
+    interpret=True builds the kernels for the Triton interpreter (CPU tensors) and False for a GPU,
+    setting TRITON_INTERPRET only during the import; None follows the environment. The choice is
+    fixed by the first import: a later call asking for the other one raises a RuntimeError.
+    """
+    previous = os.environ.get("TRITON_INTERPRET")
+    if interpret is not None:
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
         import triton_kernels
     except ImportError as exc:
         raise RuntimeError(f"modsplit: backend 'triton' needs the triton package ({exc})") from exc
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    if interpret is not None and triton_kernels.INTERPRET != interpret:
+        raise RuntimeError("modsplit: triton_kernels was already imported with TRITON_INTERPRET="
+                           f"{int(triton_kernels.INTERPRET)}")
+    return triton_kernels
+
+
+def _triton_ops(device: torch.device):
+    triton_kernels = load_triton()
     if device.type == "cuda" and not triton_kernels.INTERPRET:
         return torch.ops.modsplit_triton
     if device.type == "cpu" and triton_kernels.INTERPRET:

@@ -6,6 +6,10 @@ import torch
 # Captured when triton_kernels is first imported: TRITON_INTERPRET decides, at decoration time,
 # whether @triton.jit returns a GPU kernel or an interpreted one that runs on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    # The interpreter imports gluon lazily at the first launch, and gluon's import asserts
+    # TRITON_INTERPRET: import it now, so that launches work after the variable is unset.
+    import triton.experimental.gluon  # noqa: F401
 
 
 def autotune_configs(gpu_configs, interpreter_config):
