@@ -298,6 +298,11 @@ def masked_linear_weight_grad(grad_out, x, weight, packed, shared_input):
                    single or shared_input, True)
 
 
+def _needs(ctx):
+    """needs_input_grad of (x, weight, packed, bias); it only covers the arguments passed."""
+    return (tuple(ctx.needs_input_grad) + (False,) * 4)[:4]
+
+
 def _setup(ctx, inputs, output):
     x, weight, packed = inputs[:3]
     ctx.shared_input = inputs[4] if len(inputs) > 4 else False
@@ -306,7 +311,7 @@ def _setup(ctx, inputs, output):
 
 def _masked_linear_backward(ctx, grad_out):
     x, weight, packed = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    need_x, need_w, _, need_b = _needs(ctx)
     gx, _, gb = masked_linear_backward(grad_out, x, weight, packed, [need_x, False, need_b])
     gw = masked_linear_weight_grad(grad_out, x, weight, packed, False) if need_w else None
     return gx, gw, None, gb
@@ -314,7 +319,7 @@ def _masked_linear_backward(ctx, grad_out):
 
 def _multi_masked_linear_backward(ctx, grad_out):
     x, weight, packed = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    need_x, need_w, _, need_b = _needs(ctx)
     gx, _, gb = multi_masked_linear_backward(grad_out, x, weight, packed, ctx.shared_input,
                                              [need_x, False, need_b])
     gw = (masked_linear_weight_grad(grad_out, x, weight, packed, ctx.shared_input)

@@ -2,10 +2,17 @@
 import os
 
 import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 # Captured when triton_kernels is first imported: TRITON_INTERPRET decides, at decoration time,
 # whether @triton.jit returns a GPU kernel or an interpreted one that runs on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET != isinstance(tl.sum, InterpretedFunction):
+    # triton.language's own @jit functions were decorated when triton was first imported.
+    raise RuntimeError(
+        f"triton_kernels: TRITON_INTERPRET={int(INTERPRET)} now, but triton was first imported "
+        f"with TRITON_INTERPRET={int(not INTERPRET)}: set it before anything imports triton")
 if INTERPRET:
     # The interpreter imports gluon lazily at the first launch, and gluon's import asserts
     # TRITON_INTERPRET: import it now, so that launches work after the variable is unset.
