@@ -87,16 +87,20 @@ def _op_calls():
     packed = ref.multi_topk_mask(s.cpu(), 0.5).to(DEVICE)
     w = torch.randn(6, 40, device=DEVICE)
     x = torch.randn(5, 40, device=DEVICE)
+    cw = torch.randn(6, 10, 2, 2, device=DEVICE)
+    img = torch.randn(2, 10, 5, 4, device=DEVICE)
     ops = modsplit.ops
     return [("topk_mask", lambda: ops.topk_mask(s[0], 0.5)),
             ("multi_topk_mask", lambda: ops.multi_topk_mask(s, 0.5)),
             ("pack_mask", lambda: ops.pack_mask(s > 0, 1)),
             ("unpack_mask", lambda: ops.unpack_mask(packed, s.shape)),
             ("masked_linear", lambda: ops.masked_linear(x, w, packed[0])),
-            ("multi_masked_linear", lambda: ops.multi_masked_linear(x, w, packed, None, True))]
+            ("multi_masked_linear", lambda: ops.multi_masked_linear(x, w, packed, None, True)),
+            ("masked_conv2d", lambda: ops.masked_conv2d(img, cw, packed[0], None, 1, 1)),
+            ("multi_masked_conv2d", lambda: ops.multi_masked_conv2d(img, cw, packed, None, 1, 1))]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_wrappers_route_to_triton(index, monkeypatch):
     name, call = _op_calls()[index]
     calls = _spy(monkeypatch, name)

@@ -7,5 +7,5 @@ One op family per module, each with its kernels and its torch.library.triton_op 
   masked_linear.py  masked_linear, multi_masked_linear and their backwards
   masked_conv2d.py  masked_conv2d, multi_masked_conv2d and their backwards (unfold + GEMM)
 """
-from triton_kernels import masked_linear, pack_mask, topk_mask  # noqa: F401
+from triton_kernels import masked_conv2d, masked_linear, pack_mask, topk_mask  # noqa: F401
 from triton_kernels.utils import INTERPRET  # noqa: F401
