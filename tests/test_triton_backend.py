@@ -125,3 +125,33 @@ def test_functional_routes_forward_and_backward(monkeypatch):
     y.sum().backward()
     assert fwd == ["multi_masked_linear"] and bwd == ["multi_masked_linear_backward"]
     assert scores.grad.shape == scores.shape
+
+
+def test_opcheck():
+    """Schemas, fake impls and autograd registration of the Triton ops."""
+    s = torch.randn(3, 13, 33, device=DEVICE)
+    packed = ref.multi_topk_mask(s.cpu(), 0.5).to(DEVICE)
+    x = torch.randn(4, 33, device=DEVICE, requires_grad=True)
+    w = torch.randn(13, 33, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.modsplit_triton.topk_mask.default, (s[0], 0.3))
+    torch.library.opcheck(torch.ops.modsplit_triton.multi_masked_linear.default,
+                          (x, w, packed, None, True))
+
+
+def test_torch_compile_fullgraph():
+    s = torch.randn(3, 13, 33, device=DEVICE)
+    packed = ref.multi_topk_mask(s.cpu(), 0.5).to(DEVICE)
+    x = torch.randn(4, 33, device=DEVICE)
+    w = torch.randn(13, 33, device=DEVICE)
+
+    def step(x, scores):
+        return F_ms.multi_masked_linear(x, w, scores, packed, shared_input=True).square().sum()
+
+    eager_s = s.clone().requires_grad_()
+    step(x, eager_s).backward()
+    with backend.use("triton"):
+        compiled_s = s.clone().requires_grad_()
+        loss = torch.compile(step, fullgraph=True)(x, compiled_s)
+        loss.backward()
+    torch.testing.assert_close(loss, step(x, s), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_s.grad, eager_s.grad, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 """Triton implementations of every modsplit op, registered as torch.ops.modsplit_triton.<name>
 with the same names and schemas as torch.ops.modsplit (modsplit.backend selects between them).
 
-One op family per module, each with its kernels and its torch.library.triton_op wrappers:
+One op family per module, each with its kernels and its op wrappers (torch.library.triton_op;
+an opaque custom_op under the interpreter, see utils.register_op):
   topk_mask.py      topk_mask, multi_topk_mask (radix select on the bits of |s|)
   pack_mask.py      pack_mask, unpack_mask
   masked_linear.py  masked_linear, multi_masked_linear and their backwards

@@ -10,9 +10,9 @@ packed int32 [O, ceil(R/32)] or [K, O, ceil(R/32)]; output [B, O, Ho, Wo] or [K,
 """
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op
 
 from triton_kernels.masked_linear import _forward, _grad_w, _grad_x
+from triton_kernels.utils import register_op
 
 _ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 
@@ -98,16 +98,16 @@ def _backward(grad_out, x, weight, packed, stride, padding, dilation, groups, ou
             rows.reshape(-1, weight.shape[0]).sum(0) if output_mask[2] else None)
 
 
-@triton_op("modsplit_triton::masked_conv2d", mutates_args=(),
-           schema=f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor")
+@register_op("modsplit_triton::masked_conv2d",
+             f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor")
 def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """conv2d with weight W*M: x [B, C, H, W], weight [O, C/groups, kh, kw], packed int32
     [O, ceil(C/groups*kh*kw/32)], bias [O] or None -> [B, O, Ho, Wo]."""
     return _Problem(x, weight, packed, stride, padding, dilation, groups).forward(bias)[0]
 
 
-@triton_op("modsplit_triton::multi_masked_conv2d", mutates_args=(),
-           schema=f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor")
+@register_op("modsplit_triton::multi_masked_conv2d",
+             f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor")
 def multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """K modules over one weight: x [B, C, H, W] shared or [K, B, C, H, W], packed int32
     [K, O, words] -> [K, B, O, Ho, Wo]."""
@@ -118,7 +118,7 @@ _BACKWARD_SCHEMA = (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, 
                     "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 
 
-@triton_op("modsplit_triton::masked_conv2d_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+@register_op("modsplit_triton::masked_conv2d_backward", _BACKWARD_SCHEMA)
 def masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups,
                            output_mask):
     """-> (grad_x, grad_scores = dL/d(W*M) * W [*weight.shape], grad_bias [O]); None where
@@ -126,8 +126,7 @@ def masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilatio
     return _backward(grad_out, x, weight, packed, stride, padding, dilation, groups, output_mask)
 
 
-@triton_op("modsplit_triton::multi_masked_conv2d_backward", mutates_args=(),
-           schema=_BACKWARD_SCHEMA)
+@register_op("modsplit_triton::multi_masked_conv2d_backward", _BACKWARD_SCHEMA)
 def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups,
                                  output_mask):
     """-> (grad_x shaped like x (summed over modules when shared), grad_scores [K, *weight.shape],
@@ -135,8 +134,8 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
     return _backward(grad_out, x, weight, packed, stride, padding, dilation, groups, output_mask)
 
 
-@triton_op("modsplit_triton::masked_conv2d_weight_grad", mutates_args=(),
-           schema=f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, {_ARGS}) -> Tensor")
+@register_op("modsplit_triton::masked_conv2d_weight_grad",
+             f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, {_ARGS}) -> Tensor")
 def masked_conv2d_weight_grad(grad_out, x, weight, packed, stride, padding, dilation, groups):
     """Exact dL/dW [*weight.shape] = sum_k dL/d(W*M_k) * M_k; packed [O, words] or
     [K, O, words]."""

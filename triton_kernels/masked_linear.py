@@ -18,9 +18,9 @@ Kernels:
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from triton_kernels.utils import INTERPRET, autotune_configs, dot_precision, next_pow2
+from triton_kernels.utils import (INTERPRET, autotune_configs, dot_precision, launcher, next_pow2,
+                                  register_op)
 
 _MAX_GROUP = 8  # modules sharing one weight tile per program on a GPU
 
@@ -190,7 +190,7 @@ def _forward(x, weight, packed, bias, shared):
     kb = _group(k)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(o, meta["BN"]),  # noqa: E731
                          triton.cdiv(k, kb))
-    wrap_triton(_forward_kernel)[grid](
+    launcher(_forward_kernel)[grid](
         x3, weight, packed.contiguous(), weight if bias is None else bias, y, k, m, o, i,
         packed.shape[-1], sxk, x3.stride(1), x3.stride(2), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, KB=kb, UPCAST=INTERPRET, PRECISION=dot_precision())
@@ -210,7 +210,7 @@ def _grad_x(grad_out, weight, packed, shared, x_shape, dtype):
     kb = _group(k)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(i, meta["BI"]),  # noqa: E731
                          1 if shared else triton.cdiv(k, kb))
-    wrap_triton(_grad_x_kernel)[grid](
+    launcher(_grad_x_kernel)[grid](
         g3, weight, packed.contiguous(), gx, k, m, o, i, packed.shape[-1], g3.stride(0),
         g3.stride(1), g3.stride(2), weight.stride(0), weight.stride(1), SHARED=shared, KB=kb,
         UPCAST=INTERPRET, PRECISION=dot_precision())
@@ -230,7 +230,7 @@ def _grad_w(grad_out, x, weight, packed, shared, weight_grad):
     kb = _group(k)
     grid = lambda meta: (triton.cdiv(o, meta["BO"]) * triton.cdiv(i, meta["BI"]),  # noqa: E731
                          1 if weight_grad else triton.cdiv(k, kb))
-    wrap_triton(_grad_w_kernel)[grid](
+    launcher(_grad_w_kernel)[grid](
         g3, x3, weight, packed.contiguous(), out, k, m, o, i, packed.shape[-1], g3.stride(0),
         g3.stride(1), g3.stride(2), sxk, x3.stride(1), x3.stride(2), weight.stride(0),
         weight.stride(1), WEIGHT_GRAD=weight_grad, KB=kb, UPCAST=INTERPRET,
@@ -242,8 +242,8 @@ def _bias_grad(grad_out, weight):
     return grad_out.reshape(-1, weight.shape[0]).sum(0)
 
 
-@triton_op("modsplit_triton::masked_linear", mutates_args=(),
-           schema="(Tensor x, Tensor weight, Tensor packed, Tensor? bias=None) -> Tensor")
+@register_op("modsplit_triton::masked_linear",
+             "(Tensor x, Tensor weight, Tensor packed, Tensor? bias=None) -> Tensor")
 def masked_linear(x, weight, packed, bias=None):
     """y = x (W*M)^T + b. x [*, I], weight [O, I], packed int32 [O, ceil(I/32)], bias [O] or
     None -> [*, O]."""
@@ -251,9 +251,9 @@ def masked_linear(x, weight, packed, bias=None):
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@triton_op("modsplit_triton::masked_linear_backward", mutates_args=(),
-           schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, bool[3] output_mask)"
-                  " -> (Tensor, Tensor, Tensor)")
+@register_op("modsplit_triton::masked_linear_backward",
+             "(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, bool[3] output_mask)"
+             " -> (Tensor, Tensor, Tensor)")
 def masked_linear_backward(grad_out, x, weight, packed, output_mask):
     """-> (grad_x [*, I], grad_scores [O, I] = (g^T x) * W, grad_bias [O]); None where
     output_mask is False."""
@@ -263,9 +263,9 @@ def masked_linear_backward(grad_out, x, weight, packed, output_mask):
             _bias_grad(grad_out, weight) if output_mask[2] else None)
 
 
-@triton_op("modsplit_triton::multi_masked_linear", mutates_args=(),
-           schema="(Tensor x, Tensor weight, Tensor packed, Tensor? bias=None, "
-                  "bool shared_input=False) -> Tensor")
+@register_op("modsplit_triton::multi_masked_linear",
+             "(Tensor x, Tensor weight, Tensor packed, Tensor? bias=None, "
+             "bool shared_input=False) -> Tensor")
 def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
     """K modules over one weight. x [K, *, I] (or [*, I] with shared_input), weight [O, I],
     packed int32 [K, O, ceil(I/32)] -> [K, *, O]."""
@@ -274,9 +274,9 @@ def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
     return y.reshape(packed.shape[0], *batch, weight.shape[0])
 
 
-@triton_op("modsplit_triton::multi_masked_linear_backward", mutates_args=(),
-           schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, bool shared_input, "
-                  "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+@register_op("modsplit_triton::multi_masked_linear_backward",
+             "(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, bool shared_input, "
+             "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input, output_mask):
     """-> (grad_x shaped like x (summed over modules when shared), grad_scores [K, O, I],
     grad_bias [O]); None where output_mask is False."""
@@ -287,9 +287,9 @@ def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input, outp
         _bias_grad(grad_out, weight) if output_mask[2] else None)
 
 
-@triton_op("modsplit_triton::masked_linear_weight_grad", mutates_args=(),
-           schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, bool shared_input)"
-                  " -> Tensor")
+@register_op("modsplit_triton::masked_linear_weight_grad",
+             "(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, bool shared_input)"
+             " -> Tensor")
 def masked_linear_weight_grad(grad_out, x, weight, packed, shared_input):
     """Exact dL/dW [O, I] = sum_k (g_k^T x_k) * M_k; packed [O, words] (one module, x [*, I])
     or [K, O, words] (x [K, *, I], or [*, I] with shared_input)."""

@@ -8,10 +8,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from modsplit.reference import words_for
-from triton_kernels.utils import INTERPRET
+from triton_kernels.utils import INTERPRET, launcher, register_op
 
 
 @triton.jit
@@ -38,8 +37,7 @@ def _unpack_kernel(packed_ptr, out_ptr, total, words, cols, BLOCK: tl.constexpr)
     tl.store(out_ptr + e, ((word >> (col % 32).to(tl.int32)) & 1).to(tl.uint8), mask=valid)
 
 
-@triton_op("modsplit_triton::pack_mask", mutates_args=(),
-           schema="(Tensor mask, int batch_dims=0) -> Tensor")
+@register_op("modsplit_triton::pack_mask", "(Tensor mask, int batch_dims=0) -> Tensor")
 def pack_mask(mask: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     """bool [lead..., rest...] with lead = batch_dims + 1 dims -> int32 [lead..., ceil(R/32)]."""
     if mask.dim() < batch_dims + 2:
@@ -52,13 +50,12 @@ def pack_mask(mask: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     out = torch.empty((*lead, words), dtype=torch.int32, device=mask.device)
     bw = 128 if INTERPRET else 32
     if rows * words:
-        wrap_triton(_pack_kernel)[(triton.cdiv(rows * words, bw),)](
+        launcher(_pack_kernel)[(triton.cdiv(rows * words, bw),)](
             m.view(torch.uint8), out, rows, words, cols, BW=bw)
     return out
 
 
-@triton_op("modsplit_triton::unpack_mask", mutates_args=(),
-           schema="(Tensor packed, SymInt[] shape) -> Tensor")
+@register_op("modsplit_triton::unpack_mask", "(Tensor packed, SymInt[] shape) -> Tensor")
 def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """int32 [lead..., words] -> bool tensor of `shape` (shape starts with packed's lead dims)."""
     shape = list(shape)
@@ -71,6 +68,6 @@ def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     total = out.numel()
     block = 8192 if INTERPRET else 1024
     if total:
-        wrap_triton(_unpack_kernel)[(triton.cdiv(total, block),)](
+        launcher(_unpack_kernel)[(triton.cdiv(total, block),)](
             packed.contiguous(), out, total, packed.shape[-1], cols, BLOCK=block)
     return out.view(torch.bool)

@@ -17,10 +17,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from modsplit.reference import keep_count, words_for
-from triton_kernels.utils import INTERPRET
+from triton_kernels.utils import INTERPRET, launcher, register_op
 
 _DIGITS = 256
 _PASSES = 4
@@ -140,20 +139,19 @@ def _launch(scores: torch.Tensor, density: float, lead: int) -> torch.Tensor:
     iters = 1 if INTERPRET else min(16, triton.next_power_of_2(triton.cdiv(n, block * 64)))
     grid = (triton.cdiv(n, block * iters), lead)
     for p in range(_PASSES):
-        wrap_triton(_topk_hist_kernel)[grid](s, hist, n, n_keep, PASS=p, BLOCK=block,
+        launcher(_topk_hist_kernel)[grid](s, hist, n, n_keep, PASS=p, BLOCK=block,
                                              ITERS=iters)
     bw = 128 if INTERPRET else 64  # words per block: 32 * bw keys
     n_blocks = triton.cdiv(rows * words, bw)
     ties = torch.empty((lead, n_blocks), dtype=torch.int32, device=scores.device)
     grid = (n_blocks, lead)
-    wrap_triton(_topk_ties_kernel)[grid](s, hist, ties, rows, words, cols, n_keep, n_blocks, BW=bw)
-    wrap_triton(_topk_pack_kernel)[grid](s, hist, ties, out, rows, words, cols, n_keep, n_blocks,
+    launcher(_topk_ties_kernel)[grid](s, hist, ties, rows, words, cols, n_keep, n_blocks, BW=bw)
+    launcher(_topk_pack_kernel)[grid](s, hist, ties, out, rows, words, cols, n_keep, n_blocks,
                                          BW=bw, BP=1024)
     return out
 
 
-@triton_op("modsplit_triton::topk_mask", mutates_args=(),
-           schema="(Tensor scores, float density) -> Tensor")
+@register_op("modsplit_triton::topk_mask", "(Tensor scores, float density) -> Tensor")
 def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """scores float [O, ...] -> packed int32 [O, ceil(R/32)]: the keep_count(density, n) largest
     |scores|, ties to the lower flat index."""
@@ -162,8 +160,7 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     return _launch(scores.unsqueeze(0), density, 1)[0]
 
 
-@triton_op("modsplit_triton::multi_topk_mask", mutates_args=(),
-           schema="(Tensor scores, float density) -> Tensor")
+@register_op("modsplit_triton::multi_topk_mask", "(Tensor scores, float density) -> Tensor")
 def multi_topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """scores float [K, O, ...] -> packed int32 [K, O, ceil(R/32)], one selection per module."""
     if scores.dim() < 3:

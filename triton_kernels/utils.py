@@ -3,6 +3,8 @@ import os
 
 import torch
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.library import custom_op, triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 # Captured when triton_kernels is first imported: TRITON_INTERPRET decides, at decoration time,
@@ -32,3 +34,33 @@ def dot_precision() -> str:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def register_op(name, schema):
+    """Decorator registering a wrapper as the op `name` with `schema`: a triton_op, so that
+    torch.compile sees into its kernels; under the interpreter, whose kernels cannot be traced,
+    an opaque custom_op whose fake impl is the wrapper itself with its launches skipped."""
+    def decorator(fn):
+        if not INTERPRET:
+            return triton_op(name, fn, mutates_args=(), schema=schema)
+        op = custom_op(name, fn, mutates_args=(), schema=schema)
+        op.register_fake(fn)
+        return op
+    return decorator
+
+
+class _InterpretedLaunch:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if not any(isinstance(a, FakeTensor) for a in args):
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def launcher(kernel):
+    """wrap_triton(kernel), to be launched as launcher(kernel)[grid](...); under the interpreter
+    the kernel itself, skipped when given fake tensors (shape propagation, see register_op)."""
+    return _InterpretedLaunch(kernel) if INTERPRET else wrap_triton(kernel)
