@@ -4,5 +4,6 @@ Ops live in modsplit.ops (torch.ops.modsplit.*), their pure-PyTorch references i
 modsplit.reference, the score-differentiable layers' functions in modsplit.functional.
 """
 from modsplit import ops, reference  # noqa: F401
+from modsplit.backend import get_backend, set_backend  # noqa: F401
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ straight-through score gradient of edge-popup lives in modsplit.functional.
 """
 import torch
 
+from modsplit.backend import ops_for
 from modsplit.reference import unpack_mask as _unpack_ref
 
 _ops = torch.ops.modsplit
@@ -13,13 +14,13 @@ _ops = torch.ops.modsplit
 def masked_linear(x, weight, packed, bias=None):
     """y = x (W*M)^T + b. x [*, I] float, weight [O, I], packed int32 [O, ceil(I/32)],
     bias [O] or None -> [*, O]. W*M is never materialised by the fast kernels."""
-    return _ops.masked_linear(x, weight, packed, bias)
+    return ops_for(x).masked_linear(x, weight, packed, bias)
 
 
 def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
     """K modules over one weight. x [K, *, I] (or [*, I] shared by all modules when
     shared_input=True), weight [O, I], packed int32 [K, O, ceil(I/32)] -> [K, *, O]."""
-    return _ops.multi_masked_linear(x, weight, packed, bias, shared_input)
+    return ops_for(x).multi_masked_linear(x, weight, packed, bias, shared_input)
 
 
 @torch.library.register_fake("modsplit::masked_linear")
