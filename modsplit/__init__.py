@@ -2,7 +2,12 @@
 
 Ops live in modsplit.ops (torch.ops.modsplit.*), their pure-PyTorch references in
 modsplit.reference, the score-differentiable layers' functions in modsplit.functional.
+Pipeline: convert() -> decompose() -> ModuleBank -> compose() -> ComposedModel -> export().
 """
 from modsplit import ops, reference  # noqa: F401
+from modsplit.convert import MultiModuleNet, convert
+from modsplit.layers import MaskedConv2d, MaskedLinear
 
 __version__ = "0.1.0"
+
+__all__ = ["MaskedLinear", "MaskedConv2d", "MultiModuleNet", "convert"]
