@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch import nn
+
+from modsplit.models import FC1, FC2, FC3, FC4, MODELS, fc, get_model
+
+
+@pytest.mark.parametrize("factory,n", [(FC1, 1), (FC2, 2), (FC3, 3), (FC4, 4)])
+def test_fc_layout(factory, n):
+    m = factory()
+    linears = [name for name, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+    assert linears == [str(2 * i + 1) for i in range(n + 1)]
+    assert m[1].weight.shape == (49, 784) and m[-1].weight.shape == (10, 49)
+    assert m(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert sum(isinstance(mod, nn.ReLU) for mod in m) == n
+
+
+def test_fc_custom_sizes():
+    m = fc(2, in_features=64, hidden=20, num_classes=5)
+    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name,kw,shape", [
+    ("small_vgg", dict(in_channels=1, num_classes=10), (1, 8, 8)),
+    ("small_vgg", dict(in_channels=3, num_classes=7, width=8), (3, 32, 32)),
+    ("small_resnet", dict(in_channels=1, num_classes=10), (1, 28, 28)),
+    ("small_resnet", dict(in_channels=3, num_classes=4, width=8), (3, 32, 32)),
+    ("vgg16", dict(num_classes=10), (3, 32, 32)),
+    ("wide_resnet", dict(depth=10, widen_factor=2, num_classes=100), (3, 32, 32)),
+])
+def test_conv_output_shapes(name, kw, shape):
+    m = get_model(name, **kw).eval()
+    assert m(torch.rand(2, *shape)).shape == (2, kw["num_classes"])
+
+
+def test_resnet50_cifar_stem():
+    m = get_model("resnet50", num_classes=10).eval()
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert isinstance(m.maxpool, nn.Identity)
+    assert m(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_wrn28_10_size():
+    m = get_model("wide_resnet28_10", num_classes=100)
+    n_params = sum(p.numel() for p in m.parameters())
+    assert 36.4e6 < n_params < 36.6e6  # WRN-28-10 on CIFAR-100: 36.5M
+    assert len(m.blocks) == 12 and m.fc.in_features == 640
+
+
+def test_small_resnet_has_skips():
+    m = get_model("small_resnet", in_channels=1, num_classes=10)
+    assert sum(type(mod).__name__ == "BasicBlock" for mod in m.modules()) == 3
+
+
+def test_registry():
+    assert {"fc1", "fc4", "vgg16", "resnet50", "wide_resnet28_10"} <= set(MODELS)
+    assert isinstance(get_model("FC2")[3], nn.Linear)
+    with pytest.raises(ValueError, match="fc1"):
+        get_model("alexnet")
