@@ -11,6 +11,12 @@ from modsplit.layers import MaskedConv2d, MaskedLinear
 _MASKED = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
 
 
+def repeat_folded(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [B, ...] -> [k*B, ...]: k copies of the batch, module-major (rows k*B .. k*B+B-1 are
+    module k's)."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
 class MultiModuleNet(nn.Module):
     """A converted network that runs K modules (supermasks) at once.
 
@@ -56,7 +62,7 @@ class MultiModuleNet(nn.Module):
     def forward(self, x):
         k = self.n_modules if self.active is None else len(self.active)
         b = x.shape[0]
-        y = self.net(x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:]))
+        y = self.net(repeat_folded(x, k))
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"modsplit: the converted network must return a tensor, got "
                             f"{type(y).__name__}")
