@@ -32,8 +32,16 @@ constexpr int64_t kScoreTileBytes = int64_t(256) << 10;  // grad_scores rows til
 constexpr int64_t kWalkAlwaysRows = 16;
 constexpr double kWalkDensity = 0.5;
 
+// Multiply-adds below which a loop runs on one thread (OpenMP start-up and barriers cost more).
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::parallel_for grain: enough items that a task does at least kParallelWork multiply-adds.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(work_per_item, 1));
+}
 
 void check_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
                   int64_t lead_dims) {
@@ -120,7 +128,7 @@ void forward_bit_walk(const at::Tensor& x3, const at::Tensor& w, const at::Tenso
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* op = out3.data_ptr<float>();
   const uint32_t last = last_word_mask(I);
-  at::parallel_for(0, O, 8, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, O, grain_for(K * I * NP), [&](int64_t o0, int64_t o1) {
     v8f acc[cpu::kMaxVecs];
     for (int64_t o = o0; o < o1; ++o) {
       const float b = bp ? bp[o] : 0.f;
@@ -156,7 +164,8 @@ void grad_x_bit_walk(const at::Tensor& g3, const at::Tensor& w, const at::Tensor
   const uint32_t last = last_word_mask(I);
   // Each task owns a range of mask words, i.e. of grad_x columns: no two tasks write a row.
   const int64_t chunk = std::max<int64_t>(1, ceil_div(words, 4 * at::get_num_threads()));
-  at::parallel_for(0, ceil_div(words, chunk), 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, ceil_div(words, chunk), grain_for(O * K * chunk * 32 * NP),
+                   [&](int64_t c0, int64_t c1) {
     const int64_t w0 = c0 * chunk, w1 = std::min(words, c1 * chunk);
     for (int64_t o = 0; o < O; ++o) {
       for (int64_t k = 0; k < K; ++k) {
@@ -215,7 +224,8 @@ void forward_tiled(const at::Tensor& x3, const at::Tensor& w, const at::Tensor& 
   const int64_t K = p3.size(0), O = w.size(0), I = w.size(1);
   const bool shared = x3.size(0) == 1;
   const int64_t T = tile_rows(O, I, w.element_size(), kTileBytes, 16);
-  at::parallel_for(0, ceil_div(O, T), 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = grain_for(K * T * I * x3.size(1));
+  at::parallel_for(0, ceil_div(O, T), grain, [&](int64_t t0, int64_t t1) {
     auto buf = at::empty({T, I}, w.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o0 = t * T, rows = std::min(T, O - o0);
@@ -240,7 +250,8 @@ void grad_x_tiled(const at::Tensor& g3, const at::Tensor& w, const at::Tensor& p
   const int64_t K = p3.size(0), O = w.size(0), I = w.size(1);
   const bool shared = gx3.size(0) == 1;
   const int64_t T = tile_rows(I, O, w.element_size(), kTileBytes, 32);
-  at::parallel_for(0, ceil_div(I, T), 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = grain_for(K * T * O * g3.size(1));
+  at::parallel_for(0, ceil_div(I, T), grain, [&](int64_t t0, int64_t t1) {
     auto buf = at::empty({O * T}, w.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * T, cols = std::min(T, I - c0);
@@ -264,7 +275,8 @@ void grad_scores_tiled(const at::Tensor& g3, const at::Tensor& x3, const at::Ten
   const int64_t K = g3.size(0), O = w.size(0), I = w.size(1);
   const bool shared = x3.size(0) == 1;
   const int64_t T = tile_rows(O, I, w.element_size(), kScoreTileBytes, 1);
-  at::parallel_for(0, ceil_div(O, T), 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = grain_for(K * T * I * std::max<int64_t>(g3.size(1), 1));
+  at::parallel_for(0, ceil_div(O, T), grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o0 = t * T, rows = std::min(T, O - o0);
       for (int64_t k = 0; k < K; ++k) {
