@@ -27,6 +27,8 @@ using cpu::v8f;
 
 constexpr int64_t kTileBytes = int64_t(2) << 20;  // unpacked W*M tile per thread (~L2)
 constexpr int64_t kScoreTileBytes = int64_t(256) << 10;  // grad_scores rows tile per thread
+// float32 batches of at most kGemvRows rows per module take the lane-mask GEMV.
+constexpr int64_t kGemvRows = 4;
 // Bit walk vs tiles + BLAS, float32: the bit walk wins for any density at batches up to
 // kWalkAlwaysRows, and at larger batches while the (sampled) mask density is at most kWalkDensity.
 constexpr int64_t kWalkAlwaysRows = 16;
@@ -112,6 +114,38 @@ at::Tensor batch_transposed(const at::Tensor& src) {
   auto t = at::zeros({src.size(0), src.size(2), NP}, src.options());
   t.narrow(2, 0, src.size(1)).copy_(src.transpose(1, 2));
   return t;
+}
+
+// out3 [K, N, O] = x3 [S, N, I] (W*M_k)^T + bias; float32, contiguous, small N.
+void forward_gemv(const at::Tensor& x3, const at::Tensor& w, const at::Tensor& p3,
+                  const c10::optional<at::Tensor>& bias, at::Tensor& out3) {
+  const int64_t K = p3.size(0), O = w.size(0), I = w.size(1), words = p3.size(2);
+  const int64_t N = x3.size(1), pairs = K * N;
+  const bool shared = x3.size(0) == 1;
+  const float* xp = x3.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const auto* pp = reinterpret_cast<const uint8_t*>(p3.data_ptr<int32_t>());
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* op = out3.data_ptr<float>();
+  at::parallel_for(0, O, grain_for(pairs * I), [&](int64_t o0, int64_t o1) {
+    const uint8_t* masks[cpu::kMaxVecs];
+    const float* xs[cpu::kMaxVecs];
+    float dots[cpu::kMaxVecs];
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t q0 = 0; q0 < pairs; q0 += cpu::kMaxVecs) {  // pair q = (module k, row n)
+        const int64_t nq = std::min<int64_t>(pairs - q0, cpu::kMaxVecs);
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t k = (q0 + q) / N, n = (q0 + q) % N;
+          masks[q] = pp + (k * O + o) * words * 4;
+          xs[q] = xp + ((shared ? 0 : k) * N + n) * I;
+        }
+        cpu::dispatch_vecs(static_cast<int>(nq), [&](auto pc) {
+          cpu::lane_mask_dots<decltype(pc)::value>(wp + o * I, I, masks, xs, dots);
+        });
+        for (int64_t q = 0; q < nq; ++q) op[(q0 + q) * O + o] = dots[q] + (bp ? bp[o] : 0.f);
+      }
+    }
+  });
 }
 
 // out3 [K, N, O] = x3 [S, N, I] (W*M_k)^T + bias; float32, contiguous.
@@ -296,7 +330,9 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
   const auto w = weight.contiguous();
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   auto out3 = at::empty({p3.size(0), x3.size(1), w.size(0)}, w.options());
-  if (use_bit_walk(w, p3, x3.size(1))) {
+  if (w.scalar_type() == at::kFloat && x3.size(1) <= kGemvRows) {
+    forward_gemv(x3, w, p3, b, out3);
+  } else if (use_bit_walk(w, p3, x3.size(1))) {
     forward_bit_walk(x3, w, p3, b, out3);
   } else {
     forward_tiled(x3, w, p3, b, out3);

@@ -1,6 +1,8 @@
 // float32 inner kernels of masked_linear on the CPU that walk the set bits of a packed mask row.
 //
-// A packed row is uint32 [words]; bit b of word w keeps column 32*w + b. For every kept column j
+// Two families. Lane-mask GEMV (small batches): stream a W row once, turn each mask byte into an
+// 8-lane select mask through a 256-entry table, and FMA with up to 8 (module, batch row) pairs
+// of x rows. Bit walk (larger batches): a packed row is uint32 [words]; bit b of word w keeps column 32*w + b. For every kept column j
 // the kernels do one axpy between the scalar W[o, j] and a row of a batch-transposed operand
 // (x^T or grad_x^T) of NP floats, NP a multiple of 8; batches are processed in blocks of V
 // 8-float vectors (V = 1..8, so a block covers up to 64 batch rows). Work is proportional to the
@@ -16,6 +18,8 @@ namespace cpu {
 
 // 8 floats in one 256-bit register (GCC/Clang vector extension; AVX2 with -mavx2 -mfma).
 typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));  // unaligned access
+typedef int32_t v8i __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 constexpr int kMaxVecs = 8;  // batch block of at most 8 vectors = 64 rows
 
@@ -31,6 +35,45 @@ inline void dispatch_vecs(int v, Fn&& fn) {
     case 6: fn(std::integral_constant<int, 6>{}); break;
     case 7: fn(std::integral_constant<int, 7>{}); break;
     default: fn(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// byte_lanes()[b] has lane l all-ones iff bit l of b is set: mask byte -> 8-lane select mask.
+inline const v8i* byte_lanes() {
+  alignas(32) static const auto table = [] {
+    struct { v8i v[256]; } t;
+    for (int b = 0; b < 256; ++b) {
+      for (int l = 0; l < 8; ++l) t.v[b][l] = ((b >> l) & 1) ? -1 : 0;
+    }
+    return t;
+  }();
+  return table.v;
+}
+
+// out[p] = sum_j w[j] * bit_j(mask[p]) * x[p][j] for P (module, batch row) pairs.
+// w: float [I] (one weight row); mask[p]: the packed row as bytes (byte c = columns 8c..8c+7);
+// x[p]: float [I]. The W row is loaded once for all P pairs.
+template <int P>
+inline void lane_mask_dots(const float* w, int64_t I, const uint8_t* const* mask,
+                           const float* const* x, float* out) {
+  const v8i* lanes = byte_lanes();
+  v8f acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = v8f{};
+  const int64_t chunks = I / kLanes;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const v8i wv = reinterpret_cast<v8i>(*reinterpret_cast<const v8f_u*>(w + c * kLanes));
+    for (int p = 0; p < P; ++p) {
+      const v8f kept = reinterpret_cast<v8f>(wv & lanes[mask[p][c]]);
+      acc[p] += kept * *reinterpret_cast<const v8f_u*>(x[p] + c * kLanes);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    float sum = 0.f;
+    for (int l = 0; l < kLanes; ++l) sum += acc[p][l];
+    for (int64_t j = chunks * kLanes; j < I; ++j) {
+      if ((mask[p][j >> 3] >> (j & 7)) & 1) sum += w[j] * x[p][j];
+    }
+    out[p] = sum;
   }
 }
 
