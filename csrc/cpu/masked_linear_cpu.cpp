@@ -260,6 +260,8 @@ void forward_tiled(const at::Tensor& x3, const at::Tensor& w, const at::Tensor& 
   const int64_t T = tile_rows(O, I, w.element_size(), kTileBytes, 16);
   const int64_t grain = grain_for(K * T * I * x3.size(1));
   at::parallel_for(0, ceil_div(O, T), grain, [&](int64_t t0, int64_t t1) {
+    // Worker threads start with grad mode on: keep ATen calls below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buf = at::empty({T, I}, w.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o0 = t * T, rows = std::min(T, O - o0);
@@ -286,6 +288,8 @@ void grad_x_tiled(const at::Tensor& g3, const at::Tensor& w, const at::Tensor& p
   const int64_t T = tile_rows(I, O, w.element_size(), kTileBytes, 32);
   const int64_t grain = grain_for(K * T * O * g3.size(1));
   at::parallel_for(0, ceil_div(I, T), grain, [&](int64_t t0, int64_t t1) {
+    // Worker threads start with grad mode on: keep ATen calls below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buf = at::empty({O * T}, w.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * T, cols = std::min(T, I - c0);
@@ -311,6 +315,8 @@ void grad_scores_tiled(const at::Tensor& g3, const at::Tensor& x3, const at::Ten
   const int64_t T = tile_rows(O, I, w.element_size(), kScoreTileBytes, 1);
   const int64_t grain = grain_for(K * T * I * std::max<int64_t>(g3.size(1), 1));
   at::parallel_for(0, ceil_div(O, T), grain, [&](int64_t t0, int64_t t1) {
+    // Worker threads start with grad mode on: keep ATen calls below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o0 = t * T, rows = std::min(T, O - o0);
       for (int64_t k = 0; k < K; ++k) {
