@@ -4,12 +4,15 @@
 //   grad_x:       gx[m, i] = sum_o g[m, o] * W[o, i] * M[o, i]
 //   grad_scores:  gs[o, i] = (sum_m g[m, o] * x[m, i]) * W[o, i]   (the *W fused in the epilogue)
 //   grad_bias:    gb[o]    = sum_m g[m, o]                          (ATen reduction)
-// Banks of K modules run as one launch with K on the batch grid dimension.
+// Banks of K modules run as one launch with K on the batch grid dimension. Forward passes of at
+// most 16 rows (float/half/bf16) take the small-batch kernel, which reads each W tile once for up
+// to 8 modules (small_batch_linear_cuda.cu).
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
 
 #include "common.cuh"
 #include "masked_gemm.cuh"
+#include "small_batch_linear.cuh"
 
 namespace modsplit {
 namespace cuda {
@@ -44,6 +47,10 @@ static const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& k
 static void forward_gemm(const at::Tensor& x, int64_t x_stride, const at::Tensor& w,
                          const at::Tensor& packed, const void* bias, int64_t K, int64_t M,
                          at::Tensor& y) {
+  if (M >= 1 && M <= kSmallBatchMaxRows && w.scalar_type() != at::kDouble) {
+    launch_small_batch_linear(x, x_stride, w, packed, bias, K, M, y);
+    return;
+  }
   const int64_t O = w.size(0), I = w.size(1), words = packed.size(-1);
   GemmProblem g;
   g.M = M;
