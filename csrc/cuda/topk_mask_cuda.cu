@@ -127,17 +127,19 @@ __device__ __forceinline__ void load_word_keys(const typename Tr::raw_t* src, in
                                                int lane, typename Tr::key_t (&keys)[32],
                                                unsigned int& valid) {
   valid = 0;
+  int64_t o = first / words;             // row of word first + j, advanced without dividing
+  int64_t word_in_row = first - o * words;
 #pragma unroll
   for (int j = 0; j < 32; ++j) {
-    const int64_t w = first + j;
     keys[j] = 0;
-    if (w < total_words) {
-      const int64_t o = w / words;
-      const int64_t col = (w - o * words) * 32 + lane;
-      if (col < R) {
-        keys[j] = Tr::key(src[o * R + col]);
-        valid |= 1u << j;
-      }
+    const int64_t col = word_in_row * 32 + lane;
+    if (first + j < total_words && col < R) {
+      keys[j] = Tr::key(src[o * R + col]);
+      valid |= 1u << j;
+    }
+    if (++word_in_row == words) {
+      word_in_row = 0;
+      ++o;
     }
   }
 }
