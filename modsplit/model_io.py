@@ -98,7 +98,8 @@ def _file_kind(path) -> str:
 def _lift(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Run each aten.linear / aten.conv2d call whose weight (and bias) are stored attributes in
     an nn.Linear / nn.Conv2d submodule sharing those tensors, named after the weight's owner
-    ("features.0.weight" -> "features.0.lifted")."""
+    ("features.0.weight" -> "features_0_lifted"). train() / eval() only set the flag again:
+    the graph's dropout and normalisation modes were fixed when it was exported."""
     for node in list(gm.graph.nodes):
         lin = node.target is torch.ops.aten.linear.default
         conv = node.target is torch.ops.aten.conv2d.default
@@ -126,6 +127,8 @@ def _lift(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+    for name in ("train", "eval"):  # torch.export makes these raise; its graph has no modes
+        gm.__dict__.pop(name, None)
     return gm
 
 
@@ -135,7 +138,7 @@ def load_file(path) -> nn.Module:
         raise FileNotFoundError(f"no model file {path}")
     kind = _file_kind(path)
     if kind == "export":
-        return _lift(torch.export.load(path).module())  # export graphs have no train mode
+        return _lift(torch.export.load(path).module())
     if kind == "torchscript":
         return torch.jit.load(path, map_location="cpu").eval()
     try:
