@@ -6,9 +6,8 @@ passed in so that callers compute it once per step with multi_topk_mask.
 """
 import torch
 
+from modsplit.backend import ops_for
 from modsplit.ops.conv import _pair
-
-_ops = torch.ops.modsplit
 
 
 class _MultiMaskedLinear(torch.autograd.Function):
@@ -16,14 +15,15 @@ class _MultiMaskedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, scores, packed, bias, shared_input):
         ctx.save_for_backward(x, weight, scores, packed)
         ctx.shared_input = shared_input
-        return _ops.multi_masked_linear(x, weight, packed, bias, shared_input)
+        ctx.ops = ops_for(x)  # the backward runs on the forward's backend
+        return ctx.ops.multi_masked_linear(x, weight, packed, bias, shared_input)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scores, packed = ctx.saved_tensors
         need_x, _, need_s, _, need_b, _ = ctx.needs_input_grad
-        gx, gs, gb = _ops.multi_masked_linear_backward(grad_out.contiguous(), x, weight, packed,
-                                                       ctx.shared_input, [need_x, need_s, need_b])
+        gx, gs, gb = ctx.ops.multi_masked_linear_backward(
+            grad_out.contiguous(), x, weight, packed, ctx.shared_input, [need_x, need_s, need_b])
         if gs is not None:
             gs = gs * scores.sign()
         return gx, None, gs, None, gb, None
@@ -34,14 +34,15 @@ class _MultiMaskedConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, scores, packed, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight, scores, packed)
         ctx.conv_args = (stride, padding, dilation, groups)
-        return _ops.multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups)
+        ctx.ops = ops_for(x)  # the backward runs on the forward's backend
+        return ctx.ops.multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scores, packed = ctx.saved_tensors
         need_x, _, need_s, _, need_b = ctx.needs_input_grad[:5]
-        gx, gs, gb = _ops.multi_masked_conv2d_backward(grad_out.contiguous(), x, weight, packed,
-                                                       *ctx.conv_args, [need_x, need_s, need_b])
+        gx, gs, gb = ctx.ops.multi_masked_conv2d_backward(
+            grad_out.contiguous(), x, weight, packed, *ctx.conv_args, [need_x, need_s, need_b])
         if gs is not None:
             gs = gs * scores.sign()
         return gx, None, gs, None, gb, None, None, None, None

@@ -1,6 +1,7 @@
 """masked_conv2d and multi_masked_conv2d: fake impls, autograd, Python wrappers."""
 import torch
 
+from modsplit.backend import ops_for
 from modsplit.reference import unpack_mask as _unpack_ref
 
 _ops = torch.ops.modsplit
@@ -13,15 +14,15 @@ def _pair(v):
 def masked_conv2d(x, weight, packed, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """conv2d with weight W*M. x [B, C, H, W], weight [O, C/groups, kh, kw],
     packed int32 [O, ceil(C/groups*kh*kw/32)], bias [O] or None -> [B, O, Ho, Wo]."""
-    return _ops.masked_conv2d(x, weight, packed, bias, _pair(stride), _pair(padding),
-                              _pair(dilation), int(groups))
+    return ops_for(x).masked_conv2d(x, weight, packed, bias, _pair(stride), _pair(padding),
+                                    _pair(dilation), int(groups))
 
 
 def multi_masked_conv2d(x, weight, packed, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """K modules over one weight. x [B, C, H, W] shared or [K, B, C, H, W] per module,
     packed int32 [K, O, words] -> [K, B, O, Ho, Wo]."""
-    return _ops.multi_masked_conv2d(x, weight, packed, bias, _pair(stride), _pair(padding),
-                                    _pair(dilation), int(groups))
+    return ops_for(x).multi_masked_conv2d(x, weight, packed, bias, _pair(stride),
+                                          _pair(padding), _pair(dilation), int(groups))
 
 
 def _out_hw(x, weight, stride, padding, dilation):

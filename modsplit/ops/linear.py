@@ -5,6 +5,7 @@ straight-through score gradient of edge-popup lives in modsplit.functional.
 """
 import torch
 
+from modsplit.backend import ops_for
 from modsplit.reference import unpack_mask as _unpack_ref
 
 _ops = torch.ops.modsplit
@@ -13,13 +14,13 @@ _ops = torch.ops.modsplit
 def masked_linear(x, weight, packed, bias=None):
     """y = x (W*M)^T + b. x [*, I] float, weight [O, I], packed int32 [O, ceil(I/32)],
     bias [O] or None -> [*, O]. W*M is never materialised by the fast kernels."""
-    return _ops.masked_linear(x, weight, packed, bias)
+    return ops_for(x).masked_linear(x, weight, packed, bias)
 
 
 def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
     """K modules over one weight. x [K, *, I] (or [*, I] shared by all modules when
     shared_input=True), weight [O, I], packed int32 [K, O, ceil(I/32)] -> [K, *, O]."""
-    return _ops.multi_masked_linear(x, weight, packed, bias, shared_input)
+    return ops_for(x).multi_masked_linear(x, weight, packed, bias, shared_input)
 
 
 @torch.library.register_fake("modsplit::masked_linear")
@@ -59,6 +60,12 @@ def _exact_weight_grad(grad_out, x, packed, weight):
     return ((g3.transpose(1, 2) @ x3) * _unpack_ref(packed, (k, o, i)).to(weight.dtype)).sum(0)
 
 
+def _needs(ctx, n):
+    """ctx.needs_input_grad padded to the op's n positional inputs: the dispatcher drops trailing
+    arguments equal to their defaults (bias=None, shared_input=False) before autograd sees them."""
+    return tuple(ctx.needs_input_grad) + (False,) * (n - len(ctx.needs_input_grad))
+
+
 def _setup(ctx, inputs, output):
     x, weight, packed = inputs[:3]
     ctx.shared_input = inputs[4] if len(inputs) > 4 else False
@@ -67,7 +74,7 @@ def _setup(ctx, inputs, output):
 
 def _masked_linear_backward(ctx, grad_out):
     x, weight, packed = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad
+    need_x, need_w, _, need_b = _needs(ctx, 4)
     gx, _, gb = _ops.masked_linear_backward(grad_out, x, weight, packed, [need_x, False, need_b])
     gw = _exact_weight_grad(grad_out, x, packed, weight) if need_w else None
     return gx, gw, None, gb
@@ -75,7 +82,7 @@ def _masked_linear_backward(ctx, grad_out):
 
 def _multi_masked_linear_backward(ctx, grad_out):
     x, weight, packed = ctx.saved_tensors
-    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+    need_x, need_w, _, need_b, _ = _needs(ctx, 5)
     gx, _, gb = _ops.multi_masked_linear_backward(grad_out, x, weight, packed, ctx.shared_input,
                                                   [need_x, False, need_b])
     gw = _exact_weight_grad(grad_out, x, packed, weight) if need_w else None

@@ -3,30 +3,29 @@ import math
 
 import torch
 
+from modsplit.backend import ops_for
 from modsplit.reference import words_for
-
-_ops = torch.ops.modsplit
 
 
 def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """scores float [O, ...] -> packed int32 [O, ceil(R/32)]: the max(1, round(density*n)) largest
     |scores| of the layer, ties to the lower flat index. 0 < density <= 1."""
-    return _ops.topk_mask(scores, float(density))
+    return ops_for(scores).topk_mask(scores, float(density))
 
 
 def multi_topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """scores float [K, O, ...] -> packed int32 [K, O, ceil(R/32)], one selection per module."""
-    return _ops.multi_topk_mask(scores, float(density))
+    return ops_for(scores).multi_topk_mask(scores, float(density))
 
 
 def pack_mask(mask: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     """bool [lead..., rest...] with lead = batch_dims + 1 dims -> int32 [lead..., ceil(R/32)]."""
-    return _ops.pack_mask(mask, batch_dims)
+    return ops_for(mask).pack_mask(mask, batch_dims)
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     """int32 [lead..., words] -> bool tensor of `shape` (shape starts with packed's lead dims)."""
-    return _ops.unpack_mask(packed, list(shape))
+    return ops_for(packed).unpack_mask(packed, list(shape))
 
 
 def _packed_shape(scores, lead_dims):

@@ -1,0 +1,12 @@
+"""Triton implementations of every modsplit op, registered as torch.ops.modsplit_triton.<name>
+with the same names and schemas as torch.ops.modsplit (modsplit.backend selects between them).
+
+One op family per module, each with its kernels and its op wrappers (torch.library.triton_op;
+an opaque custom_op under the interpreter, see utils.register_op):
+  topk_mask.py      topk_mask, multi_topk_mask (radix select on the bits of |s|)
+  pack_mask.py      pack_mask, unpack_mask
+  masked_linear.py  masked_linear, multi_masked_linear and their backwards
+  masked_conv2d.py  masked_conv2d, multi_masked_conv2d and their backwards (unfold + GEMM)
+"""
+from triton_kernels import masked_conv2d, masked_linear, pack_mask, topk_mask  # noqa: F401
+from triton_kernels.utils import INTERPRET  # noqa: F401
