@@ -12,6 +12,7 @@ import sys
 import yaml
 
 from modsplit import commands, config
+from modsplit.backend import set_backend
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (exit code 2)."""
@@ -50,6 +51,8 @@ def _common(p, data=True):
     _add(p, "--out", "out", metavar="DIR", help="output folder (default runs/<command>)")
     _add(p, "--seed", "seed", type=int, help="random seed (default 0)")
     _add(p, "--device", "device", help="torch device, e.g. cpu or cuda (default cpu)")
+    _add(p, "--backend", "backend",
+         help="masked-op kernels: auto, cpu, cuda, triton (default: $MODSPLIT_BACKEND, else auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     if data:
         _add(p, "--dataset", "data.dataset", metavar="NAME",
@@ -168,6 +171,7 @@ def settings(args) -> dict:
         cfg["out"] = os.path.join("runs", args.command)
     _absolute(cfg)
     _check_device(cfg["device"])
+    set_backend(cfg["backend"])
     return cfg
 
 

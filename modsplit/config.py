@@ -14,6 +14,8 @@ import yaml
 DEFAULTS = {
     "seed": 0,
     "device": "cpu",
+    "backend": None,    # masked-op kernels: auto, cpu, cuda, triton (None: $MODSPLIT_BACKEND,
+                        # else auto; see modsplit.backend)
     "out": None,        # output folder (None: the command's default)
     "model": None,      # the trained base model: model file, or package.module:factory
     "bank": None,       # bank file of the trained base model

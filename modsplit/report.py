@@ -86,7 +86,8 @@ def _plot_layers(rows, path):
 
 def subset_table(rows) -> str:
     """Markdown table of recompositions: [{classes, accuracy, ji, rps, params}]."""
-    lines = ["| classes | accuracy | JI | RPs | parameters |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| classes | accuracy | JI | RPs | parameters |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {','.join(map(str, r['classes']))} | {r['accuracy']:.4f} | "
                      f"{r['ji']:.4f} | {r['rps']:.4f} | {r['params']} |")

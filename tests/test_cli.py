@@ -145,6 +145,7 @@ def _write(path, text):
     (["evaluate", "--config", "{tmp}/bad.yaml"], "unknown setting 'decompose.epoch'"),
     (["train", "--config", "{tmp}/missing.yaml"], "no config file"),
     (["train", "--device", "nosuchdevice"], "unknown device"),
+    (["train", "--backend", "nosuchbackend"], "unknown backend 'nosuchbackend'"),
 ])
 def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, argv, message):
     _write(tmp_path / "bad.yaml", "decompose:\n  epoch: 3\n")
