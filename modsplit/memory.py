@@ -80,7 +80,7 @@ def estimate_decompose_memory(model: nn.Module, n_modules: int, optimizer: str =
                      original model already occupies memory and is not counted)
       scores         the K score banks, [K, *W.shape] per masked layer, in W's dtype
       gradients      their gradients (same size as scores)
-      optimizer      the optimizer's state (momentum: one buffer per score; Adam: two)
+      optimizer_state  the optimizer's state (momentum: one buffer per score; Adam: two)
       packed_masks   the K packed int32 masks, [K, O, ceil(R/32)] per masked layer
       workspace      the largest layer's top-k selection: its K score rows sorted, with int64
                      indices
@@ -120,7 +120,7 @@ def estimate_decompose_memory(model: nn.Module, n_modules: int, optimizer: str =
         "weights": weights,
         "scores": scores,
         "gradients": scores,
-        "optimizer": OPTIMIZER_STATE[optimizer] * scores,
+        "optimizer_state": OPTIMIZER_STATE[optimizer] * scores,
         "packed_masks": packed,
         "workspace": workspace,
         "activations": activations,
@@ -175,7 +175,8 @@ def check_memory(estimate: dict, limit_bytes=None):
     k = estimate["n_modules"]
     fit = max(0, (available - estimate["weights"]) // max(estimate["per_module"], 1))
     parts = ", ".join(f"{name} {format_bytes(estimate[name])}" for name in (
-        "weights", "scores", "gradients", "optimizer", "packed_masks", "workspace", "activations")
+        "weights", "scores", "gradients", "optimizer_state", "packed_masks", "workspace",
+        "activations")
         if estimate[name])
     raise ModsplitMemoryError(
         f"modsplit: decomposing {k} modules at once needs about {format_bytes(needed)} "
