@@ -1,0 +1,107 @@
+"""convert(): a trained network -> its K-module masked twin (MultiModuleNet)."""
+import contextlib
+import copy
+import fnmatch
+
+import torch
+import torch.nn as nn
+
+from modsplit.layers import MaskedConv2d, MaskedLinear
+
+_MASKED = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
+
+
+def repeat_folded(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [B, ...] -> [k*B, ...]: k copies of the batch, module-major (rows k*B .. k*B+B-1 are
+    module k's)."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
+class MultiModuleNet(nn.Module):
+    """A converted network that runs K modules (supermasks) at once.
+
+    forward(x [B, ...]) -> [K, B, ...]: x is repeated K times along a folded batch dim
+    ([K*B, ...]), run through the wrapped network whose Linear/Conv2d layers are MaskedLinear /
+    MaskedConv2d, and the output unfolded. K = n_modules, or the number of modules selected by
+    use_modules(). The wrapped network's BatchNorm layers must stay in eval mode (frozen
+    statistics): in train mode they would mix the statistics of all modules' activations.
+    """
+
+    def __init__(self, net: nn.Module, n_modules: int, density: float):
+        super().__init__()
+        self.net, self.n_modules, self.density = net, int(n_modules), float(density)
+        self.active = None
+
+    def masked_layers(self) -> dict:
+        """{name in the original model: MaskedLinear | MaskedConv2d}, in module order."""
+        return {name: m for name, m in self.net.named_modules()
+                if isinstance(m, (MaskedLinear, MaskedConv2d))}
+
+    def score_parameters(self) -> list:
+        """The trainable scores float [K, *weight.shape] of every masked layer."""
+        return [m.scores for m in self.masked_layers().values() if m.scores is not None]
+
+    @contextlib.contextmanager
+    def use_modules(self, modules):
+        """Within the block, run only the listed module indices (in that order)."""
+        modules = [int(k) for k in modules]
+        if not modules or min(modules) < 0 or max(modules) >= self.n_modules:
+            raise ValueError(f"modsplit: module indices must be in [0, {self.n_modules}), "
+                             f"got {modules}")
+        layers, previous = self.masked_layers().values(), self.active
+        self.active = modules
+        for m in layers:
+            m.active = modules
+        try:
+            yield self
+        finally:
+            self.active = previous
+            for m in layers:
+                m.active = previous
+
+    def forward(self, x):
+        k = self.n_modules if self.active is None else len(self.active)
+        b = x.shape[0]
+        y = self.net(repeat_folded(x, k))
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"modsplit: the converted network must return a tensor, got "
+                            f"{type(y).__name__}")
+        return y.reshape(k, b, *y.shape[1:])
+
+
+def _selected(name, include, exclude):
+    def hit(patterns):
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return (include is None or hit(include)) and not (exclude and hit(exclude))
+
+
+def convert(model: nn.Module, n_modules: int, density: float, include=None, exclude=None,
+            shared_init: bool = True, seed: int = None) -> MultiModuleNet:
+    """Deep-copy `model`, replacing its nn.Linear / nn.Conv2d layers by K-module masked ones.
+
+    include / exclude: iterables of fnmatch patterns over qualified module names (as in
+    model.named_modules()); a layer is converted when it matches include (None: every layer) and
+    no exclude pattern. shared_init: all modules start from the same scores. seed: seeds the
+    score initialisation (None: torch's global generator). The model is not modified; every
+    tensor of the copy is frozen except the masked layers' scores.
+    Returns a MultiModuleNet: x [B, ...] -> [K, B, ...].
+    """
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise TypeError("modsplit: include/exclude take an iterable of patterns, not a string")
+    net = copy.deepcopy(model).requires_grad_(False)  # only the scores will learn
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(int(seed))
+    targets = [(name, m) for name, m in net.named_modules()
+               if type(m) in _MASKED and _selected(name, include, exclude)]
+    if not targets:
+        raise ValueError("modsplit: no nn.Linear / nn.Conv2d layer selected for conversion")
+    for name, layer in targets:
+        masked = _MASKED[type(layer)].from_dense(layer, n_modules, density, shared_init, gen)
+        masked.train(layer.training)
+        if not name:  # the model itself is a single layer
+            net = masked
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(parent_name), attr, masked)
+    return MultiModuleNet(net, n_modules, density)

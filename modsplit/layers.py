@@ -1,0 +1,170 @@
+"""Multi-module masked layers: K supermasks over one frozen nn.Linear / nn.Conv2d weight.
+
+Activations carry the module dim folded into the batch dim: a layer receives [K*B, ...] (module k
+owns rows k*B .. k*B+B-1), views it as [K, B, ...], runs the fused multi-module op and folds the
+result back to [K*B, ...]. Everything between masked layers (BatchNorm, pooling, activations,
+skip connections, flatten) therefore runs untouched on the folded batch.
+
+Each layer holds
+  weight, bias   the trained tensors, frozen (parameters with requires_grad=False, so the layer's
+                 state_dict keys match the dense layer's);
+  scores         float nn.Parameter [K, *weight.shape] while the masks are being learned; the
+                 mask of module k is multi_topk_mask(scores, density)[k] (top |score| per layer);
+  fixed_masks    int32 buffer [K, O, ceil(R/32)] instead of scores once freeze_masks() was called
+                 (a decomposed bank keeps packed masks only).
+`active` (None or a list of module indices) restricts the forward pass to those modules; the
+input then holds len(active) folded copies.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modsplit import functional as MF
+from modsplit import ops
+
+
+def init_scores(weight: torch.Tensor, n_modules: int, shared_init: bool = True,
+                generator: torch.Generator = None) -> torch.Tensor:
+    """Kaiming-normal (ReLU gain, fan_in of weight) scores float [n_modules, *weight.shape].
+    shared_init: every module starts from the same draw (initial score sharing)."""
+    draws = 1 if shared_init else n_modules
+    std = math.sqrt(2.0) / math.sqrt(weight[0].numel())
+    s = torch.randn((draws, *weight.shape), generator=generator, dtype=weight.dtype) * std
+    return s.expand(n_modules, *weight.shape).clone().to(weight.device)
+
+
+class _MaskedMixin:
+    """Score / mask bookkeeping shared by MaskedLinear and MaskedConv2d."""
+
+    def _setup_masking(self, n_modules: int, density: float, shared_init: bool, generator):
+        if n_modules < 1:
+            raise ValueError(f"modsplit: n_modules must be >= 1, got {n_modules}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"modsplit: density must be in (0, 1], got {density}")
+        self.n_modules, self.density, self.active = int(n_modules), float(density), None
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.scores = nn.Parameter(init_scores(self.weight.detach(), n_modules, shared_init,
+                                               generator))
+        self.register_buffer("fixed_masks", None)
+        self._mask_cache = None
+
+    @classmethod
+    def from_dense(cls, layer, n_modules: int, density: float, shared_init: bool = True,
+                   generator: torch.Generator = None):
+        """A masked copy of a trained dense layer (weight and bias copied, then frozen)."""
+        new = cls._empty_like(layer, n_modules, density, shared_init, generator)
+        with torch.no_grad():
+            new.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def masks(self) -> torch.Tensor:
+        """Packed masks int32 [K, O, ceil(R/32)] of all K modules. Cached while the scores are
+        unchanged (keyed on the scores' storage and version counter)."""
+        if self.fixed_masks is not None:
+            return self.fixed_masks
+        key = (self.scores.data_ptr(), self.scores._version, self.density)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            self._mask_cache = (key, ops.multi_topk_mask(self.scores.detach(), self.density))
+        return self._mask_cache[1]
+
+    def freeze_masks(self, packed: torch.Tensor = None):
+        """Replace the scores by fixed packed masks int32 [K, O, ceil(R/32)] (default: the
+        current top-k masks). The layer then has no trainable tensor."""
+        packed = self.masks() if packed is None else packed
+        expected = (self.n_modules, self.weight.shape[0],
+                    (self.weight[0].numel() + 31) // 32)
+        if tuple(packed.shape) != expected or packed.dtype != torch.int32:
+            raise ValueError(f"modsplit: masks must be int32 {expected}, got {packed.dtype} "
+                             f"{tuple(packed.shape)}")
+        self.register_parameter("scores", None)
+        self.fixed_masks = packed.to(self.weight.device).contiguous()
+        self._mask_cache = None
+
+    def _selected(self):
+        """(scores or None, packed) of the active modules."""
+        packed, scores = self.masks(), self.scores
+        if self.active is not None:
+            idx = torch.as_tensor(self.active, dtype=torch.long, device=packed.device)
+            packed = packed.index_select(0, idx)
+            scores = None if scores is None else scores.index_select(0, idx)
+        return scores, packed
+
+    def _unfold(self, x, k):
+        if x.shape[0] % k:
+            raise ValueError(f"modsplit: {type(self).__name__} expects the batch dim to hold {k} "
+                             f"folded module copies, got batch {x.shape[0]}")
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, n_modules={self.n_modules}, density={self.density}"
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """nn.Linear with K learnable supermasks. Input [K*B, *, in_features] (module-folded batch)
+    -> [K*B, *, out_features]; K = n_modules, or len(active) when a subset is active."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 n_modules: int, density: float, shared_init: bool = True,
+                 generator: torch.Generator = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._setup_masking(n_modules, density, shared_init, generator)
+
+    @classmethod
+    def _empty_like(cls, layer, n_modules, density, shared_init, generator):
+        return cls(layer.in_features, layer.out_features, layer.bias is not None,
+                   layer.weight.device, layer.weight.dtype, n_modules=n_modules, density=density,
+                   shared_init=shared_init, generator=generator)
+
+    def forward(self, x):
+        scores, packed = self._selected()
+        xk = self._unfold(x, packed.shape[0])
+        if scores is None:
+            y = ops.multi_masked_linear(xk, self.weight, packed, self.bias)
+        else:
+            y = MF.multi_masked_linear(xk, self.weight, scores, packed, self.bias)
+        return y.reshape(x.shape[0], *y.shape[2:])
+
+
+class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+    """nn.Conv2d with K learnable supermasks. Input [K*B, C, H, W] (module-folded batch)
+    -> [K*B, O, Ho, Wo]. Non-zero padding modes and string paddings are applied by F.pad."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 n_modules: int, density: float, shared_init: bool = True,
+                 generator: torch.Generator = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        self._setup_masking(n_modules, density, shared_init, generator)
+
+    @classmethod
+    def _empty_like(cls, layer, n_modules, density, shared_init, generator):
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                   layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                   layer.padding_mode, layer.weight.device, layer.weight.dtype,
+                   n_modules=n_modules, density=density, shared_init=shared_init,
+                   generator=generator)
+
+    def _padded(self, x):
+        """(input, padding passed to the op): explicit F.pad for non-zero modes and 'same'."""
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return x, self.padding
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0, 0)
+
+    def forward(self, x):
+        scores, packed = self._selected()
+        x, padding = self._padded(x)
+        xk = self._unfold(x, packed.shape[0])
+        args = (self.bias, self.stride, padding, self.dilation, self.groups)
+        if scores is None:
+            y = ops.multi_masked_conv2d(xk, self.weight, packed, *args)
+        else:
+            y = MF.multi_masked_conv2d(xk, self.weight, scores, packed, *args)
+        return y.reshape(x.shape[0], *y.shape[2:])
