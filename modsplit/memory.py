@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn as nn
 
-# The layers decompose() masks (modsplit.convert replaces exactly these).
+# The layer types decompose() masks: modsplit.convert replaces modules of exactly these types.
 MASKABLE = (nn.Linear, nn.Conv2d)
 
 # Optimizer state buffers per trainable element, in units of one score bank.
@@ -101,7 +101,7 @@ def estimate_decompose_memory(model: nn.Module, n_modules: int, optimizer: str =
     params = list(model.parameters())
     if not params:
         raise ValueError("modsplit: model has no parameters")
-    layers = [m for m in model.modules() if isinstance(m, MASKABLE)]
+    layers = [m for m in model.modules() if type(m) in MASKABLE]
     if not layers:
         raise ValueError("modsplit: model has no nn.Linear or nn.Conv2d layer to decompose")
 

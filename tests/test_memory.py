@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modsplit import memory
+from modsplit import memory, ops
+from modsplit.convert import convert
 from modsplit.memory import ModsplitMemoryError, check_memory, estimate_decompose_memory
 
 
@@ -134,3 +135,14 @@ def test_check_memory_uses_cuda_free_memory(monkeypatch):
                                     (3 * 2**20 // 2, "1.50 MiB"), (5 * 2**40, "5120.00 GiB")])
 def test_format_bytes(n, text):
     assert memory.format_bytes(n) == text
+
+
+def test_matches_what_convert_allocates():
+    """scores and packed masks agree with the tensors modsplit.convert and multi_topk_mask make."""
+    k = 4
+    model = _cnn()
+    est = estimate_decompose_memory(model, k)
+    scores = convert(model, k, 0.1).score_parameters()
+    assert est["scores"] == sum(s.numel() * s.element_size() for s in scores)
+    packed = [ops.multi_topk_mask(s.detach(), 0.1) for s in scores]
+    assert est["packed_masks"] == sum(p.numel() * p.element_size() for p in packed)
