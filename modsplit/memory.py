@@ -18,8 +18,10 @@ MASKABLE = (nn.Linear, nn.Conv2d)
 # Optimizer state buffers per trainable element, in units of one score bank.
 OPTIMIZER_STATE = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 
-# Bytes per int64 index: a layer's top-k selection sorts its K score rows with int64 indices.
-_INDEX_BYTES = 8
+# Temporaries of one training step, in units of the largest layer's K-module score bank: its
+# score gradient before the sign(S) product, the stemming term's |S - S_avg|, and the optimizer's
+# per-tensor temporaries (weight decay and Nesterov each add into a fresh tensor).
+_STEP_TEMPORARIES = 3
 
 
 class ModsplitMemoryError(MemoryError):
@@ -82,8 +84,9 @@ def estimate_decompose_memory(model: nn.Module, n_modules: int, optimizer: str =
       gradients      their gradients (same size as scores)
       optimizer_state  the optimizer's state (momentum: one buffer per score; Adam: two)
       packed_masks   the K packed int32 masks, [K, O, ceil(R/32)] per masked layer
-      workspace      the largest layer's top-k selection: its K score rows sorted, with int64
-                     indices
+      workspace      a training step's temporaries: 3 x the largest layer's K score bank (the
+                     score gradient before sign(S), |S - S_avg| of stemming, the optimizer's
+                     weight-decay / Nesterov temporaries)
       activations    K * batch_size * (input + every leaf module's output) of one sample, or 0
                      when input_shape is None
       total          the sum of the above
@@ -109,8 +112,7 @@ def estimate_decompose_memory(model: nn.Module, n_modules: int, optimizer: str =
     score_bytes = [m.weight.numel() * m.weight.element_size() for m in layers]
     scores = k * sum(score_bytes)
     packed = k * sum(m.weight.shape[0] * math.ceil(m.weight[0].numel() / 32) * 4 for m in layers)
-    workspace = k * max(m.weight.numel() * (m.weight.element_size() + _INDEX_BYTES)
-                        for m in layers)
+    workspace = _STEP_TEMPORARIES * k * max(score_bytes)
     activations = 0
     if input_shape is not None:
         per_sample = _activation_bytes_per_sample(model, tuple(input_shape), params[0].dtype,

@@ -32,7 +32,7 @@ def test_mlp_estimate_by_hand():
     assert est["gradients"] == est["scores"]
     assert est["optimizer_state"] == est["scores"]  # momentum: one buffer per score
     assert est["packed_masks"] == k * (100 * math.ceil(784 / 32) + 10 * math.ceil(100 / 32)) * 4
-    assert est["workspace"] == k * 784 * 100 * (4 + 8)
+    assert est["workspace"] == 3 * k * 784 * 100 * 4
     assert est["activations"] == 0
     parts = ("weights", "scores", "gradients", "optimizer_state", "packed_masks", "workspace",
              "activations")
