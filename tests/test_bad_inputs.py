@@ -196,12 +196,9 @@ def _cases():
         Case(mlin, "float64 bias",
              lambda: ops.multi_masked_linear(XK, W, PK, _rand(5).double()), RuntimeError,
              r"\bbias\b.*dtype"),
-        _xfail(Case(mlin, "empty bank (K=0)",
-                    lambda: ops.multi_masked_linear(_rand(0, 3, 40), W, PK[:0]), RuntimeError,
-                    r"modsplit: .*(\bK\b|\bpacked\b)"),
-               "multi_masked_linear_cpu passes its checks with K=0 and ATen's reshape then "
-               "fails ('cannot reshape tensor of 0 elements into shape [0, -1, 40]'), naming "
-               "neither packed nor K"),
+        Case(mlin, "empty bank (K=0)",
+             lambda: ops.multi_masked_linear(_rand(0, 3, 40), W, PK[:0]), RuntimeError,
+             r"modsplit: .*(\bK\b|\bpacked\b)"),
     ]
 
     conv = "ops.masked_conv2d"
@@ -280,26 +277,19 @@ def _cases():
              lambda: functional.multi_masked_linear(
                  XK, W, SK, torch.zeros(2, 5, 1, dtype=torch.int32)),
              RuntimeError, r"\bpacked\b.*\bweight\b"),
-        _xfail(Case(flin, "scores [2, 5, 41] for a weight [5, 40]",
-                    lambda: functional.multi_masked_linear(XK, W, _rand(2, 5, 41), PK),
-                    RuntimeError, r"\bscores\b"),
-               "functional.multi_masked_linear never checks scores in the forward; the "
-               "mismatch surfaces only in backward, as a broadcasting error ('The size of "
-               "tensor a (40) must match the size of tensor b (41)') that does not name scores"),
-        _xfail(Case(flin, "scores for K=1 module, packed K=2",
-                    lambda: functional.multi_masked_linear(XK, W, _rand(1, 5, 40), PK),
-                    RuntimeError, r"\bscores\b"),
-               "accepted silently: the forward ignores scores and in backward autograd sums "
-               "the K=2 score gradients into the [1, 5, 40] scores (wrong gradient, no error)"),
+        Case(flin, "scores [2, 5, 41] for a weight [5, 40]",
+             lambda: functional.multi_masked_linear(XK, W, _rand(2, 5, 41), PK),
+             RuntimeError, r"\bscores\b"),
+        Case(flin, "scores for K=1 module, packed K=2",
+             lambda: functional.multi_masked_linear(XK, W, _rand(1, 5, 40), PK),
+             RuntimeError, r"\bscores\b"),
         Case(fconv, "x has 5 channels, weight expects 4",
              lambda: functional.multi_masked_conv2d(_rand(2, 5, 8, 8), CW, CSK, CPK, groups=2),
              RuntimeError, _X_NAMED + r".*channels"),
-        _xfail(Case(fconv, "scores [3, 6, 2, 3, 2] for a weight [6, 2, 3, 3]",
-                    lambda: functional.multi_masked_conv2d(CX, CW, CSK[..., :2], CPK,
-                                                           groups=2),
-                    RuntimeError, r"\bscores\b"),
-               "functional.multi_masked_conv2d never checks scores in the forward; the "
-               "mismatch surfaces only in backward, as a broadcasting error not naming scores"),
+        Case(fconv, "scores [3, 6, 2, 3, 2] for a weight [6, 2, 3, 3]",
+             lambda: functional.multi_masked_conv2d(CX, CW, CSK[..., :2], CPK,
+                                                    groups=2),
+             RuntimeError, r"\bscores\b"),
     ]
 
     c += [

@@ -412,26 +412,13 @@ def _poison_mask(shape):
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
 
-# (op, rows, in_features) where the float32 CPU kernel (csrc/cpu/masked_linear_cpu.cpp) takes a
-# path that only visits kept weights (bit walk / lane-mask GEMV), so NaN or inf in x never meets
-# a masked-out weight: those outputs come out finite where F.linear(x, W*M) gives NaN.
-_SKIPS_MASKED = {("masked_linear", 16, 40), ("multi_masked_linear", 16, 40),
-                 ("multi_shared", 1, 3), ("multi_shared", 16, 3), ("multi_shared", 16, 40)}
-_SKIPS_MASKED_REASON = (
-    "masked_linear_cpu's float32 bit-walk / lane-mask paths skip masked-out weights: NaN/inf in "
-    "x do not propagate through W*M's zeros (finite outputs where F.linear(x, W*M) is NaN); "
-    "which calls are affected depends on batch rows and sampled mask density")
-
-
 def _linear_nonfinite_params():
     params = []
     for op in ("masked_linear", "multi_masked_linear", "multi_shared"):
         for rows in (1, 16):
             for in_features in (3, 40):
                 for bad in NONFINITE:
-                    marks = [pytest.mark.xfail(strict=True, reason=_SKIPS_MASKED_REASON)] if (
-                        op, rows, in_features) in _SKIPS_MASKED else []
-                    params.append(pytest.param(op, rows, in_features, bad, marks=marks))
+                    params.append(pytest.param(op, rows, in_features, bad))
     return params
 
 

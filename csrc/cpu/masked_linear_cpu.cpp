@@ -101,6 +101,10 @@ double sampled_density(const at::Tensor& p3, int64_t I) {
   return static_cast<double>(bits) / static_cast<double>(seen * I);
 }
 
+// The bit-walk and lane-mask paths visit only kept weights. That equals x (W*M)^T only while x is
+// finite: a NaN/inf input times a masked-out zero must still give NaN, as in F.linear(x, W*M).
+bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+
 bool use_bit_walk(const at::Tensor& w, const at::Tensor& p3, int64_t rows) {
   if (w.scalar_type() != at::kFloat) return false;
   return rows <= kWalkAlwaysRows || sampled_density(p3, w.size(1)) <= kWalkDensity;
@@ -336,9 +340,10 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
   const auto w = weight.contiguous();
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   auto out3 = at::empty({p3.size(0), x3.size(1), w.size(0)}, w.options());
-  if (w.scalar_type() == at::kFloat && x3.size(1) <= kGemvRows) {
+  const bool skip_ok = w.scalar_type() == at::kFloat && all_finite(x3);
+  if (skip_ok && x3.size(1) <= kGemvRows) {
     forward_gemv(x3, w, p3, b, out3);
-  } else if (use_bit_walk(w, p3, x3.size(1))) {
+  } else if (skip_ok && use_bit_walk(w, p3, x3.size(1))) {
     forward_bit_walk(x3, w, p3, b, out3);
   } else {
     forward_tiled(x3, w, p3, b, out3);
@@ -356,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   at::Tensor gx, gs, gb;
   if (output_mask[0]) {
     gx = at::empty(x3.sizes(), w.options());
-    if (use_bit_walk(w, p3, g3.size(1))) {
+    if (use_bit_walk(w, p3, g3.size(1)) && all_finite(g3)) {
       grad_x_bit_walk(g3, w, p3, gx);
     } else {
       grad_x_tiled(g3, w, p3, gx);
