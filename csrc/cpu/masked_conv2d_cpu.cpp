@@ -1,17 +1,19 @@
-// masked_conv2d / multi_masked_conv2d forward and backward on the CPU, as a masked im2col GEMM.
+// masked_conv2d / multi_masked_conv2d forward and backward on the CPU.
 //
 // Notation (all ops reduce to it): x5 [Kx, B, C, H, W] with Kx = 1 (shared input; also the
 // single-module ops, K = 1) or Kx = K (one input per module); weight [O, Cg, kh, kw] with
 // G groups, Cg = C/G, Og = O/G, R = Cg*kh*kw; packed int32 [K, O, ceil(R/32)];
-// output [K, B, O, Ho, Wo], L = Ho*Wo.
+// output [K, B, O, Ho, Wo], L = Ho*Wo. W⊙M is never formed for the whole layer: tiles of it are
+// unpacked for all K modules at once (each 32-column piece of the weight is read once and
+// masked K times) into small buffers.
 //
-// The batch is processed in chunks of Bc rows (bounding the im2col buffer). For a chunk,
-// cols = im2col(x) is [Kx*Bc, G*R, L]; group g uses rows [g*R, (g+1)*R). The shared cols of a
-// shared input are built once and reused by all K modules. W⊙M is never formed for the layer:
-// each parallel work item unpacks one tile of W⊙M for all K modules into a thread-local buffer
-// (each 32-column piece of the weight is read once and masked K times) and multiplies it with
-// ATen's CPU GEMM (MKL). Forward items tile output channels; backward items tile the R columns,
-// so that every item writes disjoint rows of dcols (grad_x before col2im) and disjoint columns of
+// Forward: per tile of output channels, one ATen convolution (oneDNN, AVX-512 on any x86 CPU)
+// of the input with the tile's W⊙M rows of all modules sharing that input.
+// Backward: a masked im2col GEMM. The batch is processed in chunks of Bc rows (bounding the
+// im2col buffer); for a chunk, cols = im2col(x) is [Kx*Bc, G*R, L] (group g uses rows
+// [g*R, (g+1)*R)), built once for all K modules of a shared input. Parallel work items tile the
+// R columns, unpack their W⊙M tile into a thread-local buffer and multiply with ATen's CPU GEMM,
+// so every item writes disjoint rows of dcols (grad_x before col2im) and disjoint columns of
 // grad_scores.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,7 +35,7 @@ namespace {
 
 // im2col chunk size in bytes: bounds the extra memory of a call (at least one batch row).
 constexpr int64_t kColsBudgetBytes = int64_t{8} << 20;
-// Unpacked W⊙M tile for all K modules, in bytes (thread-local, reused across items).
+// Unpacked W⊙M tile for all K modules, in bytes (forward: one buffer; backward: per thread).
 constexpr int64_t kTileBudgetBytes = int64_t{2} << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -152,20 +154,20 @@ at::Tensor col2im_chunk(const at::Tensor& dcols, const ConvGeom& g) {
                     {g.padding[0], g.padding[1]}, {g.stride[0], g.stride[1]});
 }
 
-// buf[k, i, c] = weight[row0 + i, col0 + c] * bit(packed[k, row0 + i], col0 + c) for k < K,
-// i < nrows, c < ncols. weight [O, R], packed [K, O, words] and buf [K, nrows, ncols] are
-// contiguous; col0 is a multiple of 32. Each 32-column piece of a weight row is read once and
-// masked for every module.
+// buf[k, i, c] = weight[row0 + i, col0 + c] * bit(packed[k0 + k, row0 + i], col0 + c) for
+// k < nk, i < nrows, c < ncols. weight [O, R], packed [K, O, words] and buf [nk, nrows, ncols]
+// are contiguous; col0 is a multiple of 32. Each 32-column piece of a weight row is read once
+// and masked for every module.
 template <typename T>
-void unpack_tile(const T* weight, const int32_t* packed, const ConvGeom& g, int64_t row0,
-                 int64_t nrows, int64_t col0, int64_t ncols, T* buf) {
+void unpack_tile(const T* weight, const int32_t* packed, const ConvGeom& g, int64_t k0, int64_t nk,
+                 int64_t row0, int64_t nrows, int64_t col0, int64_t ncols, T* buf) {
   for (int64_t i = 0; i < nrows; ++i) {
     const T* wrow = weight + (row0 + i) * g.R + col0;
     for (int64_t c = 0; c < ncols; c += kBitsPerWord) {
       const int64_t n = std::min<int64_t>(kBitsPerWord, ncols - c);
       const int64_t word = (col0 + c) / kBitsPerWord;
-      for (int64_t k = 0; k < g.K; ++k) {
-        const auto m = static_cast<uint32_t>(packed[(k * g.O + row0 + i) * g.words + word]);
+      for (int64_t k = 0; k < nk; ++k) {
+        const auto m = static_cast<uint32_t>(packed[((k0 + k) * g.O + row0 + i) * g.words + word]);
         T* dst = buf + (k * nrows + i) * ncols + c;
         if (m == 0) {
           std::fill(dst, dst + n, T(0));
@@ -179,57 +181,38 @@ void unpack_tile(const T* weight, const int32_t* packed, const ConvGeom& g, int6
   }
 }
 
-// out [K, B, O, Ho, Wo] = conv2d of x5 with W⊙M_k per module k, plus bias.
+// out [K, B, O, Ho, Wo] = conv2d of x5 with W⊙M_k per module k, plus bias. The output channels
+// of every group are cut into tiles of `rows`; for a tile, the W⊙M rows of all modules that
+// share an input are unpacked into one grouped weight [G*nk*rows, Cg, kh, kw] (group g's
+// channels ordered (module, row)) and convolved by ATen (oneDNN) in one call: a shared input is
+// read once per tile for all K modules, and W⊙M never exists for the whole layer.
 at::Tensor conv_forward(const at::Tensor& x5, const at::Tensor& weight, const at::Tensor& packed3,
                         const c10::optional<at::Tensor>& bias, const ConvGeom& g) {
-  const auto x = x5.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed3.contiguous();
-  auto out = at::empty({g.K, g.B, g.O, g.Ho, g.Wo}, x.options());
-  auto out3 = out.view({g.K, g.B, g.O, g.L});
-  const int64_t elt = x.element_size();
-  // Output-channel rows per tile, within the tile budget, split further for parallelism.
-  int64_t rows = std::clamp<int64_t>(kTileBudgetBytes / (g.K * g.R * elt), 8, g.Og);
-  if (g.G * ceil_div(g.Og, rows) < wanted_items()) {
-    rows = std::max<int64_t>(1, ceil_div(g.Og, ceil_div(wanted_items(), g.G)));
-  }
-  const int64_t tiles = ceil_div(g.Og, rows);
-  const bool stack_modules = g.shared() && g.K > 1;  // one GEMM for all K modules' rows
-  const at::ThreadLocalState tls;  // the caller's modes (e.g. inference mode) for the workers
-  const int64_t Bc = batch_chunk(g, elt);
-  for (int64_t b0 = 0; b0 < g.B; b0 += Bc) {
-    const int64_t nb = std::min(Bc, g.B - b0);
-    const auto cols = im2col_chunk(x, g, b0, nb);  // [Kx*nb, G*R, L]
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_conv2d", [&] {
-      at::parallel_for(0, g.G * tiles, 1, [&](int64_t begin, int64_t end) {
-        at::ThreadLocalStateGuard tls_guard(tls);
-        auto buf = at::empty({g.K * rows * g.R}, w.options());
-        auto tmp = stack_modules ? at::empty({g.K * rows, g.L}, w.options()) : at::Tensor();
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t grp = item / tiles, o0 = (item % tiles) * rows;
-          const int64_t tn = std::min(rows, g.Og - o0), row0 = grp * g.Og + o0;
-          unpack_tile<scalar_t>(w.const_data_ptr<scalar_t>(), p.const_data_ptr<int32_t>(), g, row0,
-                                tn, 0, g.R, buf.mutable_data_ptr<scalar_t>());
-          const auto tile = buf.narrow(0, 0, g.K * tn * g.R).view({g.K, tn, g.R});
-          for (int64_t b = 0; b < nb; ++b) {
-            auto dst = out3.select(1, b0 + b).narrow(1, row0, tn);  // [K, tn, L]
-            if (stack_modules) {
-              auto t = tmp.narrow(0, 0, g.K * tn);
-              at::cpu::mm_out(t, tile.view({g.K * tn, g.R}), cols[b].narrow(0, grp * g.R, g.R));
-              dst.copy_(t.view({g.K, tn, g.L}));
-            } else {
-              for (int64_t k = 0; k < g.K; ++k) {
-                auto d = dst.select(0, k);
-                at::cpu::mm_out(d, tile.select(0, k),
-                                cols[(g.shared() ? 0 : k) * nb + b].narrow(0, grp * g.R, g.R));
-              }
-            }
-          }
+  auto out = at::empty({g.K, g.B, g.O, g.Ho, g.Wo}, x5.options());
+  auto out5 = out.view({g.K, g.B, g.G, g.Og, g.L});
+  const int64_t nk = g.shared() ? g.K : 1;  // modules per convolution call
+  const int64_t cap = std::max<int64_t>(1, kTileBudgetBytes / (g.G * nk * g.R * w.element_size()));
+  const int64_t tiles = ceil_div(g.Og, cap), rows = ceil_div(g.Og, tiles);
+  auto buf = at::empty({g.G * nk * rows, g.Cg, g.kh, g.kw}, w.options());
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t o0 = t * rows, tn = std::min(rows, g.Og - o0);
+    for (int64_t k0 = 0; k0 < g.K; k0 += nk) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_conv2d", [&] {
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          unpack_tile<scalar_t>(w.const_data_ptr<scalar_t>(), p.const_data_ptr<int32_t>(), g, k0, nk,
+                                grp * g.Og + o0, tn, 0, g.R,
+                                buf.mutable_data_ptr<scalar_t>() + grp * nk * tn * g.R);
         }
       });
-    });
+      const auto y = at::conv2d(x5[g.shared() ? 0 : k0], buf.narrow(0, 0, g.G * nk * tn), {},
+                                {g.stride[0], g.stride[1]}, {g.padding[0], g.padding[1]},
+                                {g.dilation[0], g.dilation[1]}, g.G);  // [B, G*nk*tn, Ho, Wo]
+      out5.narrow(0, k0, nk).narrow(3, o0, tn).copy_(y.view({g.B, g.G, nk, tn, g.L}).permute({2, 0, 1, 3, 4}));
+    }
   }
-  if (bias.has_value()) out3.add_(bias->view({1, 1, g.O, 1}));
+  if (bias.has_value()) out5.view({g.K, g.B, g.O, g.L}).add_(bias->view({1, 1, g.O, 1}));
   return out;
 }
 
@@ -276,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
           at::Tensor tile;  // [K, Og, tc]
           if (need_gx) {
             unpack_tile<scalar_t>(w.const_data_ptr<scalar_t>(), p.const_data_ptr<int32_t>(), g,
-                                  grp * g.Og, g.Og, r0, tc, buf.mutable_data_ptr<scalar_t>());
+                                  0, g.K, grp * g.Og, g.Og, r0, tc, buf.mutable_data_ptr<scalar_t>());
             tile = buf.narrow(0, 0, g.K * g.Og * tc).view({g.K, g.Og, tc});
           }
           const auto gs_tile =  // [K, Og, tc]
