@@ -3,8 +3,9 @@
 Run: python -m pytest benchmarks/bench_masked_conv2d.py --benchmark-only
 Each layer is one pytest-benchmark group, so the table's ratios compare the kernel with its
 baseline measured in the same run. extra_info["peak_extra_mib"] is the extra peak resident memory
-of one call: measured in a fresh subprocess as ru_maxrss after the call minus the resident set
-just before it (inputs already built), so it includes MKL/oneDNN buffers and the allocator.
+of one (first) call: measured in a fresh subprocess, with the inputs built, as the peak resident
+set (VmHWM, reset through /proc/self/clear_refs just before the call) minus the resident set
+before it; it includes the output, the allocator's and MKL/oneDNN's buffers.
 """
 import subprocess
 import sys
@@ -51,14 +52,19 @@ def _calls(layer):
 
 
 _PROBE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 import bench_masked_conv2d as b
 fn = b._calls({layer!r})[{name!r}]
-page = resource.getpagesize()
-before = int(open("/proc/self/statm").read().split()[1]) * page
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident set (VmHWM) to the current one
+before = status("VmRSS:")
 fn()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20)
+print((status("VmHWM:") - before) / 2**20)
 """
 
 

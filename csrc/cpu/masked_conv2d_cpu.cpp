@@ -35,7 +35,9 @@ namespace {
 
 // im2col chunk size in bytes: bounds the extra memory of a call (at least one batch row).
 constexpr int64_t kColsBudgetBytes = int64_t{8} << 20;
-// Unpacked W⊙M tile for all K modules, in bytes (forward: one buffer; backward: per thread).
+// Unpacked W⊙M tile for all K modules, in bytes: the forward's single buffer (larger tiles mean
+// fewer, wider convolution calls) and the backward's per-thread buffers.
+constexpr int64_t kForwardTileBudgetBytes = int64_t{8} << 20;
 constexpr int64_t kTileBudgetBytes = int64_t{2} << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -193,8 +195,10 @@ at::Tensor conv_forward(const at::Tensor& x5, const at::Tensor& weight, const at
   auto out = at::empty({g.K, g.B, g.O, g.Ho, g.Wo}, x5.options());
   auto out5 = out.view({g.K, g.B, g.G, g.Og, g.L});
   const int64_t nk = g.shared() ? g.K : 1;  // modules per convolution call
-  const int64_t cap = std::max<int64_t>(1, kTileBudgetBytes / (g.G * nk * g.R * w.element_size()));
-  const int64_t tiles = ceil_div(g.Og, cap), rows = ceil_div(g.Og, tiles);
+  const int64_t cap = std::max<int64_t>(1, kForwardTileBudgetBytes / (g.G * nk * g.R * w.element_size()));
+  // At least two tiles where possible, so a buffer never holds a whole module's W⊙M.
+  const int64_t tiles = std::max(ceil_div(g.Og, cap), std::min<int64_t>(g.Og, 2));
+  const int64_t rows = ceil_div(g.Og, tiles);
   auto buf = at::empty({g.G * nk * rows, g.Cg, g.kh, g.kw}, w.options());
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t o0 = t * rows, tn = std::min(rows, g.Og - o0);
