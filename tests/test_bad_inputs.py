@@ -239,12 +239,9 @@ def _cases():
              RuntimeError, r"\bpadding\b"),
         Case(conv, "dilation=0", lambda: ops.masked_conv2d(CX, CW, CP, dilation=0, groups=2),
              RuntimeError, r"\bdilation\b"),
-        _xfail(Case(conv, "3x3 kernel over a 2x2 input, no padding",
-                    lambda: ops.masked_conv2d(_rand(2, 4, 2, 2), CW, CP, groups=2),
-                    RuntimeError, r"modsplit: .*\b(x|weight)\b"),
-               "masked_conv2d_cpu has no check of its own: ATen's conv2d raises 'Calculated "
-               "padded input size per channel: (2 x 2). Kernel size: (3 x 3)...', naming "
-               "neither x nor weight (a kernel without ATen must check Ho, Wo >= 1)"),
+        Case(conv, "3x3 kernel over a 2x2 input, no padding",
+             lambda: ops.masked_conv2d(_rand(2, 4, 2, 2), CW, CP, groups=2),
+             RuntimeError, r"modsplit: .*\b(x|weight)\b"),
     ]
 
     mconv = "ops.multi_masked_conv2d"
