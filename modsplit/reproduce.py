@@ -127,12 +127,13 @@ class Run:
                               f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
                               f"{torch.get_num_threads()} threads)",
                       finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-                      argv=" ".join(sys.argv))
+                      argv=getattr(a, "command_line", None) or " ".join(sys.argv))
         return record
 
     def base_model(self, name):
         """Trained base model `name` (fc1..fc4): loaded from the cache file in --out when there,
-        else trained on the train set and saved. Records its test accuracy."""
+        else trained on the train set and saved. Records its test accuracy. Seeds torch's global
+        RNG with --seed for the initial weights."""
         a = self.args
         limit = "all" if a.limit is None else a.limit
         path = os.path.join(a.out, f"base_{a.dataset}_{name}_e{a.epochs_base}_n{limit}"
@@ -478,6 +479,8 @@ def main_reproduce(argv=None):
     for command in COMMANDS:
         _add_command(sub, command)
     args = parser.parse_args(argv)
+    args.command_line = "python -m modsplit.reproduce " + " ".join(
+        sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 
