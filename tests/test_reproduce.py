@@ -101,5 +101,6 @@ def test_hook_for_the_cli():
     reproduce.add_reproduce_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["reproduce", "table1", "--models", "fc1,fc4", "--limit", "10"])
     assert args.models == ["fc1", "fc4"] and args.limit == 10 and callable(args.func)
+    assert args.methods == ["ti-i", "ti-sne", "cm-rie", "stemming"]
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "table9"])
