@@ -48,6 +48,8 @@ inline void check_packed_for_weight(const at::Tensor& packed, const at::Tensor& 
   TORCH_CHECK(packed.dim() == 2 + lead_dims, "modsplit: packed must have ", 2 + lead_dims,
               " dims (", lead_dims ? "[K, O, words]" : "[O, words]", "), got shape ",
               packed.sizes());
+  TORCH_CHECK(lead_dims == 0 || packed.size(0) >= 1,
+              "modsplit: packed must hold at least one module (K >= 1), got shape ", packed.sizes());
   const int64_t rows = weight.size(0);
   const int64_t cols = weight.numel() / std::max<int64_t>(rows, 1);
   TORCH_CHECK(packed.size(lead_dims) == rows && packed.size(lead_dims + 1) == words_for(cols),

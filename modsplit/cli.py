@@ -1,29 +1,188 @@
-"""Command line: `modsplit <command>` (also `python -m modsplit <command>`)."""
+"""Command line: `modsplit <command>` (also `python -m modsplit <command>`).
+
+Settings come from modsplit.config.DEFAULTS, then --config FILE, then the flags given; every
+flag below maps to one configuration key. Errors in what was asked for (a wrong path, an
+unknown name, class ids out of range, a bank of another model) end the run with exit code 2 and
+a one-line message on stderr.
+"""
 import argparse
+import os
+import sys
+
+import yaml
+
+from modsplit import commands, config
+from modsplit.backend import set_backend
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _demo(args):
+def class_list(text: str) -> list:
+    """"3,7" -> [3, 7]; "0-4" -> [0, 1, 2, 3, 4]; items may mix both ("0-2,7")."""
+    out = []
+    try:
+        for item in text.split(","):
+            lo, sep, hi = item.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad class list {text!r} (expected e.g. 3,7 or "
+                                         f"0-4)") from None
+    return out
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _add(p, flag, key, **kw):
+    p.add_argument(flag, dest=key, default=argparse.SUPPRESS, **kw)
+
+
+def _common(p, data=True):
+    _add(p, "--config", "config_file", metavar="FILE",
+         help="YAML or TOML settings file (e.g. the config.yaml of an earlier run)")
+    _add(p, "--out", "out", metavar="DIR", help="output folder (default runs/<command>)")
+    _add(p, "--seed", "seed", type=int, help="random seed (default 0)")
+    _add(p, "--device", "device", help="torch device, e.g. cpu or cuda (default cpu)")
+    _add(p, "--backend", "backend",
+         help="masked-op kernels: auto, cpu, cuda, triton (default: $MODSPLIT_BACKEND, else auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    if data:
+        _add(p, "--dataset", "data.dataset", metavar="NAME",
+             help="digits (default), mnist, fmnist, cifar10, cifar100, svhn or "
+                  "imagefolder:<dir>")
+        _add(p, "--data-dir", "data.data_dir", metavar="DIR", help="folder of the data files")
+        _add(p, "--limit", "data.limit", type=int, metavar="N", help="use N training examples")
+        _add(p, "--test-limit", "data.test_limit", type=int, metavar="N",
+             help="use N test examples")
+
+
+def _trained(p):
+    _add(p, "--model", "model", metavar="MODEL",
+         help="trained base model: a model file (model.pt of modsplit train, torch.export "
+              ".pt2, TorchScript) or package.module:factory")
+
+
+def _bank(p):
+    _add(p, "--bank", "bank", metavar="FILE", help="bank file written by modsplit decompose")
+
+
+def _train_flags(p, epochs_flag):
+    _add(p, epochs_flag, "train.epochs", type=int, metavar="N", help="training epochs")
+    _add(p, "--train-lr", "train.lr", type=float, metavar="LR", help="training learning rate")
+
+
+def _decompose_flags(p, epochs_flag):
+    _add(p, epochs_flag, "decompose.epochs", type=int, metavar="N", help="decomposition epochs")
+    _add(p, "--density", "decompose.density", type=float, help="share of weights per module")
+    _add(p, "--alpha", "decompose.alpha", type=float, help="weight of the stemming term")
+    _add(p, "--p", "decompose.p", type=float, help="norm of the stemming term")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `modsplit` argument parser (subcommands demo, train, decompose, compose, evaluate,
+    report)."""
+    parser = _Parser(prog="modsplit", description="Split a trained classifier into per-class "
+                     "modules and recompose any subset of them.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("demo", help="train, decompose, recompose and report on digits")
+    _common(p)
+    _train_flags(p, "--train-epochs")
+    _decompose_flags(p, "--epochs")
+    _add(p, "--classes", "compose.classes", type=class_list, help="classes to export")
+    p.set_defaults(func=commands.run_demo)
+
+    p = sub.add_parser("train", help="train a base model -> model.pt")
+    _common(p)
+    _add(p, "--model", "train.model", metavar="MODEL",
+         help="built-in name (fc1, small_vgg, ...) or package.module:factory (default fc1)")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=_key_value,
+                   default=[], metavar="KEY=VALUE", help="factory keyword argument (repeatable)")
+    _train_flags(p, "--epochs")
+    _add(p, "--batch-size", "train.batch_size", type=int)
+    p.set_defaults(func=commands.run_train)
+
+    p = sub.add_parser("decompose", help="decompose a trained model -> bank.msb, metrics, plots")
+    _common(p)
+    _trained(p)
+    _decompose_flags(p, "--epochs")
+    _add(p, "--lr", "decompose.lr", type=float, help="score learning rate")
+    _add(p, "--batch-size", "decompose.batch_size", type=int)
+    _add(p, "--classes", "decompose.classes", type=class_list,
+         help="build modules for these classes only (default all)")
+    p.set_defaults(func=commands.run_decompose)
+
+    p = sub.add_parser("compose", help="recompose classes from a bank -> composed.pt")
+    _common(p)
+    _trained(p)
+    _bank(p)
+    _add(p, "--classes", "compose.classes", type=class_list, help="e.g. 3,7 or 0-4")
+    p.set_defaults(func=commands.run_compose)
+
+    for name, func, what in (("evaluate", commands.run_evaluate, "accuracy per module, per "
+                              "recomposition, module x class matrix -> metrics.json"),
+                             ("report", commands.run_report, "plots and report.md")):
+        p = sub.add_parser(name, help=what)
+        _common(p)
+        _trained(p)
+        _bank(p)
+        _add(p, "--subsets", "evaluate.subsets", type=class_list, nargs="+",
+             metavar="CLASSES", help="class subsets to recompose, e.g. 0,1 3,7 0-9")
+        p.set_defaults(func=func)
+    return parser
+
+
+def _absolute(cfg):
+    """Paths in cfg made absolute, so that the written config works from any folder."""
+    for key in ("out", "model", "bank"):
+        value = cfg[key]
+        if value and (key == "out" or os.path.exists(value)):
+            cfg[key] = os.path.abspath(value)
+    if cfg["data"]["data_dir"]:
+        cfg["data"]["data_dir"] = os.path.abspath(cfg["data"]["data_dir"])
+
+
+def _check_device(name):
     import torch
 
-    from modsplit import ops, reference
-
-    torch.manual_seed(args.seed)
-    scores = torch.randn(10, 49, 784)
-    packed = ops.multi_topk_mask(scores, 0.1)
-    x, w = torch.randn(8, 784), torch.randn(49, 784)
-    y = ops.multi_masked_linear(x, w, packed, None, shared_input=True)
-    y_ref = reference.multi_masked_linear(x, w, packed, None, shared_input=True)
-    print(f"10 modules x [49, 784] at density 0.1: packed masks {tuple(packed.shape)} int32, "
-          f"{packed.numel() * 4} bytes (float masks: {scores.numel() * 4})")
-    print(f"multi_masked_linear max |kernel - reference| = {(y - y_ref).abs().max().item():.3g}")
-    return 0
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="modsplit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on the embedded default data")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+def settings(args) -> dict:
+    """The configuration of a parsed command line: defaults, --config file, flags."""
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "func", "quiet", "config_file", "model_args")}
+    cfg = config.resolve(getattr(args, "config_file", None), flags)
+    if getattr(args, "model_args", None):
+        cfg["train"]["model_args"].update(dict(args.model_args))
+    if not cfg["out"]:
+        cfg["out"] = os.path.join("runs", args.command)
+    _absolute(cfg)
+    _check_device(cfg["device"])
+    set_backend(cfg["backend"])
+    return cfg
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code (2 for a bad request)."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = settings(args)
+        os.makedirs(cfg["out"], exist_ok=True)
+        return args.func(cfg, args.quiet)
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).split()).removeprefix("modsplit: ")
+        print(f"modsplit {args.command}: error: {message}", file=sys.stderr)
+        return 2

@@ -10,9 +10,19 @@ from modsplit.backend import ops_for
 from modsplit.ops.conv import _pair
 
 
+def _check_scores(scores, weight, packed):
+    """scores must be [K, *weight.shape] with K = packed.shape[0]: the backward writes one score
+    gradient per module, so a mismatch would otherwise surface late or be summed silently."""
+    want = (packed.shape[0], *weight.shape)
+    if tuple(scores.shape) != want:
+        raise RuntimeError(f"modsplit: scores must have shape [K, *weight.shape] = {list(want)}, "
+                           f"got {list(scores.shape)}")
+
+
 class _MultiMaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, packed, bias, shared_input):
+        _check_scores(scores, weight, packed)
         ctx.save_for_backward(x, weight, scores, packed)
         ctx.shared_input = shared_input
         ctx.ops = ops_for(x)  # the backward runs on the forward's backend
@@ -32,6 +42,7 @@ class _MultiMaskedLinear(torch.autograd.Function):
 class _MultiMaskedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, packed, bias, stride, padding, dilation, groups):
+        _check_scores(scores, weight, packed)
         ctx.save_for_backward(x, weight, scores, packed)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.ops = ops_for(x)  # the backward runs on the forward's backend

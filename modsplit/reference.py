@@ -99,11 +99,13 @@ def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
 
 def masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups):
     """-> (grad_x, grad_scores = dL/d(W*M) * W, grad_bias), via autograd of the reference."""
-    x = x.detach().requires_grad_(True)
-    w = _effective(weight, packed).detach().requires_grad_(True)
-    b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device, requires_grad=True)
-    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad_out)
+    with torch.enable_grad():  # also when called from a backward pass
+        x = x.detach().requires_grad_(True)
+        w = _effective(weight, packed).detach().requires_grad_(True)
+        b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device,
+                        requires_grad=True)
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad_out)
     return gx, gw * weight, gb
 
 

@@ -4,6 +4,12 @@ import pytest
 import torch
 
 import modsplit  # noqa: F401  (registers the ops)
+from modsplit.backend import load_triton
+
+if not torch.cuda.is_available():
+    # With no GPU the Triton kernels run under the interpreter, which must be chosen before
+    # anything (torchvision, inductor) imports triton: import them first, in interpreter mode.
+    load_triton(interpret=True)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -60,6 +60,12 @@ def _exact_weight_grad(grad_out, x, packed, weight):
     return ((g3.transpose(1, 2) @ x3) * _unpack_ref(packed, (k, o, i)).to(weight.dtype)).sum(0)
 
 
+def _needs(ctx, n):
+    """ctx.needs_input_grad padded to the op's n positional inputs: the dispatcher drops trailing
+    arguments equal to their defaults (bias=None, shared_input=False) before autograd sees them."""
+    return tuple(ctx.needs_input_grad) + (False,) * (n - len(ctx.needs_input_grad))
+
+
 def _setup(ctx, inputs, output):
     x, weight, packed = inputs[:3]
     ctx.shared_input = inputs[4] if len(inputs) > 4 else False
@@ -68,7 +74,7 @@ def _setup(ctx, inputs, output):
 
 def _masked_linear_backward(ctx, grad_out):
     x, weight, packed = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad
+    need_x, need_w, _, need_b = _needs(ctx, 4)
     gx, _, gb = _ops.masked_linear_backward(grad_out, x, weight, packed, [need_x, False, need_b])
     gw = _exact_weight_grad(grad_out, x, packed, weight) if need_w else None
     return gx, gw, None, gb
@@ -76,7 +82,7 @@ def _masked_linear_backward(ctx, grad_out):
 
 def _multi_masked_linear_backward(ctx, grad_out):
     x, weight, packed = ctx.saved_tensors
-    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+    need_x, need_w, _, need_b, _ = _needs(ctx, 5)
     gx, _, gb = _ops.multi_masked_linear_backward(grad_out, x, weight, packed, ctx.shared_input,
                                                   [need_x, False, need_b])
     gw = _exact_weight_grad(grad_out, x, packed, weight) if need_w else None
