@@ -427,7 +427,7 @@ def _floats(text):
 
 
 def _add_command(sub, command):
-    p = sub.add_parser(command, help=COMMANDS[command].__doc__.split("\n")[0],
+    p = sub.add_parser(command, help=COMMANDS[command].__doc__.split("\n")[0].replace("%", "%%"),
                        description=COMMANDS[command].__doc__)
     p.add_argument("--dataset", default="mnist", choices=("mnist", "fmnist", "digits"))
     p.add_argument("--models", default=_DEFAULT_MODELS[command],

@@ -104,3 +104,15 @@ def test_hook_for_the_cli():
     assert args.methods == ["ti-i", "ti-sne", "cm-rie", "stemming"]
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "table9"])
+
+
+def test_modsplit_cli_runs_reproduce(out, capsys):
+    """`modsplit reproduce ...` goes through the package's command line (and its --help works)."""
+    from modsplit.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["reproduce", "--help"])
+    assert done.value.code == 0 and "table1" in capsys.readouterr().out
+    assert main(["reproduce", "table6", *TINY, "--densities", "0.1", "--out", out]) == 0
+    with open(os.path.join(out, "table6_mnist_fc1.json")) as f:
+        assert json.load(f)["settings"]["command"] == "table6"
