@@ -66,4 +66,26 @@ inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& 
   check_same_dtype(*bias, weight, "bias", "weight");
 }
 
+// Linear ops: weight [O, I], x [..., I], packed [lead..., O, ceil(I/32)].
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& packed, int64_t lead_dims) {
+  check_float(weight, "weight");
+  check_same_dtype(x, weight, "x", "weight");
+  check_same_device(x, weight, "x", "weight");
+  TORCH_CHECK(weight.dim() == 2, "modsplit: weight must be [out_features, in_features], got shape ",
+              weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "modsplit: x must end in in_features=",
+              weight.size(1), ", got shape ", x.sizes());
+  check_packed_for_weight(packed, weight, lead_dims);
+}
+
+// pack_mask: mask bool with at least batch_dims + 2 dims.
+inline void check_pack_args(const at::Tensor& mask, int64_t batch_dims) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "modsplit: mask must be a bool tensor, got ",
+              mask.scalar_type());
+  TORCH_CHECK(batch_dims >= 0 && mask.dim() >= batch_dims + 2,
+              "modsplit: mask must have at least batch_dims + 2 = ", batch_dims + 2,
+              " dims, got shape ", mask.sizes(), " (batch_dims = ", batch_dims, ")");
+}
+
 }  // namespace modsplit

@@ -13,6 +13,7 @@ import yaml
 
 from modsplit import commands, config
 from modsplit.backend import set_backend
+from modsplit.reproduce import add_reproduce_parser
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (exit code 2)."""
@@ -88,7 +89,7 @@ def _decompose_flags(p, epochs_flag):
 
 def build_parser() -> argparse.ArgumentParser:
     """The `modsplit` argument parser (subcommands demo, train, decompose, compose, evaluate,
-    report)."""
+    report, reproduce)."""
     parser = _Parser(prog="modsplit", description="Split a trained classifier into per-class "
                      "modules and recompose any subset of them.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(p, "--subsets", "evaluate.subsets", type=class_list, nargs="+",
              metavar="CLASSES", help="class subsets to recompose, e.g. 0,1 3,7 0-9")
         p.set_defaults(func=func)
+    add_reproduce_parser(sub)
     return parser
 
 
@@ -178,6 +180,9 @@ def settings(args) -> dict:
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (2 for a bad request)."""
     args = build_parser().parse_args(argv)
+    if args.command == "reproduce":  # the paper's tables: its own flags, no config file
+        args.command_line = "modsplit " + " ".join(sys.argv[1:] if argv is None else argv)
+        return args.func(args)
     try:
         cfg = settings(args)
         os.makedirs(cfg["out"], exist_ok=True)

@@ -45,17 +45,6 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(work_per_item, 1));
 }
 
-void check_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
-                  int64_t lead_dims) {
-  check_float(weight, "weight");
-  check_same_dtype(x, weight, "x", "weight");
-  check_same_device(x, weight, "x", "weight");
-  TORCH_CHECK(weight.dim() == 2, "modsplit: weight must be [out_features, in_features], got shape ",
-              weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "modsplit: x must end in in_features=",
-              weight.size(1), ", got shape ", x.sizes());
-  check_packed_for_weight(packed, weight, lead_dims);
-}
 
 // x [K, *, I] when not shared: checks the module dim.
 void check_module_dim(const at::Tensor& x, int64_t K, bool shared_input) {
@@ -379,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 
 at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
-  check_linear(x, weight, packed, 0);
+  check_linear_args(x, weight, packed, 0);
   check_bias(bias, weight);
   const auto x3 = x.reshape({1, -1, weight.size(1)}).contiguous();
   const auto p3 = packed.contiguous().unsqueeze(0);
@@ -389,7 +378,7 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& packed, std::array<bool, 3> output_mask) {
-  check_linear(x, weight, packed, 0);
+  check_linear_args(x, weight, packed, 0);
   check_grad_out(grad_out, weight, out_shape(x, 0, c10::nullopt, weight.size(0)));
   const auto x3 = x.reshape({1, -1, weight.size(1)}).contiguous();
   const auto g3 = grad_out.reshape({1, -1, weight.size(0)}).contiguous();
@@ -402,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
 at::Tensor multi_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                                    bool shared_input) {
-  check_linear(x, weight, packed, 1);
+  check_linear_args(x, weight, packed, 1);
   check_bias(bias, weight);
   const int64_t K = packed.size(0);
   check_module_dim(x, K, shared_input);
@@ -414,7 +403,7 @@ at::Tensor multi_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& packed, bool shared_input, std::array<bool, 3> output_mask) {
-  check_linear(x, weight, packed, 1);
+  check_linear_args(x, weight, packed, 1);
   const int64_t K = packed.size(0);
   check_module_dim(x, K, shared_input);
   check_grad_out(grad_out, weight, out_shape(x, shared_input ? 0 : 1, K, weight.size(0)));

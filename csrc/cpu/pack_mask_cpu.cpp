@@ -36,11 +36,7 @@ constexpr std::array<uint64_t, 256> kSpread = make_spread();
 }  // namespace
 
 at::Tensor pack_mask_cpu(const at::Tensor& mask, int64_t batch_dims) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "modsplit: mask must be a bool tensor, got ",
-              mask.scalar_type());
-  TORCH_CHECK(batch_dims >= 0 && mask.dim() >= batch_dims + 2,
-              "modsplit: mask must have at least batch_dims + 2 = ", batch_dims + 2,
-              " dims, got shape ", mask.sizes(), " (batch_dims = ", batch_dims, ")");
+  check_pack_args(mask, batch_dims);
   const auto lead = mask.sizes().slice(0, batch_dims + 1);
   const int64_t rows = c10::multiply_integers(lead);
   const int64_t cols = rows ? mask.numel() / rows : 0;

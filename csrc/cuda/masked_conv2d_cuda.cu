@@ -10,70 +10,17 @@
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
 
+#include "../conv_geometry.h"
 #include "common.cuh"
 #include "masked_gemm.cuh"
 
 namespace modsplit {
 namespace cuda {
 
-static void check_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& packed, int64_t groups, int64_t lead_dims) {
-  check_cuda(weight, "weight");
-  check_float(weight, "weight");
-  check_same_dtype(x, weight, "x", "weight");
-  check_same_device(x, weight, "x", "weight");
-  TORCH_CHECK(weight.dim() == 4,
-              "modsplit: weight must be [out_channels, in_channels/groups, kh, kw], got shape ",
-              weight.sizes());
-  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "modsplit: groups=", groups,
-              " must divide out_channels=", weight.size(0));
-  const int64_t xdim = 4 + lead_dims;
-  TORCH_CHECK(x.dim() == xdim || (lead_dims && x.dim() == 4), "modsplit: x must be [",
-              lead_dims ? "K, " : "", "B, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK(x.size(-3) == weight.size(1) * groups, "modsplit: x has ", x.size(-3),
-              " channels but weight expects in_channels=", weight.size(1) * groups);
-  check_packed_for_weight(packed, weight, lead_dims);
-}
 
-// Sizes of one call: K modules (1 for the single op), B images, shared x across modules or not.
-struct ConvShape {
-  int64_t K, B, C, H, W, O, groups, Og, Rg, kh, kw, Ho, Wo, L, words;
-  bool shared;
-};
-
-static ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
-                            at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups, bool multi) {
-  ConvShape s;
-  s.K = multi ? packed.size(0) : 1;
-  s.shared = x.dim() == 4;
-  TORCH_CHECK(s.shared || x.size(0) == s.K, "modsplit: x has ", x.size(0),
-              " modules but packed has K=", s.K);
-  s.B = x.size(-4);
-  s.C = x.size(-3);
-  s.H = x.size(-2);
-  s.W = x.size(-1);
-  s.O = weight.size(0);
-  s.groups = groups;
-  s.Og = s.O / groups;
-  s.kh = weight.size(2);
-  s.kw = weight.size(3);
-  s.Rg = weight.size(1) * s.kh * s.kw;
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
-                  padding[0] >= 0 && padding[1] >= 0,
-              "modsplit: need stride >= 1, dilation >= 1, padding >= 0; got stride ", stride,
-              ", padding ", padding, ", dilation ", dilation);
-  s.Ho = (s.H + 2 * padding[0] - dilation[0] * (s.kh - 1) - 1) / stride[0] + 1;
-  s.Wo = (s.W + 2 * padding[1] - dilation[1] * (s.kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(s.Ho > 0 && s.Wo > 0, "modsplit: the input ", x.sizes(),
-              " is smaller than the dilated kernel ", weight.sizes());
-  s.L = s.Ho * s.Wo;
-  s.words = packed.size(-1);
-  return s;
-}
 
 // cols [Kx*B, C*kh*kw, L] of x [.., B, C, H, W] (Kx = 1 when shared).
-static at::Tensor unfold_input(const at::Tensor& x, const ConvShape& s, at::IntArrayRef stride,
+static at::Tensor unfold_input(const at::Tensor& x, const ConvGeom& s, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   auto x4 = x.reshape({-1, s.C, s.H, s.W}).contiguous();
   return at::im2col(x4, {s.kh, s.kw}, dilation, padding, stride).contiguous();
@@ -81,19 +28,19 @@ static at::Tensor unfold_input(const at::Tensor& x, const ConvShape& s, at::IntA
 
 // y [K, B, O, L] from cols [Kx*B, C*kh*kw, L].
 static void forward_gemm(const at::Tensor& cols, const at::Tensor& w, const at::Tensor& packed,
-                         const void* bias, const ConvShape& s, at::Tensor& y) {
-  const int64_t Ctot = s.groups * s.Rg;
+                         const void* bias, const ConvGeom& s, at::Tensor& y) {
+  const int64_t Ctot = s.G * s.R;
   GemmProblem g;
   g.M = s.L;
   g.N = s.Og;
-  g.R = s.Rg;
+  g.R = s.R;
   g.n0 = s.K;
-  g.n1 = s.groups;
+  g.n1 = s.G;
   g.n2 = s.B;
   g.a = cols.data_ptr();  // A[m=l, r] = cols[b, g*Rg + r, l]
-  g.sa = {s.shared ? 0 : s.B * Ctot * s.L, s.Rg * s.L, Ctot * s.L, 1, s.L};
+  g.sa = {s.shared() ? 0 : s.B * Ctot * s.L, s.R * s.L, Ctot * s.L, 1, s.L};
   g.b = w.data_ptr();  // B[r, n=o] = W[g*Og + o, r]
-  g.sb = {0, s.Og * s.Rg, 0, 1, s.Rg};
+  g.sb = {0, s.Og * s.R, 0, 1, s.R};
   g.mask = packed.data_ptr<int32_t>();
   g.mode = kMaskRowN;
   g.sp = {s.O * s.words, s.Og * s.words, 0, s.words, 0};
@@ -106,45 +53,45 @@ static void forward_gemm(const at::Tensor& cols, const at::Tensor& w, const at::
 
 // dcols [K, B, C*kh*kw, L] from grad [K, B, O, L].
 static void grad_cols_gemm(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& packed,
-                           const ConvShape& s, at::Tensor& dcols) {
-  const int64_t Ctot = s.groups * s.Rg;
+                           const ConvGeom& s, at::Tensor& dcols) {
+  const int64_t Ctot = s.G * s.R;
   GemmProblem g;
   g.M = s.L;
-  g.N = s.Rg;
+  g.N = s.R;
   g.R = s.Og;
   g.n0 = s.K;
-  g.n1 = s.groups;
+  g.n1 = s.G;
   g.n2 = s.B;
   g.a = grad.data_ptr();  // A[m=l, r=o] = grad[k, b, g*Og + o, l]
   g.sa = {s.B * s.O * s.L, s.Og * s.L, s.O * s.L, 1, s.L};
   g.b = w.data_ptr();  // B[r=o, n] = W[g*Og + o, n]
-  g.sb = {0, s.Og * s.Rg, 0, s.Rg, 1};
+  g.sb = {0, s.Og * s.R, 0, s.R, 1};
   g.mask = packed.data_ptr<int32_t>();
   g.mode = kMaskRowR;
   g.sp = {s.O * s.words, s.Og * s.words, 0, s.words, 0};
   g.c = dcols.data_ptr();  // C[m=l, n] = dcols[k, b, g*Rg + n, l]
-  g.sc = {s.B * Ctot * s.L, s.Rg * s.L, Ctot * s.L, 1, s.L};
+  g.sc = {s.B * Ctot * s.L, s.R * s.L, Ctot * s.L, 1, s.L};
   launch_masked_gemm(g, w.scalar_type());
 }
 
 // gs [K, O, Rg] from gp [K, O, B*L] (grad, channel-major) and colsp [Kx, C*kh*kw, B*L].
 static void grad_scores_gemm(const at::Tensor& gp, const at::Tensor& colsp, const at::Tensor& w,
-                             const ConvShape& s, at::Tensor& gs) {
-  const int64_t Ctot = s.groups * s.Rg, BL = s.B * s.L;
+                             const ConvGeom& s, at::Tensor& gs) {
+  const int64_t Ctot = s.G * s.R, BL = s.B * s.L;
   GemmProblem g;
   g.M = s.Og;
-  g.N = s.Rg;
+  g.N = s.R;
   g.R = BL;
   g.n0 = s.K;
-  g.n1 = s.groups;
+  g.n1 = s.G;
   g.a = gp.data_ptr();  // A[m=o, r=(b, l)] = gp[k, g*Og + o, r]
   g.sa = {s.O * BL, s.Og * BL, 0, BL, 1};
   g.b = colsp.data_ptr();  // B[r=(b, l), n] = colsp[k, g*Rg + n, r]
-  g.sb = {s.shared ? 0 : Ctot * BL, s.Rg * BL, 0, 1, BL};
+  g.sb = {s.shared() ? 0 : Ctot * BL, s.R * BL, 0, 1, BL};
   g.e = w.data_ptr();  // E[m=o, n] = W[g*Og + o, n]
-  g.se = {0, s.Og * s.Rg, 0, s.Rg, 1};
+  g.se = {0, s.Og * s.R, 0, s.R, 1};
   g.c = gs.data_ptr();  // C[m=o, n] = gs[k, g*Og + o, n]
-  g.sc = {s.O * s.Rg, s.Og * s.Rg, 0, s.Rg, 1};
+  g.sc = {s.O * s.R, s.Og * s.R, 0, s.R, 1};
   launch_masked_gemm(g, w.scalar_type());
 }
 
@@ -152,10 +99,10 @@ static at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, bool multi) {
-  check_conv_cuda(x, weight, packed, groups, multi ? 1 : 0);
+  check_cuda(weight, "weight");
+  const ConvGeom s = conv_geometry(x, weight, packed, stride, padding, dilation, groups, multi);
   check_bias(bias, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const ConvShape s = conv_shape(x, weight, packed, stride, padding, dilation, groups, multi);
   auto y = at::empty({s.K, s.B, s.O, s.Ho, s.Wo}, x.options());
   if (y.numel() == 0) return multi ? y : y[0];
   auto w = weight.contiguous();
@@ -170,18 +117,14 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& packed, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask, bool multi) {
-  check_conv_cuda(x, weight, packed, groups, multi ? 1 : 0);
-  check_same_device(grad_out, weight, "grad_out", "weight");
-  check_same_dtype(grad_out, weight, "grad_out", "weight");
+  check_cuda(weight, "weight");
+  const ConvGeom s = conv_geometry(x, weight, packed, stride, padding, dilation, groups, multi);
+  check_conv_grad_out(grad_out, weight, s, multi);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const ConvShape s = conv_shape(x, weight, packed, stride, padding, dilation, groups, multi);
-  TORCH_CHECK(grad_out.numel() == s.K * s.B * s.O * s.L, "modsplit: grad_out has shape ",
-              grad_out.sizes(), " but the output is [", multi ? "K, " : "", s.B, ", ", s.O, ", ",
-              s.Ho, ", ", s.Wo, "]");
-  const int64_t Ctot = s.groups * s.Rg;
+  const int64_t Ctot = s.G * s.R;
   std::vector<int64_t> gs_shape = weight.sizes().vec();  // [K?, O, C/groups, kh, kw]
   if (multi) gs_shape.insert(gs_shape.begin(), s.K);
-  if (s.K == 0 || s.B == 0) {  // empty batch: all gradients are zero
+  if (s.B == 0) {  // empty batch: all gradients are zero
     return {output_mask[0] ? at::zeros_like(x) : at::Tensor(),
             output_mask[1] ? at::zeros(gs_shape, weight.options()) : at::Tensor(),
             output_mask[2] ? at::zeros({s.O}, weight.options()) : at::Tensor()};
@@ -192,13 +135,13 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   if (output_mask[0]) {
     auto dcols = at::empty({s.K, s.B, Ctot, s.L}, x.options());
     grad_cols_gemm(grad, w, packed.contiguous(), s, dcols);
-    auto d = !s.shared ? dcols.view({s.K * s.B, Ctot, s.L}) : s.K == 1 ? dcols[0] : dcols.sum(0);
+    auto d = !s.shared() ? dcols.view({s.K * s.B, Ctot, s.L}) : s.K == 1 ? dcols[0] : dcols.sum(0);
     gx = at::col2im(d, {s.H, s.W}, {s.kh, s.kw}, dilation, padding, stride).view(x.sizes());
   }
   if (output_mask[1]) {
-    gs = at::empty({s.K, s.O, s.Rg}, weight.options());
+    gs = at::empty({s.K, s.O, s.R}, weight.options());
     auto cols = unfold_input(x, s, stride, padding, dilation);
-    const int64_t Kx = s.shared ? 1 : s.K;
+    const int64_t Kx = s.shared() ? 1 : s.K;
     auto colsp = cols.view({Kx, s.B, Ctot, s.L}).permute({0, 2, 1, 3}).contiguous();
     auto gp = grad.permute({0, 2, 1, 3}).contiguous();  // [K, O, B, L]
     grad_scores_gemm(gp, colsp, w, s, gs);

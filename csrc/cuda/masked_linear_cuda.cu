@@ -20,14 +20,7 @@ namespace cuda {
 static void check_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& packed, int64_t lead_dims) {
   check_cuda(weight, "weight");
-  check_float(weight, "weight");
-  check_same_dtype(x, weight, "x", "weight");
-  check_same_device(x, weight, "x", "weight");
-  TORCH_CHECK(weight.dim() == 2, "modsplit: weight must be [out_features, in_features], got shape ",
-              weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "modsplit: x must end in in_features=",
-              weight.size(1), ", got shape ", x.sizes());
-  check_packed_for_weight(packed, weight, lead_dims);
+  check_linear_args(x, weight, packed, lead_dims);
 }
 
 static void check_grad_out(const at::Tensor& grad_out, const at::Tensor& weight, int64_t numel) {

@@ -38,11 +38,7 @@ __global__ void unpack_mask_kernel(const int32_t* __restrict__ packed, uint8_t* 
 
 at::Tensor pack_mask_cuda(const at::Tensor& mask, int64_t batch_dims) {
   check_cuda(mask, "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "modsplit: mask must be a bool tensor, got ",
-              mask.scalar_type());
-  TORCH_CHECK(batch_dims >= 0 && mask.dim() >= batch_dims + 2,
-              "modsplit: mask must have at least batch_dims + 2 = ", batch_dims + 2,
-              " dims, got shape ", mask.sizes());
+  check_pack_args(mask, batch_dims);
   const c10::cuda::CUDAGuard guard(mask.device());
   const auto lead = mask.sizes().slice(0, batch_dims + 1);
   const int64_t rows = c10::multiply_integers(lead);

@@ -1,0 +1,497 @@
+"""Reproduce the seed paper's tables and figure: `modsplit reproduce <table1|table2|table5|table6|
+figure3> ...` (also `python -m modsplit.reproduce <command> ...`).
+
+Every command trains the base FC models (or loads them from the output folder, where they are
+cached per dataset, model, epochs, limit and seed), decomposes them with module stemming, prints a
+Markdown table with the paper's numbers beside ours and writes `<out>/<name>.md` and
+`<out>/<name>.json` (figure3 also writes `<out>/<name>.png`). Both outputs record the settings
+(seed, epochs, limits, alpha, density) and the wall time and machine.
+
+Decomposition follows the paper's Table 4 (SGD, Nesterov momentum 0.9, lr 0.1, batch 32, p = 1)
+with density k = 0.1 unless told otherwise; base training follows Table 3 (lr 0.01, batch 64).
+Epoch counts and training-set limits are arguments because the paper's 100 base epochs and
+25-50 decomposition epochs on full sets do not fit a CPU budget: the outputs say what was run.
+"""
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from modsplit import metrics, ops
+from modsplit.baselines import decompose_pan_rajan, value_set_jaccard
+from modsplit.data import load_dataset
+from modsplit.decompose import decompose
+from modsplit.models import FC1, FC2, FC3, FC4
+from modsplit.train import evaluate, train_classifier
+
+MODELS = {"fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4}
+BASELINES = ("ti-i", "ti-sne", "cm-rie")
+NUM_CLASSES = 10
+
+# The paper's Table 1 (k = 10%): {dataset: {method: {model: (JI, recomposed accuracy %)}}}.
+PAPER_TABLE1 = {
+    "mnist": {
+        "ti-i": {"fc1": (0.47, 94.91), "fc2": (0.64, 96.83), "fc3": (0.44, 69.19),
+                 "fc4": (0.53, 96.44)},
+        "ti-sne": {"fc1": (0.47, 94.91), "fc2": (0.65, 96.83), "fc3": (0.45, 96.30),
+                   "fc4": (0.55, 96.79)},
+        "cm-rie": {"fc1": (0.43, 94.90), "fc2": (0.63, 96.82), "fc3": (0.43, 96.33),
+                   "fc4": (0.53, 96.75)},
+        "stemming": {"fc1": (0.60, 96.47), "fc2": (0.71, 95.92), "fc3": (0.67, 96.61),
+                     "fc4": (0.67, 96.75)},
+    },
+    "fmnist": {
+        "ti-i": {"fc1": (0.78, 85.82), "fc2": (0.64, 87.58), "fc3": (0.52, 77.55),
+                 "fc4": (0.56, 87.51)},
+        "ti-sne": {"fc1": (0.78, 85.82), "fc2": (0.65, 87.58), "fc3": (0.53, 87.09),
+                   "fc4": (0.57, 87.79)},
+        "cm-rie": {"fc1": (0.75, 85.85), "fc2": (0.63, 87.56), "fc3": (0.51, 87.10),
+                   "fc4": (0.55, 87.95)},
+        "stemming": {"fc1": (0.72, 84.63), "fc2": (0.67, 85.44), "fc3": (0.66, 86.30),
+                     "fc4": (0.75, 86.42)},
+    },
+}
+
+# The paper's Table 2 (MNIST FC1, k = 10%, alpha = 1, epoch 25): {(initial score sharing,
+# stemming loss): (avg, best, worst) ratio of RPs over the 2-class recompositions}.
+PAPER_TABLE2 = {(False, False): (0.175, 0.159, 0.185), (True, False): (0.173, 0.159, 0.183),
+                (False, True): (0.122, 0.117, 0.126), (True, True): (0.122, 0.116, 0.126)}
+
+# The paper's Table 5 (MNIST, k = 10%): max test accuracy (%) of each module (rows 0-9), columns
+# FC1..FC4 x alpha in (0, 0.05, 0.1).
+_PAPER_TABLE5_ROWS = """
+99.5 99.63 99.58 99.66 99.68 99.68 99.67 99.67 99.67 99.43 99.68 99.67
+99.7 99.73 99.68 99.67 99.62 99.7 99.75 99.71 99.74 99.61 99.74 99.72
+99.06 98.97 98.9 99.19 99.18 99.14 99.2 99.21 99.23 98.87 99.12 99.14
+98.45 98.63 98.58 98.93 99.05 98.79 98.82 98.73 98.91 97.94 98.75 98.9
+99.24 99.22 99.2 99.22 99.30 99.28 99.36 99.26 99.16 98.47 99.06 99.16
+98.73 98.83 98.78 99.02 98.98 98.73 98.86 98.74 98.75 98.22 99.00 98.88
+99.44 99.45 99.45 99.48 99.49 99.41 99.47 99.37 99.38 99.19 99.42 99.44
+98.9 98.74 98.91 98.95 99.02 98.96 99.01 99.02 99.12 98.51 98.97 98.97
+98.06 98.18 98.54 98.39 98.31 98.51 98.42 98.59 98.5 97.67 98.66 98.62
+98.77 98.76 98.83 98.77 98.74 98.75 98.87 98.93 98.99 98.1 99.04 99.00
+"""
+PAPER_TABLE5_ALPHAS = (0.0, 0.05, 0.1)
+PAPER_TABLE5 = {
+    (model, alpha): [float(row.split()[3 * m + a]) for row in _PAPER_TABLE5_ROWS.split("\n")
+                     if row.strip()]
+    for m, model in enumerate(MODELS) for a, alpha in enumerate(PAPER_TABLE5_ALPHAS)}
+
+# The paper's Table 6 (MNIST FC1): diagonal (module c on class c, %) per density k, and the
+# range of its off-diagonal entries.
+PAPER_TABLE6_DIAGONAL = {
+    0.05: (98.48, 98.38, 96.71, 92.43, 96.28, 92.42, 97.99, 94.21, 91.39, 96.11),
+    0.1: (98.76, 99.60, 97.31, 95.22, 98.31, 96.52, 98.48, 95.61, 91.89, 96.67),
+    0.2: (98.72, 99.24, 96.97, 94.46, 97.66, 94.76, 98.08, 97.53, 93.18, 96.49),
+}
+PAPER_TABLE6_OFF_DIAGONAL = (43.7, 46.6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared steps
+
+class Run:
+    """One command's context: data, settings record, output folder and base-model cache.
+
+    args: the parsed arguments (dataset, epochs_base, epochs_decomp, limit, decomp_limit,
+    seed, out, threads, data_dir). The train set is the first `limit` examples (all when None);
+    the test set is always complete.
+    """
+
+    def __init__(self, command, args):
+        self.command, self.args, self.start = command, args, time.time()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        os.makedirs(args.out, exist_ok=True)
+        self.train = load_dataset(args.dataset, "train", args.data_dir, args.limit)
+        self.test = load_dataset(args.dataset, "test", args.data_dir)
+        self.base_accuracy = {}
+
+    def settings(self):
+        """The settings and timing of this run, as a JSON-able dict."""
+        a = self.args
+        keys = ("dataset", "models", "epochs_base", "epochs_decomp", "limit", "decomp_limit",
+                "seed", "methods", "alpha", "alphas", "density", "densities", "lr", "batch_size")
+        record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
+        record.update(command=self.command, train_examples=len(self.train),
+                      decomp_examples=len(self.decomp_set()), test_examples=len(self.test),
+                      base_test_accuracy=self.base_accuracy,
+                      wall_time_s=round(time.time() - self.start, 1),
+                      machine=f"{platform.node()} ({platform.machine()}, "
+                              f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
+                              f"{torch.get_num_threads()} threads)",
+                      finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                      argv=getattr(a, "command_line", None) or " ".join(sys.argv))
+        return record
+
+    def base_model(self, name):
+        """Trained base model `name` (fc1..fc4): loaded from the cache file in --out when there,
+        else trained on the train set and saved. Records its test accuracy. Seeds torch's global
+        RNG with --seed for the initial weights."""
+        a = self.args
+        limit = "all" if a.limit is None else a.limit
+        path = os.path.join(a.out, f"base_{a.dataset}_{name}_e{a.epochs_base}_n{limit}"
+                                   f"_s{a.seed}.pt")
+        torch.manual_seed(a.seed)
+        model = MODELS[name](in_features=self.train.tensors[0][0].numel())
+        if os.path.isfile(path):
+            model.load_state_dict(torch.load(path))
+            model.eval()
+        else:
+            train_classifier(model, self.train, epochs=a.epochs_base, seed=a.seed,
+                             progress=False)
+            torch.save(model.state_dict(), path)
+        self.base_accuracy[name] = evaluate(model, self.test)
+        return model
+
+    def decomp_set(self):
+        """The first `decomp_limit` train examples (the whole train set when None)."""
+        n = self.args.decomp_limit
+        return self.train if n is None or n >= len(self.train) else Subset(self.train, range(n))
+
+    def decompose(self, model, alpha, density=None, shared_init=True, epochs=None):
+        """Module stemming of `model` on the decomposition set (batch 32, shuffled by seed)."""
+        a = self.args
+        data = self.decomp_set()
+        loader = DataLoader(data, batch_size=a.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(a.seed))
+        return decompose(model, _LabelledLoader(loader, _labels(data)), NUM_CLASSES,
+                         density=a.density if density is None else density, alpha=alpha, p=1,
+                         epochs=a.epochs_decomp if epochs is None else epochs, lr=a.lr,
+                         shared_init=shared_init, seed=a.seed, progress=False)
+
+    def log(self, message):
+        """Progress line on stderr with the elapsed time."""
+        print(f"[{time.time() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def save(self, name, markdown, results):
+        """Print the Markdown report and write <out>/<name>.md and <out>/<name>.json."""
+        settings = self.settings()
+        text = (f"{markdown}\n\nSettings: " + ", ".join(
+            f"{k}={v}" for k, v in settings.items() if k not in ("argv", "base_test_accuracy"))
+            + "\n\nBase test accuracy: " + ", ".join(
+                f"{k} {100 * v:.2f}%" for k, v in settings["base_test_accuracy"].items())
+            + f"\n\nCommand: `{settings['argv']}`\n")
+        print(text)
+        with open(os.path.join(self.args.out, f"{name}.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(self.args.out, f"{name}.json"), "w") as f:
+            json.dump({"settings": settings, "results": results}, f, indent=1)
+        return {"settings": settings, "results": results}
+
+
+class _LabelledLoader:
+    """A DataLoader wrapper that also exposes the dataset's label tensor (as `dataset.targets`)
+    so that decompose() counts class frequencies without a pass over the data."""
+
+    def __init__(self, loader, labels):
+        self.loader, self.dataset = loader, argparse.Namespace(targets=labels)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def _labels(dataset):
+    """int64 [n] labels of a TensorDataset or of a Subset of one."""
+    if isinstance(dataset, Subset):
+        return dataset.dataset.tensors[1][list(dataset.indices)]
+    return dataset.tensors[1]
+
+
+def bool_mask_jaccard(masks):
+    """Mean pairwise mask JI of {layer: bool [K, O, I]} masks (edge positions), computed by the
+    same metric as the stemming banks' (metrics.mask_jaccard on packed masks)."""
+    return metrics.mask_jaccard({n: ops.pack_mask(m.contiguous(), 1) for n, m in masks.items()})
+
+
+def pair_rps(bank):
+    """RPs ratio of every 2-class recomposition: {(i, j): ratio} over the 45 pairs."""
+    return {pair: metrics.remaining_params_ratio(bank, pair)
+            for pair in itertools.combinations(bank.classes, 2)}
+
+
+def _pct(v):
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v):
+    return "–" if v is None else f"{v:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+def run_table1(args):
+    """Table 1: mask JI and 10-class recomposed accuracy of module stemming and the three
+    Pan & Rajan baselines per model (plus the baselines' value-set JI, their published kind)."""
+    run = Run("table1", args)
+    paper = PAPER_TABLE1.get(args.dataset, {})
+    results = {}
+    for name in args.models:
+        model = run.base_model(name)
+        run.log(f"{name}: base test accuracy {run.base_accuracy[name]:.4f}")
+        results[name] = {}
+        if "stemming" in args.methods:
+            bank = run.decompose(model, args.alpha)
+            results[name]["stemming"] = {
+                "ji": metrics.jaccard_index(bank),
+                "acc": metrics.recomposed_accuracy(bank, run.test, range(NUM_CLASSES)),
+                "history": bank.history}
+            run.log(f"{name}: stemming {results[name]['stemming']['ji']:.3f} JI, "
+                    f"{results[name]['stemming']['acc']:.4f} acc")
+        for method in (m for m in BASELINES if m in args.methods):
+            try:
+                mods = decompose_pan_rajan(model, run.train, method)
+            except ValueError as e:  # a class without a confident positive (weak base model)
+                results[name][method] = {"ji": None, "value_ji": None, "acc": None,
+                                         "error": str(e)}
+                continue
+            results[name][method] = {"ji": bool_mask_jaccard(mods.masks()),
+                                     "value_ji": value_set_jaccard(mods),
+                                     "acc": mods.accuracy(run.test)}
+            run.log(f"{name}: {method} {results[name][method]}")
+    lines = [f"Table 1 ({args.dataset}, k = {args.density}, alpha = {args.alpha}): mask JI over "
+             "edge positions, value-set JI (Pan & Rajan's published kind, baselines only) and "
+             "10-class recomposed test accuracy (%); the paper's numbers beside ours.", "",
+             "| method | model | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
+             "acc % (paper) |", "|---|---|---|---|---|---|---|"]
+    for method in (m for m in BASELINES + ("stemming",) if m in args.methods):
+        for name in args.models:
+            r = results[name][method]
+            ji_p, acc_p = paper.get(method, {}).get(name, (None, None))
+            lines.append(
+                f"| {method} | {name.upper()} | {_num(r['ji'])} | "
+                f"{'–' if ji_p is None else f'{ji_p:.2f}'} | {_num(r.get('value_ji'))} | "
+                f"{_pct(r['acc'])} | {'–' if acc_p is None else f'{acc_p:.2f}'} |")
+    return run.save(f"table1_{args.dataset}", "\n".join(lines), results)
+
+
+def run_table2(args):
+    """Table 2: initial score sharing x stemming loss (alpha vs 0) -> avg / best / worst RPs ratio
+    of the 45 two-class recompositions (FC1 by default)."""
+    run = Run("table2", args)
+    model = run.base_model(args.models[0])
+    results = {}
+    for shared, stem in itertools.product((False, True), (False, True)):
+        bank = run.decompose(model, args.alpha if stem else 0.0, shared_init=shared)
+        ratios = list(pair_rps(bank).values())
+        results[f"shared={shared},stem={stem}"] = {
+            "shared_init": shared, "stemming": stem, "avg": sum(ratios) / len(ratios),
+            "best": min(ratios), "worst": max(ratios), "pairs": len(ratios),
+            "ji": metrics.jaccard_index(bank), "history": bank.history}
+        run.log(f"shared {shared} stem {stem}: {results[f'shared={shared},stem={stem}']['avg']}")
+    lines = [f"Table 2 ({args.dataset} {args.models[0].upper()}, k = {args.density}, alpha = "
+             f"{args.alpha}, epoch {args.epochs_decomp}): ratio of RPs of the 2-class "
+             "recompositions; paper (epoch 25) beside.", "",
+             "| initial score sharing | stemming loss | avg | best | worst | paper avg | "
+             "paper best | paper worst |", "|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        p = PAPER_TABLE2[(r["shared_init"], r["stemming"])]
+        lines.append(f"| {'X' if r['shared_init'] else ''} | {'X' if r['stemming'] else ''} | "
+                     f"{r['avg']:.3f} | {r['best']:.3f} | {r['worst']:.3f} | {p[0]:.3f} | "
+                     f"{p[1]:.3f} | {p[2]:.3f} |")
+    return run.save(f"table2_{args.dataset}_{args.models[0]}", "\n".join(lines), results)
+
+
+def run_table5(args):
+    """Table 5: test accuracy of each module (1:1 balanced, %) per model and alpha. decompose()
+    exposes no per-epoch hook on the masks, so this is the accuracy after the last epoch (a lower
+    bound of the paper's maximum over epochs)."""
+    run = Run("table5", args)
+    results = {}
+    for name in args.models:
+        model = run.base_model(name)
+        for alpha in args.alphas:
+            bank = run.decompose(model, alpha)
+            accs = [metrics.module_accuracy(bank, run.test, c) for c in range(NUM_CLASSES)]
+            results[f"{name},{alpha}"] = {"model": name, "alpha": alpha, "module_acc": accs,
+                                         "avg": sum(accs) / len(accs),
+                                         "history": bank.history}
+            run.log(f"{name} alpha {alpha}: avg {results[f'{name},{alpha}']['avg']:.4f}")
+    cols = list(results.values())
+    lines = [f"Table 5 ({args.dataset}, k = {args.density}, {args.epochs_decomp} epochs): test "
+             "accuracy (%) of each module on its 1:1 balanced task after the last epoch; paper "
+             "(max over 50 epochs) in brackets.", "",
+             "| module | " + " | ".join(f"{c['model'].upper()} α={c['alpha']:g}" for c in cols)
+             + " |", "|---" * (len(cols) + 1) + "|"]
+    for c in range(NUM_CLASSES):
+        cells = []
+        for col in cols:
+            p = PAPER_TABLE5.get((col["model"], col["alpha"]))
+            cells.append(f"{_pct(col['module_acc'][c])}" + (f" ({p[c]:.2f})" if p else ""))
+        lines.append(f"| module {c} | " + " | ".join(cells) + " |")
+    avg = []
+    for col in cols:
+        p = PAPER_TABLE5.get((col["model"], col["alpha"]))
+        avg.append(f"{_pct(col['avg'])}" + (f" ({sum(p) / len(p):.2f})" if p else ""))
+    lines.append("| avg | " + " | ".join(avg) + " |")
+    return run.save(f"table5_{args.dataset}", "\n".join(lines), results)
+
+
+def run_table6(args):
+    """Table 6: module x class accuracy (%) on 1:1 balanced sets, per density k (FC1 default)."""
+    run = Run("table6", args)
+    model = run.base_model(args.models[0])
+    results, lines = {}, []
+    for k in args.densities:
+        bank = run.decompose(model, args.alpha, density=k)
+        m = metrics.module_class_matrix(bank, run.test)
+        eye = torch.eye(NUM_CLASSES, dtype=torch.bool)
+        results[str(k)] = {"density": k, "matrix": m.tolist(),
+                           "diagonal_mean": m[eye].mean().item(),
+                           "off_diagonal_mean": m[~eye].mean().item()}
+        paper = PAPER_TABLE6_DIAGONAL.get(k)
+        lines += [f"Table 6 ({args.dataset} {args.models[0].upper()}, k = {k}, alpha = "
+                  f"{args.alpha}): accuracy (%) of module (row) on the 1:1 balanced set of class "
+                  f"(column); paper's diagonal in brackets.", "",
+                  "| module | " + " | ".join(f"class {j}" for j in range(NUM_CLASSES)) + " |",
+                  "|---" * (NUM_CLASSES + 1) + "|"]
+        for i in range(NUM_CLASSES):
+            cells = [_pct(m[i, j].item()) + (f" ({paper[i]:.2f})" if paper and i == j else "")
+                     for j in range(NUM_CLASSES)]
+            lines.append(f"| module {i} | " + " | ".join(cells) + " |")
+        lines += ["", f"Diagonal mean {_pct(results[str(k)]['diagonal_mean'])}"
+                  + (f" (paper {sum(paper) / len(paper):.2f})" if paper else "")
+                  + f", off-diagonal mean {_pct(results[str(k)]['off_diagonal_mean'])} (paper "
+                  f"{PAPER_TABLE6_OFF_DIAGONAL[0]}-{PAPER_TABLE6_OFF_DIAGONAL[1]}).", ""]
+        run.log(f"k {k}: diagonal {results[str(k)]['diagonal_mean']:.4f}")
+    return run.save(f"table6_{args.dataset}_{args.models[0]}", "\n".join(lines), results)
+
+
+def run_figure3(args):
+    """Figure 3: mean 2-class RPs ratio (top) and mean module training accuracy (bottom) per
+    decomposition epoch, one curve per (density k, alpha), from bank.history; one column per
+    model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Run("figure3", args)
+    results = {}
+    fig, axes = plt.subplots(2, len(args.models), figsize=(4 * len(args.models), 6),
+                             squeeze=False)
+    for col, name in enumerate(args.models):
+        model = run.base_model(name)
+        for k, alpha in itertools.product(args.densities, args.alphas):
+            bank = run.decompose(model, alpha, density=k)
+            h = bank.history
+            results[f"{name},{k},{alpha}"] = {"model": name, "density": k, "alpha": alpha,
+                                             "history": h}
+            epochs = [r["epoch"] for r in h]
+            axes[0, col].plot(epochs, [r["rps_pair"] for r in h], marker=".",
+                              label=f"k={k:g}, α={alpha:g}")
+            axes[1, col].plot(epochs, [r["module_acc"] for r in h], marker=".")
+            run.log(f"{name} k {k} alpha {alpha}: rps {h[-1]['rps_pair']:.4f}")
+        for k in args.densities:
+            axes[0, col].axhline(k, linestyle=":", color="gray")
+        axes[0, col].set_title(f"{args.dataset} {name.upper()}")
+        axes[0, col].set_ylabel("2-class RPs ratio")
+        axes[1, col].set_ylabel("module train acc (1:1)")
+        axes[1, col].set_xlabel("epoch")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    name = f"figure3_{args.dataset}"
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=100)
+    plt.close(fig)
+    lines = [f"Figure 3 ({args.dataset}): final-epoch values; curves in {name}.png.", "",
+             "| model | k | α | RPs ratio (2-class) | module train acc % | JI |",
+             "|---|---|---|---|---|---|"]
+    for r in results.values():
+        last = r["history"][-1]
+        lines.append(f"| {r['model'].upper()} | {r['density']:g} | {r['alpha']:g} | "
+                     f"{last['rps_pair']:.4f} | {_pct(last['module_acc'])} | {last['ji']:.3f} |")
+    return run.save(name, "\n".join(lines), results)
+
+
+COMMANDS = {"table1": run_table1, "table2": run_table2, "table5": run_table5,
+            "table6": run_table6, "figure3": run_figure3}
+
+# Per-command defaults that differ from the shared ones.
+_DEFAULT_MODELS = {"table1": "fc1,fc2,fc3,fc4", "table2": "fc1", "table5": "fc1,fc2,fc3,fc4",
+                   "table6": "fc1", "figure3": "fc1"}
+_DEFAULT_ALPHAS = {"table5": "0,0.05,0.1", "figure3": "0,0.1,1"}
+_DEFAULT_DENSITIES = {"table6": "0.05,0.1,0.2", "figure3": "0.1"}
+
+
+def _floats(text):
+    return [float(v) for v in text.split(",")]
+
+
+def _add_command(sub, command):
+    p = sub.add_parser(command, help=COMMANDS[command].__doc__.split("\n")[0].replace("%", "%%"),
+                       description=COMMANDS[command].__doc__)
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "fmnist", "digits"))
+    p.add_argument("--models", default=_DEFAULT_MODELS[command],
+                   type=lambda s: [m.strip().lower() for m in s.split(",")],
+                   help="comma-separated subset of fc1,fc2,fc3,fc4")
+    p.add_argument("--epochs-base", type=int, default=5, help="base training epochs (paper 100)")
+    p.add_argument("--epochs-decomp", type=int, default=10,
+                   help="decomposition epochs (paper 25-50)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--decomp-limit", type=int, default=None,
+                   help="decompose on the first N of those (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=1.0, help="stemming coefficient")
+    p.add_argument("--density", type=float, default=0.1, help="module density k")
+    p.add_argument("--lr", type=float, default=0.1, help="decomposition learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="decomposition batch size")
+    if command in _DEFAULT_ALPHAS:
+        p.add_argument("--alphas", type=_floats, default=_floats(_DEFAULT_ALPHAS[command]))
+    if command in _DEFAULT_DENSITIES:
+        p.add_argument("--densities", type=_floats,
+                       default=_floats(_DEFAULT_DENSITIES[command]))
+    if command == "table1":
+        p.add_argument("--methods", default=",".join(BASELINES + ("stemming",)),
+                       type=lambda s: [m.strip().lower() for m in s.split(",")],
+                       help="comma-separated subset of ti-i,ti-sne,cm-rie,stemming")
+    p.add_argument("--out", default="reproduce_out", help="output and base-model cache folder")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the usual ones)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=lambda args, c=command: _check_and_run(c, args))
+
+
+def _check_and_run(command, args):
+    bad = [m for m in args.models if m not in MODELS]
+    if bad:
+        raise SystemExit(f"unknown models {bad}; valid: {', '.join(MODELS)}")
+    bad = [m for m in getattr(args, "methods", ()) if m not in BASELINES + ("stemming",)]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; valid: {', '.join(BASELINES)}, stemming")
+    COMMANDS[command](args)
+    return 0
+
+
+def add_reproduce_parser(subparsers):
+    """Add `reproduce <command> ...` to an argparse subparsers object (the `modsplit` CLI).
+    The parsed namespace's `func(args)` runs the command and returns 0."""
+    p = subparsers.add_parser("reproduce", help="reproduce the paper's tables and figure",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="reproduce_command", required=True)
+    for command in COMMANDS:
+        _add_command(sub, command)
+    return p
+
+
+def main_reproduce(argv=None):
+    """`python -m modsplit.reproduce <command> ...`: parse argv and run; returns 0."""
+    parser = argparse.ArgumentParser(prog="python -m modsplit.reproduce", description=__doc__)
+    sub = parser.add_subparsers(dest="reproduce_command", required=True)
+    for command in COMMANDS:
+        _add_command(sub, command)
+    args = parser.parse_args(argv)
+    args.command_line = "python -m modsplit.reproduce " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main_reproduce())

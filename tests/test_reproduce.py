@@ -1,0 +1,118 @@
+"""End-to-end tests of `modsplit.reproduce` commands with tiny settings (MNIST, small --limit,
+1 decomposition epoch): output files, their structure, the recorded settings and value ranges."""
+import argparse
+import json
+import os
+
+import pytest
+
+from modsplit import reproduce
+from tests.conftest import shared_path
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(shared_path("data", "mnist", "t10k-images-idx3-ubyte.gz")),
+    reason="MNIST files not in the shared data folder")
+
+TINY = ["--dataset", "mnist", "--limit", "3000", "--epochs-base", "4", "--epochs-decomp", "1",
+        "--seed", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One output folder for the whole module, so base models are trained once and cached."""
+    return str(tmp_path_factory.mktemp("reproduce"))
+
+
+def _run(out, command, *extra, name, epochs=1):
+    assert reproduce.main_reproduce([command, *TINY, "--out", out, *extra]) == 0
+    assert os.path.isfile(os.path.join(out, f"{name}.md"))
+    with open(os.path.join(out, f"{name}.json")) as f:
+        data = json.load(f)
+    s = data["settings"]
+    assert s["command"] == command and s["seed"] == 0 and s["epochs_decomp"] == epochs
+    assert s["limit"] == 3000 and s["train_examples"] == 3000 and s["test_examples"] == 10000
+    assert s["wall_time_s"] >= 0 and s["machine"]
+    assert all(0 <= v <= 1 for v in s["base_test_accuracy"].values())
+    return data["results"]
+
+
+def _history_ok(history, epochs=1):
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    for r in history:
+        assert 0 <= r["ji"] <= 1 and 0 < r["rps_pair"] <= 1 and 0 <= r["module_acc"] <= 1
+
+
+def test_table1(out):
+    res = _run(out, "table1", "--models", "fc1", name="table1_mnist")
+    assert set(res) == {"fc1"}
+    r = res["fc1"]
+    assert set(r) == {"stemming", *reproduce.BASELINES}
+    assert 0 <= r["stemming"]["ji"] <= 1 and 0 <= r["stemming"]["acc"] <= 1
+    _history_ok(r["stemming"]["history"])
+    for method in reproduce.BASELINES:
+        if r[method]["ji"] is None:  # base model too weak for a confident positive of a class
+            assert "error" in r[method]
+            continue
+        assert 0 <= r[method]["ji"] <= 1 and 0 <= r[method]["value_ji"] <= 1
+        assert 0 <= r[method]["acc"] <= 1
+    md = open(os.path.join(out, "table1_mnist.md")).read()
+    assert "| stemming | FC1 |" in md and "0.60" in md and "96.47" in md  # paper beside ours
+
+
+def test_table2(out):
+    res = _run(out, "table2", name="table2_mnist_fc1")
+    assert len(res) == 4
+    assert {(r["shared_init"], r["stemming"]) for r in res.values()} == {
+        (a, b) for a in (False, True) for b in (False, True)}
+    for r in res.values():
+        assert r["pairs"] == 45
+        # two modules of density 0.1 cover between 0.1 and 0.2 of the weights
+        assert 0.1 - 1e-6 <= r["best"] <= r["avg"] <= r["worst"] <= 0.2 + 1e-6
+
+
+def test_table5(out):
+    res = _run(out, "table5", "--models", "fc1", "--alphas", "0,0.1", name="table5_mnist")
+    assert [(r["model"], r["alpha"]) for r in res.values()] == [("fc1", 0.0), ("fc1", 0.1)]
+    for r in res.values():
+        assert len(r["module_acc"]) == 10 and all(0 <= a <= 1 for a in r["module_acc"])
+        assert r["avg"] == pytest.approx(sum(r["module_acc"]) / 10)
+
+
+def test_table6(out):
+    res = _run(out, "table6", "--densities", "0.1", name="table6_mnist_fc1")
+    m = res["0.1"]["matrix"]
+    assert len(m) == 10 and all(len(row) == 10 for row in m)
+    assert all(0 <= v <= 1 for row in m for v in row)
+    assert 0 <= res["0.1"]["off_diagonal_mean"] <= 1
+
+
+def test_figure3(out):
+    res = _run(out, "figure3", "--alphas", "0,1", "--densities", "0.1", "--epochs-decomp", "2",
+               name="figure3_mnist", epochs=2)
+    assert len(res) == 2
+    for r in res.values():
+        _history_ok(r["history"], epochs=2)
+    png = os.path.join(out, "figure3_mnist.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hook_for_the_cli():
+    parser = argparse.ArgumentParser(prog="modsplit")
+    reproduce.add_reproduce_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["reproduce", "table1", "--models", "fc1,fc4", "--limit", "10"])
+    assert args.models == ["fc1", "fc4"] and args.limit == 10 and callable(args.func)
+    assert args.methods == ["ti-i", "ti-sne", "cm-rie", "stemming"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["reproduce", "table9"])
+
+
+def test_modsplit_cli_runs_reproduce(out, capsys):
+    """`modsplit reproduce ...` goes through the package's command line (and its --help works)."""
+    from modsplit.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["reproduce", "--help"])
+    assert done.value.code == 0 and "table1" in capsys.readouterr().out
+    assert main(["reproduce", "table6", *TINY, "--densities", "0.1", "--out", out]) == 0
+    with open(os.path.join(out, "table6_mnist_fc1.json")) as f:
+        assert json.load(f)["settings"]["command"] == "table6"
