@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from modsplit import config, data, metrics, model_io, report
+from modsplit import config, data, distributed, metrics, model_io, report
 from modsplit.bank import ModuleBank
 from modsplit.decompose import decompose as decompose_model
 from modsplit.train import evaluate as model_accuracy
@@ -99,7 +99,9 @@ def load_model(cfg):
 
 
 def decompose_step(cfg, model, out, quiet):
-    """Decompose the model on the training set, save bank.msb, record it in cfg."""
+    """Decompose the model on the training set, save bank.msb, record it in cfg. Under torchrun
+    (WORLD_SIZE > 1) the modules are sharded over the ranks (modsplit.distributed) and only rank
+    0 writes bank.msb."""
     d = cfg["decompose"]
     model_io.check_decomposable(model, cfg["model"])
     train_set = _dataset(cfg, "train")
@@ -108,11 +110,14 @@ def decompose_step(cfg, model, out, quiet):
     if d["classes"] is not None:
         _check_classes(d["classes"], range(n), f"dataset {cfg['data']['dataset']}")
     loader = DataLoader(train_set, batch_size=d["batch_size"], shuffle=True)
+    distributed.init_from_env(cfg["device"])
     bank = decompose_model(model, loader, n, density=d["density"], alpha=d["alpha"], p=d["p"],
                            epochs=d["epochs"], lr=d["lr"], seed=cfg["seed"],
-                           device=cfg["device"], progress=not quiet, classes=d["classes"])
+                           device=cfg["device"], progress=not quiet and distributed.is_writer(),
+                           classes=d["classes"], distributed="auto")
     path = os.path.join(out, BANK_FILE)
-    bank.save(path)
+    if distributed.is_writer():
+        bank.save(path)
     cfg["bank"] = os.path.abspath(path)
     return bank
 
@@ -209,6 +214,8 @@ def run_decompose(cfg, quiet):
     """`modsplit decompose`: bank file, evaluation, plots."""
     model = load_model(cfg)
     bank = decompose_step(cfg, model, cfg["out"], quiet)
+    if not distributed.is_writer():  # rank 0 evaluates and writes the outputs
+        return 0
     evaluation = evaluate_bank(cfg, model, bank)
     report.write_report(cfg["out"], bank, evaluation)
     _print_evaluation(evaluation)

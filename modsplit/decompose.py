@@ -1,11 +1,14 @@
 """decompose(): module co-training with module stemming (the paper's Algorithm 1 and Eq. 1)."""
+import os
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modsplit import files, metrics
+from modsplit import checkpoint, files, memory, metrics
 from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
+from modsplit.distributed import shard_for
 
 
 def _label_counts(loader, num_classes: int) -> torch.Tensor:
@@ -41,17 +44,32 @@ def _stem_loss(scores, anchors, p: float, per_module: int) -> torch.Tensor:
     return total / per_module
 
 
-def _run_epoch(net, grafts, opt, loader, classes, weights, alpha, p, anchors, device, bar):
-    """One pass over the loader training all K modules together. Returns the epoch's mean
-    loss, cross-entropy, stemming term (per module) and balanced training accuracy."""
+def _new_sums(k: int, device) -> dict:
+    """Zeroed per-module running sums of an epoch: ce, stem [K]; hits (true positives, true
+    negatives) and seen (positives, negatives) [K, 2]; all float64."""
+    z = dict(dtype=torch.float64, device=device)
+    return {"ce": torch.zeros(k, **z), "stem": torch.zeros(k, **z),
+            "hits": torch.zeros(k, 2, **z), "seen": torch.zeros(k, 2, **z)}
+
+
+def _epoch_record(sums: dict, steps: int, alpha: float) -> dict:
+    """The epoch's mean loss, cross-entropy, stemming term (per module) and balanced training
+    accuracy, from the per-module sums of ALL modules (so any sharding gives the same numbers)."""
+    ce, stem = sums["ce"] / steps, sums["stem"] / steps
+    acc = (0.5 * (sums["hits"] / sums["seen"].clamp(min=1)).sum(1)).mean().item()
+    return {"loss": (ce + alpha * stem).mean().item(), "ce": ce.mean().item(),
+            "stem": stem.mean().item(), "module_acc": acc}
+
+
+def _run_epoch(net, grafts, opt, batches, classes, weights, alpha, p, anchors, device, bar,
+               sums, step, on_step):
+    """Train all K modules together on `batches` (the epoch's batches after the first `step`
+    ones), adding to the per-module `sums`; on_step(step) runs after every optimizer step.
+    Returns the number of batches of the epoch trained so far."""
     scores = net.score_parameters()
     per_module = sum(s[0].numel() for s in scores)
     w_pos, w_neg = weights
-    sums = torch.zeros(3, dtype=torch.float64)
-    hits = torch.zeros(2, len(classes), dtype=torch.float64)  # true positives, true negatives
-    seen = torch.zeros(2, len(classes), dtype=torch.float64)
-    steps = 0
-    for x, y in loader:
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
         out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
@@ -66,23 +84,55 @@ def _run_epoch(net, grafts, opt, loader, classes, weights, alpha, p, anchors, de
         opt.step()
         with torch.no_grad():
             said = out[..., 0] > out[..., 1]
-            hits += torch.stack([(said & positive).sum(1), (~said & ~positive).sum(1)]).cpu()
-            seen += torch.stack([positive.sum(1), (~positive).sum(1)]).cpu()
-            sums += torch.stack([loss / len(classes), ce.mean(), stem.mean()]).double().cpu()
-        steps += 1
+            sums["hits"] += torch.stack([(said & positive).sum(1), (~said & ~positive).sum(1)], 1)
+            sums["seen"] += torch.stack([positive.sum(1), (~positive).sum(1)], 1)
+            sums["ce"] += ce.double()
+            sums["stem"] += stem.double()
+        step += 1
         bar.update(1)
-    if not steps:
-        raise ValueError("modsplit: the training loader yielded no batch")
-    acc = (0.5 * (hits / seen.clamp(min=1)).sum(0)).mean().item()
-    loss, ce, stem = (sums / steps).tolist()
-    return {"loss": loss, "ce": ce, "stem": stem, "module_acc": acc}
+        on_step(step)
+    return step
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The RNG seed of an epoch: the data order of epoch e is a function of (seed, e) only."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63)
+
+
+def _epoch_batches(loader, seed: int, epoch: int, skip: int):
+    """Iterator over the loader's batches of `epoch`, in an order fixed by (seed, epoch): torch's
+    global generator and the sampler's own generator (if any) are seeded before the loader's
+    iterator is made. The first `skip` batches (done before a resume) are drawn and dropped
+    here, before the function returns."""
+    torch.manual_seed(_epoch_seed(seed, epoch))
+    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if isinstance(getattr(sampler, "generator", None), torch.Generator):
+            sampler.generator.manual_seed(_epoch_seed(seed, epoch))
+    batches = iter(loader)
+    for done in range(skip):
+        if next(batches, None) is None:
+            raise ValueError(f"modsplit: the loader has {done} batches per epoch; the checkpoint "
+                             f"was written after {skip}")
+    return batches
+
+
+def _check_memory(model, loader, k: int, momentum: float):
+    """Raise ModsplitMemoryError (memory.check_memory) when k modules will not fit."""
+    ds = getattr(loader, "dataset", None)
+    shape = tuple(ds[0][0].shape) if ds is not None and len(ds) else None
+    est = memory.estimate_decompose_memory(
+        model, k, "sgd-momentum" if momentum else "sgd",
+        batch_size=getattr(loader, "batch_size", None) or 32, input_shape=shape)
+    memory.check_memory(est)
 
 
 def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha: float = 1.0,
               p: float = 1, epochs: int = 10, lr: float = 0.1, graft_lr: float = 0.01,
               momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
               shared_init: bool = True, seed: int = 0, device="cpu", callbacks=(),
-              progress: bool = True, classes=None) -> ModuleBank:
+              progress: bool = True, classes=None, checkpoint_dir=None, resume: bool = True,
+              checkpoint_every: int = None, check_memory: bool = True,
+              distributed=None) -> ModuleBank:
     """Decompose a trained classifier into one module per class (Algorithm 1).
 
     model: trained nn.Module, float images [B, ...] -> logits [B, num_classes]; it is copied
@@ -104,9 +154,19 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     Optimiser: SGD with Nesterov momentum, scores at `lr` and grafts at `graft_lr` (two
     parameter groups), both with `weight_decay`. Defaults follow Table 4 (lr 0.1, momentum 0.9;
     use batch size 32 in the loader). The paper's weight decay "5 x 10^-1" is a typo: 5e-4 is
-    used. Deterministic for a given seed on CPU: the scores are drawn from `seed` and torch's
-    global RNG (the loader's shuffling, unless it has its own generator) is seeded with it
-    inside a forked RNG state, so the caller's RNG state is left untouched.
+    used. Deterministic for a given seed on CPU: the scores are drawn from `seed`, and at the
+    start of epoch e torch's global RNG and the loader's sampler generator (if it has one) are
+    seeded from (seed, e), inside a forked RNG state (the caller's global RNG state is left
+    untouched): an epoch's data order is a function of (seed, e) alone.
+
+    checkpoint_dir: write a checkpoint (modsplit.checkpoint, atomic) there at the end of every
+    epoch and, with checkpoint_every=N, after every N steps of an epoch; with resume=True an
+    existing checkpoint is loaded first and training goes on from it (the batches of the epoch
+    already trained are skipped), ending with the same bank as an uninterrupted run.
+    check_memory: raise modsplit.memory.ModsplitMemoryError up front when the modules will not
+    fit (memory.estimate_decompose_memory / check_memory).
+    distributed: None, or "auto"/True to shard the modules over the initialised
+    torch.distributed process group (modsplit.distributed); every rank returns the whole bank.
 
     After every epoch a dict {epoch, loss, ce, stem, module_acc (balanced training accuracy,
     mean over modules), ji (pairwise Jaccard index of the masks), rps_pair (mean over module
@@ -121,39 +181,112 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
                          f"{classes}")
     if epochs < 1:
         raise ValueError(f"modsplit: epochs must be >= 1, got {epochs}")
+    if checkpoint_every is not None and int(checkpoint_every) < 1:
+        raise ValueError(f"modsplit: checkpoint_every must be >= 1, got {checkpoint_every}")
     device = torch.device(device)
     fingerprint = files.model_fingerprint(model)
-    class_ids = torch.tensor(classes, device=device)
+    shard = shard_for(distributed, len(classes))
+    local = tuple(classes[i] for i in shard.local)
+    if check_memory:
+        _check_memory(model, train_loader, len(local), momentum)
+    class_ids = torch.tensor(local, device=device)
     weights = tuple(w.to(device) for w in _balance_weights(
         _label_counts(train_loader, num_classes), class_ids.cpu()))
-    net = convert(model, len(classes), density, shared_init=shared_init, seed=seed)
+    net = convert(model, len(local) if shared_init else len(classes), density,
+                  shared_init=shared_init, seed=seed)
+    if net.n_modules != len(local):  # independent draws: module k gets the draw k of all
+        _keep_modules(net, shard.local)
     net = net.to(device).eval()
-    grafts = Grafts.init_for(classes, num_classes).to(device)
+    grafts = Grafts.init_for(local, num_classes).to(device)
     opt = torch.optim.SGD([{"params": net.score_parameters(), "lr": lr},
                            {"params": grafts.parameters(), "lr": graft_lr}],
                           lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     layers = net.masked_layers()
     total = sum(m.weight.numel() for m in layers.values())
-    history, anchors = [], None
+    config = {"classes": list(classes), "num_classes": num_classes, "density": density,
+              "alpha": alpha, "p": p, "lr": lr, "graft_lr": graft_lr, "momentum": momentum,
+              "nesterov": nesterov, "weight_decay": weight_decay, "shared_init": shared_init,
+              "seed": seed}
+    ckpt = checkpoint.path_in(checkpoint_dir) if checkpoint_dir is not None else None
+    history, anchors, first, skip = [], None, 1, 0
+    sums, resumed = _new_sums(len(local), device), None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            with tqdm(desc=f"decompose {epoch}/{epochs}", disable=not progress,
+        if ckpt is not None and resume:
+            state = shard.broadcast_object(_read_checkpoint(ckpt, fingerprint, config)
+                                           if shard.rank == 0 else None)
+            if isinstance(state, Exception):
+                raise state
+            if state is not None:
+                resumed, tensors = state
+                anchors, sums = checkpoint.restore(ckpt, tensors, net, grafts, opt, shard.local,
+                                                   len(classes), device)
+                history, first, skip = resumed["history"], resumed["epoch"], resumed["step"]
+                resumed = (resumed, tensors)
+
+        def save(epoch, step):
+            state = checkpoint.module_state(net, grafts, opt, anchors, sums, shard)
+            if shard.rank == 0:
+                checkpoint.save(ckpt, fingerprint, config,
+                                {"epoch": epoch, "step": step, "history": history}, state)
+
+        for epoch in range(first, epochs + 1):
+            batches = _epoch_batches(train_loader, seed, epoch, skip)
+            if resumed is not None and skip:
+                checkpoint.set_rng_state(*resumed)
+
+            def on_step(step, epoch=epoch):
+                if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
+                    save(epoch, step)
+
+            with tqdm(desc=f"decompose {epoch}/{epochs}", disable=not progress, initial=skip,
                       leave=False) as bar:
-                record = {"epoch": epoch, **_run_epoch(net, grafts, opt, train_loader, class_ids,
-                                                      weights, alpha, p, anchors, device, bar)}
-            anchors = [s.detach().mean(0) for s in net.score_parameters()]
-            masks = {name: m.masks() for name, m in layers.items()}
+                steps = _run_epoch(net, grafts, opt, batches, class_ids, weights, alpha, p,
+                                   anchors, device, bar, sums, skip, on_step)
+            if not steps:
+                raise ValueError("modsplit: the training loader yielded no batch")
+            record = {"epoch": epoch, **_epoch_record(shard.gather_dict(sums), steps, alpha)}
+            anchors = [shard.module_sum(s.detach()) / len(classes)
+                       for s in net.score_parameters()]
+            masks = shard.gather_dict({name: m.masks() for name, m in layers.items()})
             record.update(ji=metrics.mask_jaccard(masks),
                           rps_pair=metrics.mean_pair_union_ratio(masks, total),
                           rps_all=sum(metrics.union_count(m) for m in masks.values()) / total)
             history.append(record)
+            sums, skip = _new_sums(len(local), device), 0
+            if ckpt is not None:
+                save(epoch + 1, 0)
             if progress:
                 tqdm.write("decompose " + ", ".join(
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in record.items()))
             for callback in callbacks:
                 callback(record)
-    for layer in layers.values():
-        layer.freeze_masks()
+    if first > epochs:  # resumed from the checkpoint of a finished run
+        masks = shard.gather_dict({name: m.masks() for name, m in layers.items()})
+    grafts = Grafts(shard.gather(grafts.weight.detach()), shard.gather(grafts.bias.detach()))
+    if shard.world > 1:
+        net = convert(model, len(classes), density).to(device).eval()
+        layers = net.masked_layers()
+    for name, layer in layers.items():
+        layer.freeze_masks(masks[name])
     return ModuleBank(net, grafts, classes, num_classes, density, alpha, p, fingerprint, history)
+
+
+def _read_checkpoint(path, fingerprint, config):
+    """(meta, tensors) of the checkpoint at `path`, None when there is none, or the
+    CheckpointError raised reading it (returned, so that rank 0 can pass it to every rank)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return checkpoint.load(path, fingerprint, config)
+    except checkpoint.CheckpointError as exc:
+        return exc
+
+
+def _keep_modules(net, indices):
+    """Keep only the modules `indices` of a converted network (their scores, in that order)."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    for layer in net.masked_layers().values():
+        layer.scores = torch.nn.Parameter(layer.scores.detach()[idx].clone())
+        layer.n_modules = len(idx)
+    net.n_modules = len(idx)

@@ -8,7 +8,12 @@ Layout (all integers little-endian):
   payload           the tensors' raw bytes (C order), at the header's offsets
   sha256   32 bytes digest of every byte before it
 Nothing is pickled. read_file() checks magic, version, checksum and every tensor entry before it
-builds any tensor, so a truncated, corrupt or foreign file is rejected whole.
+builds any tensor, so a truncated, corrupt or foreign file is rejected whole. The same container
+holds decomposition checkpoints (modsplit.checkpoint): meta["kind"] tells the two apart.
+
+write_file() is durable: the bytes go to a temporary file in the target's folder, which is
+flushed and fsync'ed, renamed over the target (os.replace, atomic on POSIX) and the folder is
+fsync'ed, so after a crash the path holds either the old or the new complete file.
 """
 import hashlib
 import json
@@ -44,9 +49,22 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(folder):
+    """fsync a folder so that a rename inside it survives a crash (no-op where folders cannot
+    be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file(path, meta: dict, tensors: dict):
     """Write `meta` (JSON-serialisable) and `tensors` {name: tensor of a _DTYPES dtype} to
-    `path`, atomically (a temporary file renamed over it)."""
+    `path`, atomically and durably (module docstring)."""
     entries, blobs, offset = [], [], 0
     for name, t in tensors.items():
         dtype = str(t.dtype).replace("torch.", "")
@@ -60,9 +78,16 @@ def write_file(path, meta: dict, tensors: dict):
     header = json.dumps({"meta": meta, "tensors": entries}, sort_keys=True).encode()
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)) + header + b"".join(blobs)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(body + hashlib.sha256(body).digest())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(body + hashlib.sha256(body).digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def read_file(path) -> tuple:
