@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--batch-size", "decompose.batch_size", type=int)
     _add(p, "--classes", "decompose.classes", type=class_list,
          help="build modules for these classes only (default all)")
+    _add(p, "--checkpoint-dir", "decompose.checkpoint_dir", metavar="DIR",
+         help="checkpoint each epoch into DIR; rerunning the command resumes from it")
     p.set_defaults(func=commands.run_decompose)
 
     p = sub.add_parser("compose", help="recompose classes from a bank -> composed.pt")
@@ -149,6 +151,8 @@ def _absolute(cfg):
             cfg[key] = os.path.abspath(value)
     if cfg["data"]["data_dir"]:
         cfg["data"]["data_dir"] = os.path.abspath(cfg["data"]["data_dir"])
+    if cfg["decompose"]["checkpoint_dir"]:
+        cfg["decompose"]["checkpoint_dir"] = os.path.abspath(cfg["decompose"]["checkpoint_dir"])
 
 
 def _check_device(name):

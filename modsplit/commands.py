@@ -114,7 +114,8 @@ def decompose_step(cfg, model, out, quiet):
     bank = decompose_model(model, loader, n, density=d["density"], alpha=d["alpha"], p=d["p"],
                            epochs=d["epochs"], lr=d["lr"], seed=cfg["seed"],
                            device=cfg["device"], progress=not quiet and distributed.is_writer(),
-                           classes=d["classes"], distributed="auto")
+                           classes=d["classes"], distributed="auto",
+                           checkpoint_dir=d["checkpoint_dir"])
     path = os.path.join(out, BANK_FILE)
     if distributed.is_writer():
         bank.save(path)

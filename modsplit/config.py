@@ -41,6 +41,7 @@ DEFAULTS = {
         "lr": 0.1,
         "batch_size": 32,
         "classes": None,     # class ids to build modules for (None: all)
+        "checkpoint_dir": None,  # checkpoint every epoch there; a rerun resumes from it
     },
     "compose": {"classes": [3, 7]},
     "evaluate": {"subsets": None},  # lists of class ids; None: a few chosen from the bank

@@ -170,3 +170,19 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("modsplit evaluate: error: no model file")
     assert "Traceback" not in proc.stderr
+
+
+def test_decompose_checkpoints_and_a_rerun_resumes(runs, tmp_path):
+    """--checkpoint-dir: the run leaves a checkpoint; rerunning with more epochs resumes from it
+    and gives the bank of a run that went straight to that many epochs."""
+    ckpt = tmp_path / "ckpt"
+    args = ("decompose", "--config", runs / "train" / "config.yaml", "--quiet")
+    assert run(*args, "--epochs", 1, "--checkpoint-dir", ckpt, "--out", tmp_path / "a") == 0
+    assert (ckpt / "decompose.ckpt").is_file()
+    assert run(*args, "--epochs", 2, "--checkpoint-dir", ckpt, "--out", tmp_path / "b") == 0
+    assert run(*args, "--epochs", 2, "--out", tmp_path / "c") == 0
+    model = model_io.load_file(runs / "train" / "model.pt")
+    resumed = ModuleBank.load(tmp_path / "b" / "bank.msb", model)
+    straight = ModuleBank.load(tmp_path / "c" / "bank.msb", model)
+    assert len(resumed.history) == 2
+    assert all(torch.equal(resumed.masks()[k], straight.masks()[k]) for k in straight.masks())
