@@ -1,5 +1,9 @@
 """masked_conv2d / multi_masked_conv2d against F.conv2d with a materialised W*M (CPU).
 
+Forward and backward: the *_backward cases time the ops' backward (grad_x, grad_scores, grad_bias)
+against ATen's convolution backward (oneDNN) on W*M_k, one call per module, plus the W* product
+that turns dL/d(W*M) into grad_scores.
+
 Run: python -m pytest benchmarks/bench_masked_conv2d.py --benchmark-only
 Each layer is one pytest-benchmark group, so the table's ratios compare the kernel with its
 baseline measured in the same run. extra_info["peak_extra_mib"] is the extra peak resident memory
@@ -41,7 +45,21 @@ def _calls(layer):
     """name -> zero-argument callable, over the same inputs."""
     x, weight, bias, packed, masks = _inputs(layer)
     pad = LAYERS[layer][-1]
+    y = modsplit.ops.multi_masked_conv2d(x, weight, packed, bias, 1, pad)
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    geo = ([1, 1], [pad, pad], [1, 1])
+    mask3 = [True, True, True]
+
+    def loop_backward():
+        outs = [torch.ops.aten.convolution_backward(go[k], x, weight * masks[k], [weight.shape[0]],
+                                                    *geo, False, [0, 0], 1, mask3) for k in range(K)]
+        return (sum(o[0] for o in outs), torch.stack([o[1] for o in outs]) * weight,
+                sum(o[2] for o in outs))
+
     return {
+        "multi_backward_K10": lambda: torch.ops.modsplit.multi_masked_conv2d_backward(
+            go, x, weight, packed, *geo, 1, mask3),
+        "baseline_loop_backward_K10": loop_backward,
         "masked_conv2d": lambda: modsplit.ops.masked_conv2d(x, weight, packed[0], bias, 1, pad),
         "baseline_conv2d": lambda: F.conv2d(x, weight * masks[0], bias, 1, pad),
         "multi_masked_conv2d_K10": lambda: modsplit.ops.multi_masked_conv2d(
@@ -76,16 +94,19 @@ def _peak_extra_mib(layer, name):
 
 
 @pytest.mark.parametrize("name", ["masked_conv2d", "baseline_conv2d", "multi_masked_conv2d_K10",
-                                  "baseline_loop_K10"])
+                                  "baseline_loop_K10", "multi_backward_K10",
+                                  "baseline_loop_backward_K10"])
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_masked_conv2d(benchmark, layer, name):
     calls = _calls(layer)
-    benchmark.group = f"{layer} {'K10' if 'K10' in name else 'single'}"
+    kind = "backward K10" if "backward" in name else "K10" if "K10" in name else "single"
+    benchmark.group = f"{layer} {kind}"
     benchmark.extra_info["peak_extra_mib"] = _peak_extra_mib(layer, name)
     benchmark.extra_info["threads"] = torch.get_num_threads()
     if name.startswith("baseline"):  # the kernel must agree with the baseline it is timed against
         ref = calls[name]()
-        ours = calls[name.replace("baseline_conv2d", "masked_conv2d").replace(
-            "baseline_loop_K10", "multi_masked_conv2d_K10")]()
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
+        ours = calls[{"baseline_conv2d": "masked_conv2d", "baseline_loop_K10": "multi_masked_conv2d_K10",
+                      "baseline_loop_backward_K10": "multi_backward_K10"}[name]]()
+        # grad_scores sums B*Ho*Wo products of O(1) terms: looser absolute tolerance backward.
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-2 if "backward" in name else 1e-3)
     benchmark.pedantic(calls[name], rounds=10, warmup_rounds=2, iterations=1)

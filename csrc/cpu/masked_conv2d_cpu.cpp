@@ -9,18 +9,11 @@
 //
 // Forward: per tile of output channels, one ATen convolution (oneDNN, AVX-512 on any x86 CPU)
 // of the input with the tile's W⊙M rows of all modules sharing that input.
-// Backward: a masked im2col GEMM. The batch is processed in chunks of Bc rows (bounding the
-// im2col buffer); for a chunk, cols = im2col(x) is [Kx*Bc, G*R, L] (group g uses rows
-// [g*R, (g+1)*R)), built once for all K modules of a shared input. Parallel work items tile the
-// R columns, unpack their W⊙M tile into a thread-local buffer and multiply with ATen's CPU GEMM,
-// so every item writes disjoint rows of dcols (grad_x before col2im) and disjoint columns of
-// grad_scores.
+// Backward: the same tiles; per tile, one ATen convolution backward (oneDNN) gives the tile's
+// grad_input (summed over the tiles) and grad_weight (the tile's rows of dL/d(W⊙M)).
+// All ATen calls are made from the calling thread; oneDNN parallelises each of them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,39 +27,18 @@
 namespace modsplit {
 namespace {
 
-// im2col chunk size in bytes: bounds the extra memory of a call (at least one batch row).
-constexpr int64_t kColsBudgetBytes = int64_t{8} << 20;
-// Unpacked W⊙M tile for all K modules, in bytes: the forward's single buffer (larger tiles mean
-// fewer, wider convolution calls) and the backward's per-thread buffers.
-constexpr int64_t kForwardTileBudgetBytes = int64_t{8} << 20;
-constexpr int64_t kTileBudgetBytes = int64_t{2} << 20;
+// Unpacked W⊙M tile for the modules of one convolution call, in bytes (larger tiles mean fewer,
+// wider convolution calls); the backward's grad_weight tile has the same size.
+constexpr int64_t kTileBudgetBytes = int64_t{8} << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-
-// Batch rows per im2col chunk: the chunk's cols [Kx*Bc, G*R, L] stay within kColsBudgetBytes.
-int64_t batch_chunk(const ConvGeom& g, int64_t elt) {
-  const int64_t per_row = g.Kx * g.G * g.R * g.L * elt;
-  return std::clamp<int64_t>(kColsBudgetBytes / std::max<int64_t>(per_row, 1), 1,
-                             std::max<int64_t>(g.B, 1));
-}
-
-// Enough work items for every thread (twice over, for balance) when the layer allows it.
-int64_t wanted_items() { return 2 * at::get_num_threads(); }
-
-// cols [Kx*nb, G*R, L] of batch rows [b0, b0+nb) of x5 (contiguous [Kx, B, C, H, W]).
-at::Tensor im2col_chunk(const at::Tensor& x5, const ConvGeom& g, int64_t b0, int64_t nb) {
-  auto xs = x5.narrow(1, b0, nb).reshape({g.Kx * nb, g.C, g.H, g.W});
-  if (g.pointwise()) return xs.view({g.Kx * nb, g.C, g.H * g.W});
-  return at::im2col(xs, {g.kh, g.kw}, {g.dilation[0], g.dilation[1]},
-                    {g.padding[0], g.padding[1]}, {g.stride[0], g.stride[1]});
-}
-
-// grad w.r.t. x [Kx*nb, C, H, W] from dcols [Kx*nb, G*R, L] (sums overlapping windows).
-at::Tensor col2im_chunk(const at::Tensor& dcols, const ConvGeom& g) {
-  if (g.pointwise()) return dcols.view({dcols.size(0), g.C, g.H, g.W});
-  return at::col2im(dcols, {g.H, g.W}, {g.kh, g.kw}, {g.dilation[0], g.dilation[1]},
-                    {g.padding[0], g.padding[1]}, {g.stride[0], g.stride[1]});
+// Output channels per group in a tile of nk modules' W⊙M rows, within kTileBudgetBytes.
+// min_two: at least two tiles where possible, so a buffer never holds a whole module's W⊙M.
+int64_t tile_rows(const ConvGeom& g, int64_t nk, int64_t elt, bool min_two) {
+  const int64_t cap = std::max<int64_t>(1, kTileBudgetBytes / (g.G * nk * g.R * elt));
+  const int64_t tiles = std::max(ceil_div(g.Og, cap), min_two ? std::min<int64_t>(g.Og, 2) : 1);
+  return ceil_div(g.Og, tiles);
 }
 
 // buf[k, i, c] = weight[row0 + i, col0 + c] * bit(packed[k0 + k, row0 + i], col0 + c) for
@@ -108,10 +80,8 @@ at::Tensor conv_forward(const at::Tensor& x5, const at::Tensor& weight, const at
   auto out = at::empty({g.K, g.B, g.O, g.Ho, g.Wo}, x5.options());
   auto out5 = out.view({g.K, g.B, g.G, g.Og, g.L});
   const int64_t nk = g.shared() ? g.K : 1;  // modules per convolution call
-  const int64_t cap = std::max<int64_t>(1, kForwardTileBudgetBytes / (g.G * nk * g.R * w.element_size()));
-  // At least two tiles where possible, so a buffer never holds a whole module's W⊙M.
-  const int64_t tiles = std::max(ceil_div(g.Og, cap), std::min<int64_t>(g.Og, 2));
-  const int64_t rows = ceil_div(g.Og, tiles);
+  const int64_t rows = tile_rows(g, nk, w.element_size(), /*min_two=*/true);
+  const int64_t tiles = ceil_div(g.Og, rows);
   auto buf = at::empty({g.G * nk * rows, g.Cg, g.kh, g.kw}, w.options());
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t o0 = t * rows, tn = std::min(rows, g.Og - o0);
@@ -135,6 +105,10 @@ at::Tensor conv_forward(const at::Tensor& x5, const at::Tensor& weight, const at
 
 // Backward of conv_forward: grad_x shaped [Kx, B, C, H, W] (summed over modules when shared),
 // grad_scores [K, O, R] = dL/d(W⊙M_k) ⊙ W, grad_bias [O]; undefined where not requested.
+// Tiled like the forward: per tile of output channels and block of modules sharing an input,
+// the tile's W⊙M rows are unpacked into the grouped weight [G*nk*tn, Cg, kh, kw] and ATen's
+// convolution backward (oneDNN) gives the tile's grad_input (summed over the tiles: grad_x sums
+// over output channels) and grad_weight (the tile's dL/d(W⊙M) rows).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out5, const at::Tensor& x5, const at::Tensor& weight,
     const at::Tensor& packed3, const ConvGeom& g, std::array<bool, 3> output_mask) {
@@ -142,83 +116,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   at::Tensor gx, gs, gb;
   if (need_gb) gb = grad_out5.sum({0, 1, 3, 4});
   if (!need_gx && !need_gs) return {gx, gs, gb};
+  if (g.B == 0) {
+    if (need_gx) gx = at::zeros({g.Kx, g.B, g.C, g.H, g.W}, x5.options());
+    if (need_gs) gs = at::zeros({g.K, g.O, g.R}, x5.options());
+    return {gx, gs, gb};
+  }
   const auto x = x5.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed3.contiguous();
-  // gp [B, G, K, Og, L]: gp[b][grp] is the [K*Og, L] gradient of group grp's outputs.
-  const auto gp = grad_out5.reshape({g.K, g.B, g.G, g.Og, g.L}).permute({1, 2, 0, 3, 4}).contiguous();
+  const auto go5 = grad_out5.reshape({g.K, g.B, g.G, g.Og, g.L});
   if (need_gx) gx = at::empty({g.Kx, g.B, g.C, g.H, g.W}, x.options());
-  if (need_gs) gs = g.B == 0 ? at::zeros({g.K, g.O, g.R}, x.options()) : at::empty({g.K, g.O, g.R}, x.options());
-  const int64_t elt = x.element_size();
-  // Columns of W⊙M per tile (multiple of 32), within the tile budget, split for parallelism.
-  int64_t cols_per_tile = std::max<int64_t>(1, kTileBudgetBytes / (g.K * g.Og * elt * kBitsPerWord));
-  cols_per_tile = std::min(cols_per_tile, g.words);
-  if (g.G * ceil_div(g.words, cols_per_tile) < wanted_items()) {
-    cols_per_tile = std::max<int64_t>(1, ceil_div(g.words, ceil_div(wanted_items(), g.G)));
-  }
-  const int64_t tr = cols_per_tile * kBitsPerWord;
-  const int64_t tiles = ceil_div(g.words, cols_per_tile);
-  // One GEMM over all K modules' rows where grad_scores' rows (k, o in group) are one 2-D view.
-  const bool stack_gs = g.shared() && (g.G == 1 || g.K == 1);
-  const at::ThreadLocalState tls;  // the caller's modes (e.g. inference mode) for the workers
-  const int64_t Bc = batch_chunk(g, elt);
-  for (int64_t b0 = 0; b0 < g.B; b0 += Bc) {
-    const int64_t nb = std::min(Bc, g.B - b0);
-    const auto cols = need_gs ? im2col_chunk(x, g, b0, nb) : at::Tensor();  // [Kx*nb, G*R, L]
-    auto dcols = need_gx ? at::empty({g.Kx * nb, g.G * g.R, g.L}, x.options()) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_conv2d_backward", [&] {
-      at::parallel_for(0, g.G * tiles, 1, [&](int64_t begin, int64_t end) {
-        at::ThreadLocalStateGuard tls_guard(tls);
-        auto buf = need_gx ? at::empty({g.K * g.Og * tr}, w.options()) : at::Tensor();
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t grp = item / tiles, r0 = (item % tiles) * tr;
-          const int64_t tc = std::min(tr, g.R - r0), crow = grp * g.R + r0;
-          at::Tensor tile;  // [K, Og, tc]
-          if (need_gx) {
-            unpack_tile<scalar_t>(w.const_data_ptr<scalar_t>(), p.const_data_ptr<int32_t>(), g,
-                                  0, g.K, grp * g.Og, g.Og, r0, tc, buf.mutable_data_ptr<scalar_t>());
-            tile = buf.narrow(0, 0, g.K * g.Og * tc).view({g.K, g.Og, tc});
+  if (need_gs) gs = at::empty({g.K, g.O, g.R}, x.options());
+  auto gs4 = need_gs ? gs.view({g.K, g.G, g.Og, g.R}) : at::Tensor();
+  const int64_t nk = g.shared() ? g.K : 1;  // modules per convolution call
+  const int64_t rows = tile_rows(g, nk, w.element_size(), /*min_two=*/false);
+  const int64_t tiles = ceil_div(g.Og, rows);
+  auto buf = at::empty({g.G * nk * rows, g.Cg, g.kh, g.kw}, w.options());
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t o0 = t * rows, tn = std::min(rows, g.Og - o0);
+    for (int64_t k0 = 0; k0 < g.K; k0 += nk) {
+      if (need_gx) {  // grad_weight needs only the weight's shape
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_conv2d_backward", [&] {
+          for (int64_t grp = 0; grp < g.G; ++grp) {
+            unpack_tile<scalar_t>(w.const_data_ptr<scalar_t>(), p.const_data_ptr<int32_t>(), g, k0, nk,
+                                  grp * g.Og + o0, tn, 0, g.R,
+                                  buf.mutable_data_ptr<scalar_t>() + grp * nk * tn * g.R);
           }
-          const auto gs_tile =  // [K, Og, tc]
-              need_gs ? gs.view({g.K, g.G, g.Og, g.R}).select(1, grp).narrow(2, r0, tc) : at::Tensor();
-          for (int64_t b = 0; b < nb; ++b) {
-            const auto gb_rows = gp[b0 + b][grp];  // [K, Og, L]
-            if (need_gx) {
-              if (g.shared()) {  // dcols rows += sum_k (W⊙M_k)^T g_k, as one GEMM
-                auto d = dcols[b].narrow(0, crow, tc);
-                at::cpu::mm_out(d, tile.view({g.K * g.Og, tc}).t(), gb_rows.view({g.K * g.Og, g.L}));
-              } else {
-                for (int64_t k = 0; k < g.K; ++k) {
-                  auto d = dcols[k * nb + b].narrow(0, crow, tc);
-                  at::cpu::mm_out(d, tile.select(0, k).t(), gb_rows.select(0, k));
-                }
-              }
-            }
-            if (need_gs) {
-              const bool first = b0 + b == 0;
-              const int64_t nsplit = stack_gs ? 1 : g.K;  // GEMMs of K/nsplit modules' rows each
-              const int64_t km = g.K / nsplit;
-              for (int64_t s = 0; s < nsplit; ++s) {
-                auto d = gs_tile.narrow(0, s * km, km).view({km * g.Og, tc});
-                const auto a = gb_rows.narrow(0, s * km, km).view({km * g.Og, g.L});
-                const auto c = cols[(g.shared() ? 0 : s) * nb + b].narrow(0, crow, tc).t();
-                if (first) {
-                  at::cpu::mm_out(d, a, c);
-                } else {
-                  at::cpu::addmm_(d, a, c);
-                }
-              }
-            }
-          }
+        });
+      }
+      // The tile's gradient [B, G*nk*tn, Ho, Wo], channels ordered (group, module, row).
+      const auto go = go5.narrow(0, k0, nk).narrow(3, o0, tn).permute({1, 2, 0, 3, 4})
+                          .contiguous().view({g.B, g.G * nk * tn, g.Ho, g.Wo});
+      const int64_t kx = g.shared() ? 0 : k0;
+      auto [dx, dw, unused] = at::convolution_backward(
+          go, x[kx], buf.narrow(0, 0, g.G * nk * tn), c10::nullopt, {g.stride[0], g.stride[1]},
+          {g.padding[0], g.padding[1]}, {g.dilation[0], g.dilation[1]}, false, {0, 0}, g.G,
+          {need_gx, need_gs, false});
+      if (need_gx) {
+        if (t == 0) {
+          gx[kx].copy_(dx);
+        } else {
+          gx[kx].add_(dx);
         }
-      });
-    });
-    if (need_gx) {
-      const auto dx = col2im_chunk(dcols, g).view({g.Kx, nb, g.C, g.H, g.W});
-      if (nb == g.B) {
-        gx = dx;
-      } else {
-        gx.narrow(1, b0, nb).copy_(dx);
+      }
+      if (need_gs) {
+        gs4.narrow(0, k0, nk).narrow(2, o0, tn).copy_(dw.reshape({g.G, nk, tn, g.R}).transpose(0, 1));
       }
     }
   }
