@@ -9,7 +9,7 @@ import itertools
 import torch
 
 from modsplit import ops
-from modsplit.train import _batches
+from modsplit.train import batches
 
 _BATCH = 512
 _BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
@@ -92,7 +92,7 @@ def _module_votes(bank, dataset):
     """(bool [K, n] "module k says its class", int64 [n] labels) over the dataset."""
     votes, labels = [], []
     device = bank.grafts.weight.device
-    for x, y in _batches(dataset, _BATCH):
+    for x, y in batches(dataset, _BATCH):
         votes.append((bank.confidences(x.to(device)) > 0.5).cpu())
         labels.append(y)
     return torch.cat(votes, 1), torch.cat(labels)
@@ -129,7 +129,7 @@ def recomposed_accuracy(bank, dataset, classes) -> float:
     device = bank.grafts.weight.device
     allowed = torch.tensor(list(classes))
     correct = n = 0
-    for x, y in _batches(dataset, _BATCH):
+    for x, y in batches(dataset, _BATCH):
         keep = torch.isin(y, allowed)
         if keep.any():
             correct += (model.predict(x[keep].to(device)).cpu() == y[keep]).sum().item()

@@ -39,11 +39,10 @@ def is_file(spec: str) -> bool:
 def factory(spec: str):
     """The callable named by a built-in name or a "package.module:factory" entry point."""
     if ":" not in spec:
-        key = spec.lower()
-        if key not in models.MODELS:
+        if spec.lower() not in models.MODELS:
             raise ValueError(f"unknown model {spec!r}: not a file, not a built-in name "
                              f"({', '.join(models.MODELS)}) and not package.module:factory")
-        return models._REGISTRY[key]
+        return models.factory(spec)
     module_name, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)

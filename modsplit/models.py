@@ -184,9 +184,14 @@ _REGISTRY = {"fc": fc, "fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4, "vgg16": 
 MODELS = tuple(_REGISTRY)
 
 
-def get_model(name, **kw):
-    """Build model ``name`` (case-insensitive, one of ``MODELS``) with keyword arguments ``kw``."""
+def factory(name):
+    """The factory function of built-in model ``name`` (case-insensitive, one of ``MODELS``)."""
     key = name.lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    return _REGISTRY[key](**kw)
+    return _REGISTRY[key]
+
+
+def get_model(name, **kw):
+    """Build model ``name`` (case-insensitive, one of ``MODELS``) with keyword arguments ``kw``."""
+    return factory(name)(**kw)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 
-def _batches(dataset, batch_size, generator=None):
+def batches(dataset, batch_size, generator=None):
     """Yield (x, y) batches of ``dataset``, shuffled with ``generator`` when one is given.
 
     A ``TensorDataset`` is sliced directly (much faster than per-example collation); other
@@ -79,7 +79,7 @@ def train_classifier(model, train_set, *, epochs, lr=0.01, momentum=0.9, nestero
         bar = tqdm(range(epochs), desc="train", disable=not progress)
         for _ in bar:
             total, n = 0.0, 0
-            for x, y in _batches(train_set, batch_size, gen):
+            for x, y in batches(train_set, batch_size, gen):
                 x, y = x.to(device), y.to(device)
                 if augment is not None:
                     x = augment(x)
@@ -103,7 +103,7 @@ def predict_logits(model, dataset, batch_size=512, device="cpu"):
     """
     was_training = model.training
     model.eval().to(device)
-    out = [model(x.to(device)).float().cpu() for x, _ in _batches(dataset, batch_size)]
+    out = [model(x.to(device)).float().cpu() for x, _ in batches(dataset, batch_size)]
     model.train(was_training)
     return torch.cat(out)
 
@@ -112,5 +112,5 @@ def evaluate(model, dataset, batch_size=512, device="cpu"):
     """Top-1 accuracy of ``model`` on ``dataset`` (pairs of image, int64 label), a float in
     [0, 1]."""
     logits = predict_logits(model, dataset, batch_size, device)
-    labels = torch.cat([y for _, y in _batches(dataset, batch_size)])
+    labels = torch.cat([y for _, y in batches(dataset, batch_size)])
     return (logits.argmax(1) == labels).float().mean().item()
