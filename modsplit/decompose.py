@@ -116,10 +116,19 @@ def _epoch_batches(loader, seed: int, epoch: int, skip: int):
     return batches
 
 
+def _example_shape(loader):
+    """Shape of one input example from loader.dataset when that is a sized, indexable dataset of
+    (x, y) pairs; None otherwise (the memory estimate then leaves out activations)."""
+    try:
+        ds = loader.dataset
+        return tuple(ds[0][0].shape) if len(ds) else None
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return None
+
+
 def _check_memory(model, loader, k: int, momentum: float):
     """Raise ModsplitMemoryError (memory.check_memory) when k modules will not fit."""
-    ds = getattr(loader, "dataset", None)
-    shape = tuple(ds[0][0].shape) if ds is not None and len(ds) else None
+    shape = _example_shape(loader)
     est = memory.estimate_decompose_memory(
         model, k, "sgd-momentum" if momentum else "sgd",
         batch_size=getattr(loader, "batch_size", None) or 32, input_shape=shape)
