@@ -5,7 +5,20 @@ import torch.nn as nn
 from modsplit.metrics import union_count, union_mask
 
 
-class ComposedModel(nn.Module):
+class ClassVoter(nn.Module):
+    """Voting over positive confidences: subclasses define forward(x) -> [B, len(classes)] and
+    hold `class_ids` int64 [len(classes)]."""
+
+    @torch.no_grad()
+    def confidences(self, x):
+        return self(x)
+
+    @torch.no_grad()
+    def predict(self, x):
+        return self.class_ids[self(x).argmax(1)]
+
+
+class ComposedModel(ClassVoter):
     """Classifies among `classes` by running their modules in one multi-module pass (each module
     with its own mask) and voting: the class whose graft gives the highest positive confidence
     softmax(graft)[0] wins.
@@ -26,14 +39,6 @@ class ComposedModel(nn.Module):
         with self.net.use_modules(self.modules_idx):
             logits = self.net(x)
         return self.grafts.confidence(logits).T
-
-    @torch.no_grad()
-    def confidences(self, x):
-        return self(x)
-
-    @torch.no_grad()
-    def predict(self, x):
-        return self.class_ids[self(x).argmax(1)]
 
     def union_masks(self) -> dict:
         """{layer name: packed int32 [O, ceil(R/32)]} union of the chosen modules' masks."""

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modsplit import ops
+from modsplit.compose import ClassVoter
 from modsplit.convert import repeat_folded
 from modsplit.layers import MaskedConv2d, MaskedLinear
 
@@ -144,7 +145,7 @@ def _prune_sequential(seq: nn.Sequential):
         pass
 
 
-class ExportedModel(nn.Module):
+class ExportedModel(ClassVoter):
     """The exported composition: forward(x [B, ...]) -> positive confidences [B, len(classes)],
     predict(x) -> class ids int64 [B]; plain torch only. See the module docstring."""
 
@@ -158,14 +159,6 @@ class ExportedModel(nn.Module):
         logits = self.net(repeat_folded(x, k))
         logits = logits.reshape(k, x.shape[0], *logits.shape[1:])
         return self.grafts.confidence(logits).T
-
-    @torch.no_grad()
-    def confidences(self, x):
-        return self(x)
-
-    @torch.no_grad()
-    def predict(self, x):
-        return self.class_ids[self(x).argmax(1)]
 
     def num_parameters(self) -> int:
         """Union edges of the masked layers (non-zero mask entries of the union), their biases
