@@ -129,16 +129,14 @@ def test_acceptance_mnist_fc1():
                              progress=False)
     base = evaluate(model, test)
     runs = {}
-    for alpha in (0.3, 0.0):
-        bank = decompose(model, _loader(train), 10, density=0.1, alpha=alpha, epochs=4, seed=0,
+    for alpha in (1.0, 0.0):
+        bank = decompose(model, _loader(train), 10, density=0.1, alpha=alpha, epochs=20, seed=0,
                          progress=False)
         runs[alpha] = _report(f"MNIST[5000] FC1 alpha={alpha}", base, bank, test, _PAIRS)
-    ten, two, ji = runs[0.0]
-    assert ten >= base - 0.02 and min(two) > 0.9
-    # four short epochs: stemming has raised JI but still costs a few points of accuracy
-    ten, two, ji = runs[0.3]
-    assert ten >= base - 0.04 and min(two) > 0.85
-    assert ji > runs[0.0][2] + 0.02
+    for alpha in (1.0, 0.0):  # the bar: within 2 points of the base model
+        ten, two, _ = runs[alpha]
+        assert ten >= base - 0.02 and min(two) > 0.9
+    assert runs[1.0][2] > runs[0.0][2] + 0.1  # stemming shares far more edges
 
 
 @pytest.mark.slow
