@@ -6,8 +6,8 @@ renders docs/errors.md: regenerate that file with
     python tests/test_bad_inputs.py    (from the repository root, modsplit importable)
 
 and test_errors_doc_is_current fails when the file is out of date. A case the current code gets
-wrong stays in the table, marked xfail(strict=True) with the reason: fixing the code turns it
-into an XPASS failure, the signal to remove the mark.
+wrong stays in the table as pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=...)):
+fixing the code turns it into an XPASS failure, the signal to remove the mark.
 """
 import contextlib
 import os
@@ -82,10 +82,6 @@ CW, CX, CP = _rand(6, 2, 3, 3), _rand(2, 4, 8, 8), _packed(6, 2, 3, 3)
 CPK, CSK = _packed(3, 6, 2, 3, 3, batch_dims=1), _rand(3, 6, 2, 3, 3)
 
 _X_NAMED = r"modsplit: .*\bx\b"
-
-
-def _xfail(case, reason):
-    return pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=reason))
 
 
 def _cases():

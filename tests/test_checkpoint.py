@@ -2,8 +2,6 @@
 clear CheckpointError (nothing restored) for a damaged, foreign or mismatched checkpoint."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,57 +11,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from modsplit import checkpoint, decompose, files, memory
 from modsplit.data import load_dataset
 from modsplit.models import FC1
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A decomposition of an (untrained, seeded) FC1 on 256 MNIST images, 8 batches per epoch; argv:
-# checkpoint folder or "-", output bank file, seconds to sleep per batch.
-CHILD = r"""
-import sys, time
-import torch
-torch.set_num_threads(1)
-from torch.utils.data import DataLoader
-from modsplit import decompose
-from modsplit.data import load_dataset
-from modsplit.models import FC1
-
-class Slow:
-    def __init__(self, loader, delay):
-        self.loader, self.dataset, self.batch_size, self.delay = loader, loader.dataset, 32, delay
-    def __iter__(self):
-        for batch in self.loader:
-            time.sleep(self.delay)
-            yield batch
-
-folder, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-torch.manual_seed(0)
-model = FC1().eval()
-loader = Slow(DataLoader(load_dataset("mnist", "train", limit=256), batch_size=32,
-                         shuffle=True), delay)
-bank = decompose(model, loader, 10, epochs=2, progress=False, seed=3,
-                 checkpoint_dir=None if folder == "-" else folder, checkpoint_every=2)
-bank.save(out)
-"""
+from tests.decompose_child import launch, same_bank
 
 
-def _child(tmp_path, folder, out, delay):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(out), str(delay)],
-                            env=env, stderr=subprocess.PIPE)
-
-
-def _same_bank(a, b):
-    (ma, ta), (mb, tb) = files.read_file(a), files.read_file(b)
-    assert ma == mb  # classes, fingerprint, history (every epoch metric) ...
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+def _child(folder, out, delay):
+    return launch(folder, out, delay, seed=3)
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_same_bank(tmp_path):
-    ref = _child(tmp_path, "-", tmp_path / "ref.msb", 0)
+    ref = _child("-", tmp_path / "ref.msb", 0)
     folder = tmp_path / "ckpt"
-    run = _child(tmp_path, folder, tmp_path / "never.msb", 0.25)
+    run = _child(folder, tmp_path / "never.msb", 0.25)
     deadline, meta = time.monotonic() + 90, None
     while time.monotonic() < deadline and run.poll() is None:
         if os.path.exists(checkpoint.path_in(folder)):
@@ -75,10 +33,10 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_bank(tmp_path):
     run.wait()
     assert meta is not None and meta["epoch"] == 2 and 0 < meta["step"] < 8, meta
     assert not os.path.exists(tmp_path / "never.msb")
-    resumed = _child(tmp_path, folder, tmp_path / "resumed.msb", 0)
+    resumed = _child(folder, tmp_path / "resumed.msb", 0)
     assert resumed.wait(120) == 0, resumed.stderr.read().decode()
     assert ref.wait(120) == 0, ref.stderr.read().decode()
-    _same_bank(tmp_path / "ref.msb", tmp_path / "resumed.msb")
+    same_bank(tmp_path / "ref.msb", tmp_path / "resumed.msb")
 
 
 @pytest.fixture(scope="module")
