@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <cmath>
+#include <vector>
 
 namespace modsplit {
 
@@ -79,13 +80,27 @@ inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
   check_packed_for_weight(packed, weight, lead_dims);
 }
 
-// pack_mask: mask bool with at least batch_dims + 2 dims.
-inline void check_pack_args(const at::Tensor& mask, int64_t batch_dims) {
+// pack_mask: mask bool [lead..., rest...] with lead = batch_dims + 1 dims, viewed as rows x cols.
+struct PackGeom {
+  int64_t rows, cols, words;
+  std::vector<int64_t> out_shape;  // [lead..., words]
+};
+
+// Checks pack_mask's arguments and returns its geometry.
+inline PackGeom check_pack_args(const at::Tensor& mask, int64_t batch_dims) {
   TORCH_CHECK(mask.scalar_type() == at::kBool, "modsplit: mask must be a bool tensor, got ",
               mask.scalar_type());
   TORCH_CHECK(batch_dims >= 0 && mask.dim() >= batch_dims + 2,
               "modsplit: mask must have at least batch_dims + 2 = ", batch_dims + 2,
               " dims, got shape ", mask.sizes(), " (batch_dims = ", batch_dims, ")");
+  const auto lead = mask.sizes().slice(0, batch_dims + 1);
+  PackGeom g;
+  g.rows = c10::multiply_integers(lead);
+  g.cols = g.rows ? mask.numel() / g.rows : 0;
+  g.words = words_for(g.cols);
+  g.out_shape.assign(lead.begin(), lead.end());
+  g.out_shape.push_back(g.words);
+  return g;
 }
 
 }  // namespace modsplit

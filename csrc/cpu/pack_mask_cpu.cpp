@@ -36,14 +36,9 @@ constexpr std::array<uint64_t, 256> kSpread = make_spread();
 }  // namespace
 
 at::Tensor pack_mask_cpu(const at::Tensor& mask, int64_t batch_dims) {
-  check_pack_args(mask, batch_dims);
-  const auto lead = mask.sizes().slice(0, batch_dims + 1);
-  const int64_t rows = c10::multiply_integers(lead);
-  const int64_t cols = rows ? mask.numel() / rows : 0;
-  const int64_t words = words_for(cols);
-  std::vector<int64_t> out_shape(lead.begin(), lead.end());
-  out_shape.push_back(words);
-  auto out = at::empty(out_shape, mask.options().dtype(at::kInt));
+  const PackGeom g = check_pack_args(mask, batch_dims);
+  const int64_t rows = g.rows, cols = g.cols, words = g.words;
+  auto out = at::empty(g.out_shape, mask.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
   const auto m = mask.contiguous();
   const uint8_t* src = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());

@@ -38,15 +38,10 @@ __global__ void unpack_mask_kernel(const int32_t* __restrict__ packed, uint8_t* 
 
 at::Tensor pack_mask_cuda(const at::Tensor& mask, int64_t batch_dims) {
   check_cuda(mask, "mask");
-  check_pack_args(mask, batch_dims);
+  const PackGeom g = check_pack_args(mask, batch_dims);
   const c10::cuda::CUDAGuard guard(mask.device());
-  const auto lead = mask.sizes().slice(0, batch_dims + 1);
-  const int64_t rows = c10::multiply_integers(lead);
-  const int64_t cols = rows ? mask.numel() / rows : 0;
-  const int64_t words = words_for(cols);
-  std::vector<int64_t> out_shape(lead.begin(), lead.end());
-  out_shape.push_back(words);
-  auto out = at::empty(out_shape, mask.options().dtype(at::kInt));
+  const int64_t rows = g.rows, cols = g.cols, words = g.words;
+  auto out = at::empty(g.out_shape, mask.options().dtype(at::kInt));
   const int64_t total_words = rows * words;
   if (total_words == 0) return out;
   auto m = mask.contiguous();
