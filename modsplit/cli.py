@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     _trained(p)
     _decompose_flags(p, "--epochs")
     _add(p, "--lr", "decompose.lr", type=float, help="score learning rate")
+    _add(p, "--lr-schedule", "decompose.lr_schedule", choices=("cosine", "constant"),
+         help="learning-rate schedule over the epochs (default cosine)")
+    _add(p, "--no-balance", "decompose.balance", action="store_const", const=False,
+         help="plain cross-entropy instead of the class-weighted (1:1) one")
     _add(p, "--batch-size", "decompose.batch_size", type=int)
     _add(p, "--classes", "decompose.classes", type=class_list,
          help="build modules for these classes only (default all)")

@@ -112,7 +112,8 @@ def decompose_step(cfg, model, out, quiet):
     loader = DataLoader(train_set, batch_size=d["batch_size"], shuffle=True)
     distributed.init_from_env(cfg["device"])
     bank = decompose_model(model, loader, n, density=d["density"], alpha=d["alpha"], p=d["p"],
-                           epochs=d["epochs"], lr=d["lr"], seed=cfg["seed"],
+                           epochs=d["epochs"], lr=d["lr"], lr_schedule=d["lr_schedule"],
+                           balance=d["balance"], seed=cfg["seed"],
                            device=cfg["device"], progress=not quiet and distributed.is_writer(),
                            classes=d["classes"], distributed="auto",
                            checkpoint_dir=d["checkpoint_dir"])

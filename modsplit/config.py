@@ -39,6 +39,8 @@ DEFAULTS = {
         "alpha": 1.0,
         "p": 1.0,
         "lr": 0.1,
+        "lr_schedule": "cosine",  # or "constant"
+        "balance": True,     # class-weighted CE (1:1 positive/negative); False: plain CE
         "batch_size": 32,
         "classes": None,     # class ids to build modules for (None: all)
         "checkpoint_dir": None,  # checkpoint every epoch there; a rerun resumes from it

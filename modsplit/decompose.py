@@ -1,4 +1,5 @@
 """decompose(): module co-training with module stemming (the paper's Algorithm 1 and Eq. 1)."""
+import math
 import os
 
 import torch
@@ -9,6 +10,9 @@ from modsplit import checkpoint, files, memory, metrics
 from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
 from modsplit.distributed import shard_for
+from modsplit.train import batches
+
+_EVAL_BATCH = 512
 
 
 def _label_counts(loader, num_classes: int) -> torch.Tensor:
@@ -23,15 +27,24 @@ def _label_counts(loader, num_classes: int) -> torch.Tensor:
     return torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes)
 
 
-def _balance_weights(counts: torch.Tensor, classes: torch.Tensor):
+def _balance_weights(counts: torch.Tensor, classes: torch.Tensor, balance: bool = True):
     """Per-module weights (positive [K], negative [K]) n / (2 n_c) and n / (2 (n - n_c)): the
-    weighted loss is an unbiased estimate of the 1:1 balanced loss."""
+    weighted loss is an unbiased estimate of the 1:1 balanced loss. balance=False: all ones."""
     n, pos = counts.sum().double(), counts[classes].double()
     if (pos == 0).any() or (pos == n).any():
         bad = classes[(pos == 0) | (pos == n)].tolist()
         raise ValueError(f"modsplit: classes {bad} need both positive and negative training "
                          "samples")
+    if not balance:
+        return torch.ones(len(pos)), torch.ones(len(pos))
     return (n / (2 * pos)).float(), (n / (2 * (n - pos))).float()
+
+
+# Learning-rate multiplier of epoch e (1-based) out of E, per schedule name.
+_SCHEDULES = {
+    "constant": lambda e, total: 1.0,
+    "cosine": lambda e, total: 0.5 * (1.0 + math.cos(math.pi * (e - 1) / total)),
+}
 
 
 def _stem_loss(scores, anchors, p: float, per_module: int) -> torch.Tensor:
@@ -94,6 +107,19 @@ def _run_epoch(net, grafts, opt, batches, classes, weights, alpha, p, anchors, d
     return step
 
 
+@torch.no_grad()
+def _evaluate(net, grafts, dataset, classes, shard, device) -> dict:
+    """{eval_module_acc, eval_acc} of the current modules (all ranks' modules, in class order)
+    on `dataset` (metrics.confidence_accuracies)."""
+    conf, labels = [], []
+    for x, y in batches(dataset, _EVAL_BATCH):
+        conf.append(grafts.confidence(net(x.to(device))).cpu())
+        labels.append(y.long())
+    scores = metrics.confidence_accuracies(shard.gather(torch.cat(conf, 1)), torch.cat(labels),
+                                           classes)
+    return {"eval_module_acc": scores["module_acc"], "eval_acc": scores["acc"]}
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The RNG seed of an epoch: the data order of epoch e is a function of (seed, e) only."""
     return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63)
@@ -141,7 +167,8 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
               shared_init: bool = True, seed: int = 0, device="cpu", callbacks=(),
               progress: bool = True, classes=None, checkpoint_dir=None, resume: bool = True,
               checkpoint_every: int = None, check_memory: bool = True,
-              distributed=None) -> ModuleBank:
+              distributed=None, lr_schedule: str = "cosine", balance: bool = True,
+              eval_set=None) -> ModuleBank:
     """Decompose a trained classifier into one module per class (Algorithm 1).
 
     model: trained nn.Module, float images [B, ...] -> logits [B, num_classes]; it is copied
@@ -156,14 +183,18 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
         CE_k + alpha / (L*M*N) * sum |S_k - S_avg|^p,
     where L*M*N is the number of score entries of one module and S_avg the mean over modules
     of the scores at the end of the previous epoch (detached). Epoch 1 has no stemming term.
-    Class imbalance (1 : N-1) is handled by class-weighted cross-entropy: positives weigh
-    n / (2 n_c) and negatives n / (2 (n - n_c)) (training-set frequencies), so each module's
-    CE_k estimates the loss on a 1:1 balanced set.
+    With balance=True the class imbalance (1 : N-1) is handled by class-weighted
+    cross-entropy: positives weigh n / (2 n_c) and negatives n / (2 (n - n_c)) (training-set
+    frequencies), so each module's CE_k estimates the loss on a 1:1 balanced set; with
+    balance=False every example weighs 1 (the modules then estimate P(c | x) itself).
 
     Optimiser: SGD with Nesterov momentum, scores at `lr` and grafts at `graft_lr` (two
     parameter groups), both with `weight_decay`. Defaults follow Table 4 (lr 0.1, momentum 0.9;
     use batch size 32 in the loader). The paper's weight decay "5 x 10^-1" is a typo: 5e-4 is
-    used. Deterministic for a given seed on CPU: the scores are drawn from `seed`, and at the
+    used. The paper does not state a schedule; edge-popup, which it follows, decays the rate
+    with a cosine, and so does the default lr_schedule="cosine": both rates are scaled in epoch
+    e by (1 + cos(pi (e - 1) / epochs)) / 2 (a function of the epoch alone, so resuming needs
+    no scheduler state); "constant" keeps them fixed. Deterministic for a given seed on CPU: the scores are drawn from `seed`, and at the
     start of epoch e torch's global RNG and the loader's sampler generator (if it has one) are
     seeded from (seed, e), inside a forked RNG state (the caller's global RNG state is left
     untouched): an epoch's data order is a function of (seed, e) alone.
@@ -177,10 +208,14 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     distributed: None, or "auto"/True to shard the modules over the initialised
     torch.distributed process group (modsplit.distributed); every rank returns the whole bank.
 
-    After every epoch a dict {epoch, loss, ce, stem, module_acc (balanced training accuracy,
+    After every epoch a dict {epoch, lr (the scores' rate in that epoch), loss, ce, stem, module_acc (balanced training accuracy,
     mean over modules), ji (pairwise Jaccard index of the masks), rps_pair (mean over module
     pairs of the union's share of the maskable weights), rps_all (same for all modules)} is
     printed (progress=True, via tqdm), passed to every callback and kept in bank.history.
+    With eval_set (a dataset of (x, y) pairs, e.g. the test set) the record also holds
+    eval_module_acc (list of K balanced 1:1 accuracies of the epoch's modules on it) and
+    eval_acc (accuracy of the vote of all K modules on its samples of the K classes); the
+    paper's Table 5 is the maximum of eval_module_acc over the epochs.
     Returns a ModuleBank holding packed masks (the scores are dropped) and the grafts.
     """
     classes = tuple(range(num_classes)) if classes is None else tuple(int(c) for c in classes)
@@ -190,6 +225,9 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
                          f"{classes}")
     if epochs < 1:
         raise ValueError(f"modsplit: epochs must be >= 1, got {epochs}")
+    if lr_schedule not in _SCHEDULES:
+        raise ValueError(f"modsplit: lr_schedule must be one of {sorted(_SCHEDULES)}, got "
+                         f"{lr_schedule!r}")
     if checkpoint_every is not None and int(checkpoint_every) < 1:
         raise ValueError(f"modsplit: checkpoint_every must be >= 1, got {checkpoint_every}")
     device = torch.device(device)
@@ -200,7 +238,7 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
         _check_memory(model, train_loader, len(local), momentum)
     class_ids = torch.tensor(local, device=device)
     weights = tuple(w.to(device) for w in _balance_weights(
-        _label_counts(train_loader, num_classes), class_ids.cpu()))
+        _label_counts(train_loader, num_classes), class_ids.cpu(), balance))
     net = convert(model, len(local) if shared_init else len(classes), density,
                   shared_init=shared_init, seed=seed)
     if net.n_modules != len(local):  # independent draws: module k gets the draw k of all
@@ -215,7 +253,7 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     config = {"classes": list(classes), "num_classes": num_classes, "density": density,
               "alpha": alpha, "p": p, "lr": lr, "graft_lr": graft_lr, "momentum": momentum,
               "nesterov": nesterov, "weight_decay": weight_decay, "shared_init": shared_init,
-              "seed": seed}
+              "seed": seed, "lr_schedule": lr_schedule, "balance": balance}
     ckpt = checkpoint.path_in(checkpoint_dir) if checkpoint_dir is not None else None
     history, anchors, first, skip = [], None, 1, 0
     sums, resumed = _new_sums(len(local), device), None
@@ -239,6 +277,9 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
                                 {"epoch": epoch, "step": step, "history": history}, state)
 
         for epoch in range(first, epochs + 1):
+            scale = _SCHEDULES[lr_schedule](epoch, epochs)
+            for group, base_lr in zip(opt.param_groups, (lr, graft_lr)):
+                group["lr"] = base_lr * scale
             batches = _epoch_batches(train_loader, seed, epoch, skip)
             if resumed is not None and skip:
                 checkpoint.set_rng_state(*resumed)
@@ -253,13 +294,16 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
                                    anchors, device, bar, sums, skip, on_step)
             if not steps:
                 raise ValueError("modsplit: the training loader yielded no batch")
-            record = {"epoch": epoch, **_epoch_record(shard.gather_dict(sums), steps, alpha)}
+            record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                      **_epoch_record(shard.gather_dict(sums), steps, alpha)}
             anchors = [shard.module_sum(s.detach()) / len(classes)
                        for s in net.score_parameters()]
             masks = shard.gather_dict({name: m.masks() for name, m in layers.items()})
             record.update(ji=metrics.mask_jaccard(masks),
                           rps_pair=metrics.mean_pair_union_ratio(masks, total),
                           rps_all=sum(metrics.union_count(m) for m in masks.values()) / total)
+            if eval_set is not None:
+                record.update(_evaluate(net, grafts, eval_set, classes, shard, device))
             history.append(record)
             sums, skip = _new_sums(len(local), device), 0
             if ckpt is not None:

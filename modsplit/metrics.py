@@ -122,6 +122,22 @@ def module_class_matrix(bank, dataset) -> torch.Tensor:
     return torch.stack([_balanced(votes, labels, j) for j in range(bank.num_classes)], 1)
 
 
+def confidence_accuracies(conf: torch.Tensor, labels: torch.Tensor, classes) -> dict:
+    """Accuracies from the positive confidences conf float [K, n] of the modules of `classes`
+    (K ids, row k for classes[k]) on n samples with int64 labels [n]: {"module_acc": list of K
+    balanced 1:1 accuracies (module_accuracy's definition, "yes" when conf > 0.5), "acc":
+    accuracy of the vote argmax_k conf[k] (recomposed_accuracy's) on the samples whose label is
+    in `classes`}."""
+    ids = torch.as_tensor(list(classes), dtype=torch.long)
+    votes = conf > 0.5
+    module_acc = [_balanced(votes[k:k + 1], labels, int(c)).item() for k, c in enumerate(ids)]
+    keep = torch.isin(labels, ids)
+    if not keep.any():
+        raise ValueError(f"modsplit: the dataset has no samples of classes {ids.tolist()}")
+    acc = (ids[conf[:, keep].argmax(0)] == labels[keep]).double().mean().item()
+    return {"module_acc": module_acc, "acc": acc}
+
+
 def recomposed_accuracy(bank, dataset, classes) -> float:
     """Accuracy of bank.compose(classes) on the samples of `dataset` whose label is in
     `classes`."""

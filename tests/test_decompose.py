@@ -1,11 +1,13 @@
 """decompose(): module co-training (Algorithm 1), stemming loss, balance, reproducibility."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import modsplit
-from modsplit import MaskedLinear, decompose
+from modsplit import MaskedLinear, decompose, metrics
 from modsplit.data import load_dataset
 from modsplit.decompose import _balance_weights, _stem_loss
 from modsplit.models import FC1
@@ -38,8 +40,8 @@ def test_history_callbacks_and_stemming_from_epoch_two(fc1, small, capsys):
     bank = decompose(fc1, _loader(small), 10, alpha=2.0, epochs=2, callbacks=[seen.append],
                      progress=True)
     assert [r["epoch"] for r in seen] == [1, 2] and bank.history == seen
-    assert set(seen[0]) == {"epoch", "loss", "ce", "stem", "module_acc", "ji", "rps_pair",
-                            "rps_all"}
+    assert set(seen[0]) == {"epoch", "lr", "loss", "ce", "stem", "module_acc", "ji",
+                            "rps_pair", "rps_all"}
     assert seen[0]["stem"] == 0.0 and seen[0]["loss"] == pytest.approx(seen[0]["ce"])
     assert seen[1]["stem"] > 0
     assert seen[1]["loss"] == pytest.approx(seen[1]["ce"] + 2.0 * seen[1]["stem"], rel=1e-5)
@@ -101,6 +103,31 @@ def test_balance_weights_equalise_classes():
     torch.testing.assert_close(neg * torch.tensor([90., 40.]), torch.tensor([50., 50.]))
     with pytest.raises(ValueError, match="positive and negative"):
         _balance_weights(torch.tensor([0, 5]), torch.tensor([0]))
+    plain = _balance_weights(counts, torch.tensor([0, 2]), balance=False)
+    assert all(torch.equal(w, torch.ones(2)) for w in plain)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_sets_both_rates_per_epoch(fc1, small, schedule, monkeypatch):
+    used = []
+    step = torch.optim.SGD.step
+
+    def recording(self, *args, **kwargs):
+        used.append(tuple(g["lr"] for g in self.param_groups))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    bank = decompose(fc1, _loader(small), 10, epochs=4, lr=0.2, graft_lr=0.02,
+                     lr_schedule=schedule, progress=False)
+    scale = ([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+             if schedule == "cosine" else [1.0] * 4)
+    per_epoch = len(used) // 4
+    for e in range(4):
+        for lr_s, lr_g in used[e * per_epoch:(e + 1) * per_epoch]:
+            assert lr_s == pytest.approx(0.2 * scale[e]) and lr_g == pytest.approx(0.02 * scale[e])
+    assert [r["lr"] for r in bank.history] == pytest.approx([0.2 * s for s in scale])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        decompose(fc1, _loader(small), 10, epochs=1, lr_schedule="step", progress=False)
 
 
 def test_balanced_loss_finds_rare_class():
@@ -115,6 +142,20 @@ def test_balanced_loss_finds_rare_class():
                      classes=[0], progress=False)
     said = bank.confidences(x)[0] > 0.5
     assert said[y == 0].float().mean() > 0.9 and (~said[y != 0]).float().mean() > 0.9
+
+
+def test_eval_set_scores_every_epoch_like_the_bank_metrics(fc1, small, digits):
+    test = digits[1]
+    bank = decompose(fc1, _loader(small), 10, epochs=2, eval_set=test, progress=False)
+    assert all(len(r["eval_module_acc"]) == 10 for r in bank.history)
+    last = bank.history[-1]  # the live scores' masks of the last epoch == the bank's masks
+    assert last["eval_module_acc"] == pytest.approx(
+        [metrics.module_accuracy(bank, test, c) for c in range(10)])
+    assert last["eval_acc"] == pytest.approx(metrics.recomposed_accuracy(bank, test, range(10)))
+    sub = decompose(fc1, _loader(small), 10, epochs=1, classes=[3, 7], eval_set=test,
+                    progress=False)
+    assert sub.history[0]["eval_acc"] == pytest.approx(
+        metrics.recomposed_accuracy(sub, test, [3, 7]))
 
 
 def test_stem_loss_is_eq1():

@@ -81,6 +81,24 @@ def test_module_class_matrix_is_balanced_accuracy():
     # module 1 votes yes on samples 2, 4, 5: class 1 recall 1, negatives 3/5 rejected
     assert metrics.module_accuracy(bank, ds, 1) == pytest.approx(0.5 * (1.0 + 3 / 5))
     assert metrics.recomposed_accuracy(bank, ds, [0, 1]) == pytest.approx(3 / 4)
+    scores = metrics.confidence_accuracies(bank.confidences(x), y, [0, 1])
+    assert scores["module_acc"] == pytest.approx([metrics.module_accuracy(bank, ds, c)
+                                                  for c in (0, 1)])
+    assert scores["acc"] == pytest.approx(3 / 4)
+
+
+def test_confidence_accuracies_by_hand():
+    conf = torch.tensor([[0.9, 0.6, 0.2, 0.1],    # module of class 2
+                         [0.3, 0.7, 0.4, 0.8]])   # module of class 0
+    y = torch.tensor([2, 0, 0, 1])
+    scores = metrics.confidence_accuracies(conf, y, [2, 0])
+    # class 2 says yes on 0, 1: recall 1/1, rejects 2/3 of the rest;
+    # class 0 says yes on 1, 3: recall 1/2 (sample 1 of 1, 2), rejects 1/2 (sample 0 of 0, 3)
+    assert scores["module_acc"] == pytest.approx([0.5 * (1 + 2 / 3), 0.5 * (1 / 2 + 1 / 2)])
+    # votes on the class-{2,0} samples 0..2: 2, 0, 0 -> all right
+    assert scores["acc"] == 1.0
+    with pytest.raises(ValueError, match="no samples"):
+        metrics.confidence_accuracies(conf, torch.tensor([1, 1, 1, 1]), [2, 0])
 
 
 # --- acceptance runs on real data -------------------------------------------------------------

@@ -71,10 +71,17 @@ def test_table2(out):
 
 
 def test_table5(out):
-    res = _run(out, "table5", "--models", "fc1", "--alphas", "0,0.1", name="table5_mnist")
+    res = _run(out, "table5", "--models", "fc1", "--alphas", "0,0.1", "--epochs-decomp", "2",
+               name="table5_mnist", epochs=2)
     assert [(r["model"], r["alpha"]) for r in res.values()] == [("fc1", 0.0), ("fc1", 0.1)]
     for r in res.values():
-        assert len(r["module_acc"]) == 10 and all(0 <= a <= 1 for a in r["module_acc"])
+        per_epoch = [h["eval_module_acc"] for h in r["history"]]
+        assert len(per_epoch) == 2 and all(len(a) == 10 for a in per_epoch)
+        assert r["module_acc"] == [max(a, b) for a, b in zip(*per_epoch)]
+        assert r["last_epoch_module_acc"] == per_epoch[-1]
+        assert all(per_epoch[e - 1][c] == r["module_acc"][c]
+                   for c, e in enumerate(r["best_epoch"]))
+        assert all(0 <= a <= 1 for a in r["module_acc"])
         assert r["avg"] == pytest.approx(sum(r["module_acc"]) / 10)
 
 
