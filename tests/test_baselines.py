@@ -3,7 +3,8 @@ import torch
 
 from modsplit.baselines import PanRajanModules, decompose_pan_rajan, value_set_jaccard
 from modsplit.baselines.pan_rajan import (channel, concern_identification, linear_layers,
-                                          remove_irrelevant_edges, tangling_identification)
+                                          pre_activations, remove_irrelevant_edges,
+                                          tangling_identification)
 from modsplit.data import load_dataset
 from modsplit.models import FC1, small_vgg
 from modsplit.train import evaluate, train_classifier
@@ -33,9 +34,45 @@ def test_ci_zeroes_outgoing_edges_of_inactive_units():
     # 1 -> 2 -> 2 -> 2: hidden unit 1 of layer 1 is off for x = -1 and on for x = 1.
     w = [torch.tensor([[1.0], [-1.0]]), torch.ones(2, 2), torch.ones(2, 2)]
     b = [torch.zeros(2), torch.zeros(2), torch.zeros(2)]
-    D, _ = concern_identification(w, b, torch.tensor([[1.0], [1.0]]), reseed_min_nonzero=0)
+    # With ReLU between layers (in the ReLU-free pass z2 = 1 - 1 = 0 and nothing is active).
+    D, _ = concern_identification(w, b, torch.tensor([[1.0], [1.0]]), reseed_min_nonzero=0,
+                                  pre_relu_feed=False)
     assert torch.equal(D[1], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
     assert torch.equal(D[0], torch.tensor([[1.0], [0.0]]))
+
+
+def test_pre_activations_match_the_model_and_the_relu_free_net():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3),
+                                torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    linear_free = torch.nn.Sequential(*[m for m in model if isinstance(m, torch.nn.Linear)])
+    ws = [m.weight.detach() for m in linear_free]
+    bs = [m.bias.detach() for m in linear_free]
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        assert torch.allclose(pre_activations(ws, bs, x)[1], model[:3](x))
+        assert torch.allclose(pre_activations(ws, bs, x)[2], model(x))
+        assert torch.allclose(pre_activations(ws, bs, x, pre_relu_feed=True)[1],
+                              linear_free[:2](x))
+        assert torch.allclose(pre_activations(ws, bs, x, pre_relu_feed=True)[2], linear_free(x))
+
+
+def test_ci_pre_relu_feed_decides_deeper_activity():
+    # 1 -> 1 -> 1 -> 1, x = 1: z1 = -1. With ReLU z2 = -relu(-1) = 0 (inactive); in their
+    # ReLU-free pass z2 = -(-1) = 1 (active), so the layer-2 unit keeps its incoming edge.
+    w = [torch.tensor([[-1.0]]), torch.tensor([[-1.0]]), torch.tensor([[2.0]])]
+    b = [torch.zeros(1)] * 3
+    x = torch.ones(1, 1)
+    D, d = concern_identification(w, b, x, reseed_min_nonzero=0, pre_relu_feed=False)
+    assert torch.equal(D[1], torch.zeros(1, 1))
+    D, d = concern_identification(w, b, x, reseed_min_nonzero=0, pre_relu_feed=True)
+    assert torch.equal(D[1], w[1]) and torch.equal(D[0], torch.zeros(1, 1))
+    # TI the same way: a negative x = 1 restores layer 2 only in the ReLU-free pass.
+    for feed, restored in ((False, False), (True, True)):
+        D = [torch.zeros(1, 1), torch.zeros(1, 1), w[2].clone()]
+        d = [torch.zeros(1)] * 3
+        tangling_identification(w, b, D, d, x, pre_relu_feed=feed)
+        assert torch.equal(D[1], w[1] if restored else torch.zeros(1, 1))
 
 
 def test_ti_restores_rows_used_by_negatives():
@@ -118,3 +155,36 @@ def test_rejects_non_fc_models_and_unknown_method(digits_fc1):
         linear_layers(small_vgg(1, 10))
     with pytest.raises(ValueError, match="ti-i"):
         decompose_pan_rajan(digits_fc1, load_dataset("digits", limit=50), "ci")
+
+
+def test_positives_come_from_the_first_positive_pool_examples(digits_fc1):
+    train = load_dataset("digits")
+    x, y = train.tensors
+    with torch.no_grad():
+        p = torch.softmax(digits_fc1(x), 1)
+    # The class whose first confident (p_c > 0.9) example comes last, and that example.
+    first = {c: int(torch.nonzero((y == c) & (p[:, c] > 0.9))[0]) for c in range(10)}
+    c = max(first, key=first.get)
+    # A pool that ends just before it has no positive for class c ...
+    with pytest.raises(ValueError, match=f"class {c}"):
+        decompose_pan_rajan(digits_fc1, train, "ti-i", positive_pool=first[c])
+    # ... one that ends just after it has exactly that positive: CI on one example keeps the
+    # incoming rows of the hidden units active on it and nothing else (no negatives, no TI).
+    mods = decompose_pan_rajan(digits_fc1, train, "ti-i", positive_pool=first[c] + 1,
+                               negatives_per_class=0)
+    w1, b1 = digits_fc1[1].weight.detach(), digits_fc1[1].bias.detach()
+    active = (x[first[c]].flatten() @ w1.T + b1) > 0
+    assert torch.equal(mods.weights[0][c], torch.where(active[:, None], w1, torch.zeros_like(w1)))
+
+
+def test_value_set_jaccard_of_identical_modules_is_below_one_with_zeros():
+    torch.manual_seed(0)
+    w = torch.randn(1, 6, 5).repeat(2, 1, 1)  # two identical modules
+    w[:, :2] = 0  # 10 of 30 edges per module are zero
+    mods = PanRajanModules(["0"], [w], [torch.zeros(2, 6)], [0, 1], "hand")
+    # Their formula over plain Python lists: |set(a) & set(b)| / (len(a) + len(b) - that).
+    a, b = w[0].flatten().tolist(), w[1].flatten().tolist()
+    inter = len(set(a) & set(b))
+    assert value_set_jaccard(mods) == pytest.approx(inter / (len(a) + len(b) - inter))
+    # 20 distinct nonzero values + one 0: 21 / 39, near f / (2 - f) = 0.5 for f = 2/3.
+    assert inter == 21 and value_set_jaccard(mods) < 0.6

@@ -1,20 +1,47 @@
 """Pan & Rajan (FSE 2020) decomposition of fully connected nets: TI-I, TI-SNE and CM-RIE.
 
 The baselines of the seed paper's Table 1, re-implemented in PyTorch from the description in
-docs/baselines-pan-rajan.md. No training: each class's module is a copy of the model's Linear
-weights, edited with forward passes over training examples.
+docs/baselines-pan-rajan.md and checked against their Keras code (repository
+rangeetpan/decomposeDNNintoModules: ``utils/sliceutil*.py`` ``modifyThroughInterSection`` (CI),
+``dynamicmodify`` (TI) and ``backtrack`` (CM-RIE), driven by each approach's ``Module.py``).
+No training: each class's module is a copy of the model's Linear weights, edited with forward
+passes over training examples.
 
 Shapes use PyTorch's Linear layout: layer l has weight W_l float32 [O_l, I_l] and bias b_l
-float32 [O_l]; hidden unit j of layer l owns row j of W_l (its incoming edges) and column j of
-W_{l+1} (its outgoing edges). A bank of K modules stores weights [K, O_l, I_l] and biases
-[K, O_l]. Each module keeps all ``num_classes`` outputs, as their Keras modules do: after
-channeling (CM) only the positive output c and one negative output n have nonzero edges and
-bias; the other outputs give logit 0 and still take part in the softmax and the argmax, as in
-their code.
+float32 [O_l]; hidden unit j of layer l owns row j of W_l (its incoming edges; a column in
+Keras) and column j of W_{l+1} (its outgoing edges). A bank of K modules stores weights
+[K, O_l, I_l] and biases [K, O_l]. Each module keeps all ``num_classes`` outputs, as their Keras
+modules do: after channeling (CM) only the positive output c and one negative output n have
+nonzero edges and bias; the other outputs give logit 0 and still take part in the softmax and
+the argmax, as in their code.
 
-Where their code and the description differ we follow the description (ReLU is applied before a
-layer's output is fed on; their code feeds pre-ReLU values). Interpretations of our own are
-marked "(ours)".
+Where the description and their code differ, we follow the code where it changes the modules:
+
+- ``pre_relu_feed=True`` (default): CI and TI decide which units are active from a forward pass
+  that feeds each layer's *pre*-ReLU values on (their code applies ``X[X<0]=0`` only after the
+  whole pass), so for FC2-FC4 a deeper unit counts as active when its pre-activation in the
+  ReLU-free net is > 0, and TI's output softmax is that net's. The modules themselves are run
+  with ReLU, as their Keras modules are. ``pre_relu_feed=False`` gives the description's pass.
+- positives are taken from the first ``positive_pool`` = 10000 training examples (their loop
+  runs over ``range(len(yt))`` with ``yt`` the 10000 test labels, indexing the training set).
+
+Why their published value-set JI (0.43-0.78) is far below ours on our base models is not in the
+decomposition: their loader scales inputs twice (``skimage.transform.resize`` already maps uint8
+pixels to [0, 1], then ``/255``), so their nets see x in [0, 1/255]; trained that way (Glorot
+init, Adam 1e-3, batch 32, 50 epochs, as their ``train2``), our MNIST/F-MNIST FC1 and FC2 keep
+14-22 of their 49 first-layer units dead (never active; their paper reports ~34% of edges
+inactive). TI then restores the same live units in every module
+(TI-I and TI-SNE give identical modules, hence their identical published JIs), and the value-set
+JI of modules that are zero on a fraction 1 - f of their edges is about f / (2 - f) < 1 even for
+identical modules (``value_set_jaccard``). On normally scaled inputs almost every unit is active
+on some negative, so TI restores (nearly) the whole net and the JI is close to 1.
+
+Their code also has bugs we do not copy (they barely move the published numbers): RIE writes
+the mean negative edge onto n and then zeroes n with the other nonzero negative edges, the
+merge for c != 0 averages edges to output 1 instead of the negative edges, channeling's bias
+mean for c != 0 divides by 10, and the TI-I/TI-SNE ``Reuse.py`` return the voter's position
+instead of its class when several modules vote (fixed in their CM-RIE ``Reuse.py``; we vote as
+that one does). Interpretations of our own are marked "(ours)".
 """
 from dataclasses import dataclass
 
@@ -42,27 +69,30 @@ def linear_layers(model):
     return [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear)]
 
 
-def pre_activations(weights, biases, x):
+def pre_activations(weights, biases, x, pre_relu_feed=False):
     """Pre-activations of every layer of the original net for a batch.
 
     weights/biases: per-layer [O_l, I_l] / [O_l]; x: float [B, I_0]. Returns a list of
-    [B, O_l] tensors, z_l = W_l relu(z_{l-1}) + b_l (z_0 being x itself, with no ReLU).
+    [B, O_l] tensors, z_l = W_l relu(z_{l-1}) + b_l (z_0 being x itself, with no ReLU), or
+    z_l = W_l z_{l-1} + b_l with ``pre_relu_feed`` (the ReLU-free pass of their code).
     """
     zs, h = [], x
     for i, (w, b) in enumerate(zip(weights, biases)):
         z = h @ w.T + b
         zs.append(z)
         if i < len(weights) - 1:
-            h = torch.relu(z)
+            h = z if pre_relu_feed else torch.relu(z)
     return zs
 
 
-def concern_identification(weights, biases, positives, reseed_min_nonzero=45):
+def concern_identification(weights, biases, positives, reseed_min_nonzero=45,
+                           pre_relu_feed=True):
     """CI: build one module's weights from positive examples with the min/max intersection rule.
 
     weights/biases: the model's per-layer [O_l, I_l] / [O_l]; positives: float [P, I_0]
     flattened inputs, processed in order. Returns (D, d), new per-layer tensors of the same
-    shapes. For each example, with z_l its pre-activations in the original net:
+    shapes. For each example, with z_l its pre-activations in the original net (see
+    ``pre_activations`` for ``pre_relu_feed``):
 
     - hidden unit j with z_l[j] <= 0: D_l[j, :] = 0, d_l[j] = 0, and its outgoing edges
       D_{l+1}[:, j] = 0 unless layer l+1 is the output;
@@ -78,7 +108,7 @@ def concern_identification(weights, biases, positives, reseed_min_nonzero=45):
     """
     D = [torch.zeros_like(w) for w in weights]
     d = [torch.zeros_like(b) for b in biases]
-    zs = pre_activations(weights, biases, positives)
+    zs = pre_activations(weights, biases, positives, pre_relu_feed)
     last = len(weights) - 1
     first = True
     for n in range(len(positives)):
@@ -101,14 +131,15 @@ def concern_identification(weights, biases, positives, reseed_min_nonzero=45):
     return D, d
 
 
-def tangling_identification(weights, biases, D, d, negatives, tau=0.5):
+def tangling_identification(weights, biases, D, d, negatives, tau=0.5, pre_relu_feed=True):
     """TI: restore, in place, the parts of module (D, d) that negative examples use.
 
-    negatives: float [N, I_0]. Every hidden unit with z > 0 on some negative example gets its
-    incoming row and bias back from (W, b); output unit j gets row and bias back where the
-    original net's softmax on some negative exceeds ``tau``.
+    negatives: float [N, I_0]. Every hidden unit (of every hidden layer) with z > 0 on some
+    negative example gets its whole incoming row and bias back from (W, b); output unit j gets
+    row and bias back where the original net's softmax on some negative exceeds ``tau``. Nothing
+    is ever removed. z: see ``pre_activations`` for ``pre_relu_feed``.
     """
-    zs = pre_activations(weights, biases, negatives)
+    zs = pre_activations(weights, biases, negatives, pre_relu_feed)
     for layer, (w, b) in enumerate(zip(weights, biases)):
         if layer == len(weights) - 1:
             used = (torch.softmax(zs[layer], 1) > tau).any(0)
@@ -251,15 +282,17 @@ def _tensors(dataset):
 
 @torch.no_grad()
 def decompose_pan_rajan(model, train_set, method="ti-i", num_classes=10, *, max_positives=1000,
-                        confidence=0.9, negatives_per_class=None, tau=0.5, rie_eps=0.05,
-                        reseed_min_nonzero=45):
+                        positive_pool=10000, confidence=0.9, negatives_per_class=None, tau=0.5,
+                        rie_eps=0.05, reseed_min_nonzero=45, pre_relu_feed=True):
     """Decompose FC ``model`` into ``num_classes`` modules with TI-I, TI-SNE or CM-RIE.
 
     model: nn.Sequential of Flatten/Linear/ReLU (``modsplit.models.fc``), left unchanged.
     train_set: pairs of (float image, int64 label). For class c the positives are the first
-    ``max_positives`` training examples of class c that the model gives softmax p_c >
-    ``confidence``; the negatives are the first ``negatives_per_class`` examples of each other
-    class (default 1 for TI-I, 110 for TI-SNE and CM-RIE, as in their scripts).
+    ``max_positives`` examples of class c among the first ``positive_pool`` training examples
+    (None: all) that the model gives softmax p_c > ``confidence``; the negatives are the first
+    ``negatives_per_class`` examples of each other class in the whole set (default 1 for TI-I,
+    110 for TI-SNE and CM-RIE, as in their scripts). ``pre_relu_feed``: see the module
+    docstring.
 
     - "ti-i": CI on the positives, then TI (threshold ``tau``) on the negatives;
     - "ti-sne": the same with 110 negatives per class;
@@ -274,15 +307,17 @@ def decompose_pan_rajan(model, train_set, method="ti-i", num_classes=10, *, max_
     biases = [m.bias.detach().float().cpu() for _, m in layers]
     x, y = _tensors(train_set)
     x = x.flatten(1).float()
-    probs = torch.softmax(pre_activations(weights, biases, x)[-1], 1)
+    probs = torch.softmax(pre_activations(weights, biases, x)[-1], 1)  # the model's own
+    pool = torch.zeros(len(y), dtype=torch.bool)
+    pool[:positive_pool] = True
     banks = [[] for _ in weights], [[] for _ in biases]
     for c in range(num_classes):
-        pos = x[(y == c) & (probs[:, c] > confidence)][:max_positives]
+        pos = x[pool & (y == c) & (probs[:, c] > confidence)][:max_positives]
         if len(pos) == 0:
             raise ValueError(f"class {c}: no training example with p_c > {confidence}")
         neg = torch.cat([x[y == k][:negatives_per_class] for k in range(num_classes) if k != c])
-        D, d = concern_identification(weights, biases, pos, reseed_min_nonzero)
-        tangling_identification(weights, biases, D, d, neg, tau)
+        D, d = concern_identification(weights, biases, pos, reseed_min_nonzero, pre_relu_feed)
+        tangling_identification(weights, biases, D, d, neg, tau, pre_relu_feed)
         if method == "cm-rie":
             channel(D, d, c, skip=remove_irrelevant_edges(D, d, c, rie_eps))
         for bank, t in zip(banks[0] + banks[1], D + d):
@@ -298,8 +333,11 @@ def value_set_jaccard(modules):
     |set(v_i) & set(v_j)| / (len(v_i) + len(v_j) - |set(v_i) & set(v_j)|), where v_k is the list
     of all of module k's weight values (every layer, flattened, zeros included; no biases).
 
-    This compares sets of weight *values*, not edge positions, so it is not the mask-based
-    Jaccard index; a float in [0, 1].
+    This is their ``similarity.py`` (module pairs; their TI-I MNIST-2 ``similarity_Model.py``
+    compares the model with each module instead). It compares sets of weight *values*, not edge
+    positions, so it is not the mask-based Jaccard index: all of a module's zeros count once in
+    the intersection but every time in the lengths, so identical modules with a fraction f of
+    nonzero (distinct) weights score about f / (2 - f), not 1. A float in [0, 1].
     """
     flat = torch.cat([w.flatten(1) for w in modules.weights], 1)  # [K, n]
     uniq = [torch.unique(v) for v in flat]
