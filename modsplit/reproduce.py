@@ -117,7 +117,7 @@ class Run:
         """The settings and timing of this run, as a JSON-able dict."""
         a = self.args
         keys = ("dataset", "models", "epochs_base", "epochs_decomp", "limit", "decomp_limit",
-                "seed", "methods", "alpha", "alphas", "density", "densities", "lr", "lr_schedule", "balance", "batch_size")
+                "seed", "seeds", "methods", "alpha", "alphas", "density", "densities", "lr", "lr_schedule", "balance", "batch_size")
         record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
         record.update(command=self.command, train_examples=len(self.train),
                       decomp_examples=len(self.decomp_set()), test_examples=len(self.test),
@@ -130,24 +130,26 @@ class Run:
                       argv=getattr(a, "command_line", None) or " ".join(sys.argv))
         return record
 
-    def base_model(self, name):
-        """Trained base model `name` (fc1..fc4): loaded from the cache file in --out when there,
-        else trained on the train set and saved. Records its test accuracy. Seeds torch's global
-        RNG with --seed for the initial weights."""
+    def base_model(self, name, seed=None):
+        """Trained base model `name` (fc1..fc4) of `seed` (default --seed): loaded from the
+        cache file in --out when there, else trained on the train set and saved. Records its
+        test accuracy under "<name>/s<seed>". Seeds torch's global RNG with the seed for the
+        initial weights."""
         a = self.args
+        seed = a.seed if seed is None else seed
         limit = "all" if a.limit is None else a.limit
         path = os.path.join(a.out, f"base_{a.dataset}_{name}_e{a.epochs_base}_n{limit}"
-                                   f"_s{a.seed}.pt")
-        torch.manual_seed(a.seed)
+                                   f"_s{seed}.pt")
+        torch.manual_seed(seed)
         model = MODELS[name](in_features=self.train.tensors[0][0].numel())
         if os.path.isfile(path):
             model.load_state_dict(torch.load(path))
             model.eval()
         else:
-            train_classifier(model, self.train, epochs=a.epochs_base, seed=a.seed,
+            train_classifier(model, self.train, epochs=a.epochs_base, seed=seed,
                              progress=False)
             torch.save(model.state_dict(), path)
-        self.base_accuracy[name] = evaluate(model, self.test)
+        self.base_accuracy[f"{name}/s{seed}"] = evaluate(model, self.test)
         return model
 
     def decomp_set(self):
@@ -156,18 +158,20 @@ class Run:
         return self.train if n is None or n >= len(self.train) else Subset(self.train, range(n))
 
     def decompose(self, model, alpha, density=None, shared_init=True, epochs=None,
-                  eval_set=None):
-        """Module stemming of `model` on the decomposition set (batch 32, shuffled by seed);
-        eval_set: evaluate the modules on it after every epoch (decompose's eval_set)."""
+                  eval_set=None, seed=None):
+        """Module stemming of `model` on the decomposition set (batch 32, shuffled by `seed`,
+        default --seed; scores drawn from it too); eval_set: evaluate the modules on it after
+        every epoch (decompose's eval_set)."""
         a = self.args
+        seed = a.seed if seed is None else seed
         data = self.decomp_set()
         loader = DataLoader(data, batch_size=a.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(a.seed))
+                            generator=torch.Generator().manual_seed(seed))
         return decompose(model, _LabelledLoader(loader, _labels(data)), NUM_CLASSES,
                          density=a.density if density is None else density, alpha=alpha, p=1,
                          epochs=a.epochs_decomp if epochs is None else epochs, lr=a.lr,
                          lr_schedule=a.lr_schedule, balance=a.balance,
-                         shared_init=shared_init, seed=a.seed, progress=False,
+                         shared_init=shared_init, seed=seed, progress=False,
                          eval_set=eval_set)
 
     def log(self, message):
@@ -234,48 +238,82 @@ def _num(v):
 # ---------------------------------------------------------------------------------------------
 # Commands
 
+def _table1_runs(run, name, seed):
+    """{method: result} of one base model (trained with `seed`) for Table 1."""
+    args = run.args
+    model = run.base_model(name, seed)
+    run.log(f"{name} seed {seed}: base test accuracy "
+            f"{run.base_accuracy[f'{name}/s{seed}']:.4f}")
+    out = {}
+    if "stemming" in args.methods:
+        bank = run.decompose(model, args.alpha, seed=seed)
+        out["stemming"] = {"ji": metrics.jaccard_index(bank),
+                           "acc": metrics.recomposed_accuracy(bank, run.test, range(NUM_CLASSES)),
+                           "history": bank.history}
+        run.log(f"{name} seed {seed}: stemming {out['stemming']['ji']:.3f} JI, "
+                f"{out['stemming']['acc']:.4f} acc")
+    for method in (m for m in BASELINES if m in args.methods):
+        try:
+            mods = decompose_pan_rajan(model, run.train, method)
+        except ValueError as e:  # a class without a confident positive (weak base model)
+            out[method] = {"ji": None, "value_ji": None, "acc": None, "error": str(e)}
+            continue
+        out[method] = {"ji": bool_mask_jaccard(mods.masks()),
+                       "value_ji": value_set_jaccard(mods), "acc": mods.accuracy(run.test)}
+        run.log(f"{name} seed {seed}: {method} {out[method]}")
+    return out
+
+
+def _mean_std(runs, key):
+    """(mean, sample std or None for one run) of runs[i][key] over the runs where it is set;
+    (None, None) when it is set in none."""
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return None, None
+    t = torch.tensor(vals, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(vals) > 1 else None)
+
+
+def _cell(mean, std, fmt):
+    if mean is None:
+        return "–"
+    return fmt(mean) + ("" if std is None else " ± " + fmt(std))
+
+
 def run_table1(args):
     """Table 1: mask JI and 10-class recomposed accuracy of module stemming and the three
-    Pan & Rajan baselines per model (plus the baselines' value-set JI, their published kind)."""
+    Pan & Rajan baselines per model (plus the baselines' value-set JI, their published kind),
+    averaged over --seeds (one base model and one decomposition per seed; ± sample std)."""
     run = Run("table1", args)
     paper = PAPER_TABLE1.get(args.dataset, {})
+    seeds = args.seeds or [args.seed]
+    per_seed = {name: {seed: _table1_runs(run, name, seed) for seed in seeds}
+                for name in args.models}
     results = {}
-    for name in args.models:
-        model = run.base_model(name)
-        run.log(f"{name}: base test accuracy {run.base_accuracy[name]:.4f}")
+    for name, by_seed in per_seed.items():
         results[name] = {}
-        if "stemming" in args.methods:
-            bank = run.decompose(model, args.alpha)
-            results[name]["stemming"] = {
-                "ji": metrics.jaccard_index(bank),
-                "acc": metrics.recomposed_accuracy(bank, run.test, range(NUM_CLASSES)),
-                "history": bank.history}
-            run.log(f"{name}: stemming {results[name]['stemming']['ji']:.3f} JI, "
-                    f"{results[name]['stemming']['acc']:.4f} acc")
-        for method in (m for m in BASELINES if m in args.methods):
-            try:
-                mods = decompose_pan_rajan(model, run.train, method)
-            except ValueError as e:  # a class without a confident positive (weak base model)
-                results[name][method] = {"ji": None, "value_ji": None, "acc": None,
-                                         "error": str(e)}
-                continue
-            results[name][method] = {"ji": bool_mask_jaccard(mods.masks()),
-                                     "value_ji": value_set_jaccard(mods),
-                                     "acc": mods.accuracy(run.test)}
-            run.log(f"{name}: {method} {results[name][method]}")
-    lines = [f"Table 1 ({args.dataset}, k = {args.density}, alpha = {args.alpha}): mask JI over "
-             "edge positions, value-set JI (Pan & Rajan's published kind, baselines only) and "
-             "10-class recomposed test accuracy (%); the paper's numbers beside ours.", "",
-             "| method | model | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
+        for method in next(iter(by_seed.values())):
+            runs = [dict(by_seed[s][method], seed=s) for s in seeds]
+            summary = {"runs": runs}
+            for key in ("ji", "value_ji", "acc"):
+                summary[key], summary[f"{key}_std"] = _mean_std(runs, key)
+            results[name][method] = summary
+    what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines = [f"Table 1 ({args.dataset}, k = {args.density}, alpha = {args.alpha}, {what}): mask "
+             "JI over edge positions, value-set JI (Pan & Rajan's published kind, baselines "
+             "only) and 10-class recomposed test accuracy (%); the paper's numbers beside ours.",
+             "", "| method | model | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
              "acc % (paper) |", "|---|---|---|---|---|---|---|"]
     for method in (m for m in BASELINES + ("stemming",) if m in args.methods):
         for name in args.models:
             r = results[name][method]
             ji_p, acc_p = paper.get(method, {}).get(name, (None, None))
             lines.append(
-                f"| {method} | {name.upper()} | {_num(r['ji'])} | "
-                f"{'–' if ji_p is None else f'{ji_p:.2f}'} | {_num(r.get('value_ji'))} | "
-                f"{_pct(r['acc'])} | {'–' if acc_p is None else f'{acc_p:.2f}'} |")
+                f"| {method} | {name.upper()} | {_cell(r['ji'], r['ji_std'], _num)} | "
+                f"{'–' if ji_p is None else f'{ji_p:.2f}'} | "
+                f"{_cell(r['value_ji'], r['value_ji_std'], _num)} | "
+                f"{_cell(r['acc'], r['acc_std'], _pct)} | "
+                f"{'–' if acc_p is None else f'{acc_p:.2f}'} |")
     return run.save(f"table1_{args.dataset}", "\n".join(lines), results)
 
 
@@ -462,6 +500,8 @@ def _add_command(sub, command):
         p.add_argument("--densities", type=_floats,
                        default=_floats(_DEFAULT_DENSITIES[command]))
     if command == "table1":
+        p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                       help="comma-separated seeds to average over (default: --seed alone)")
         p.add_argument("--methods", default=",".join(BASELINES + ("stemming",)),
                        type=lambda s: [m.strip().lower() for m in s.split(",")],
                        help="comma-separated subset of ti-i,ti-sne,cm-rie,stemming")

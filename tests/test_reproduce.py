@@ -48,15 +48,31 @@ def test_table1(out):
     r = res["fc1"]
     assert set(r) == {"stemming", *reproduce.BASELINES}
     assert 0 <= r["stemming"]["ji"] <= 1 and 0 <= r["stemming"]["acc"] <= 1
-    _history_ok(r["stemming"]["history"])
+    assert [run["seed"] for run in r["stemming"]["runs"]] == [0]
+    assert r["stemming"]["ji"] == r["stemming"]["runs"][0]["ji"] and r["stemming"]["ji_std"] is None
+    _history_ok(r["stemming"]["runs"][0]["history"])
     for method in reproduce.BASELINES:
         if r[method]["ji"] is None:  # base model too weak for a confident positive of a class
-            assert "error" in r[method]
+            assert "error" in r[method]["runs"][0]
             continue
         assert 0 <= r[method]["ji"] <= 1 and 0 <= r[method]["value_ji"] <= 1
         assert 0 <= r[method]["acc"] <= 1
     md = open(os.path.join(out, "table1_mnist.md")).read()
     assert "| stemming | FC1 |" in md and "0.60" in md and "96.47" in md  # paper beside ours
+
+
+def test_table1_over_seeds(out):
+    res = _run(out, "table1", "--models", "fc1", "--methods", "stemming", "--seeds", "0,1",
+               name="table1_mnist")
+    r = res["fc1"]["stemming"]
+    runs = r["runs"]
+    assert [run["seed"] for run in runs] == [0, 1] and runs[0]["ji"] != runs[1]["ji"]
+    for key in ("ji", "acc"):
+        a, b = runs[0][key], runs[1][key]
+        assert r[key] == pytest.approx((a + b) / 2)
+        assert r[f"{key}_std"] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two
+    md = open(os.path.join(out, "table1_mnist.md")).read()
+    assert f"{r['ji']:.3f} ± {r['ji_std']:.3f}" in md and "seeds [0, 1]" in md
 
 
 def test_table2(out):
