@@ -115,6 +115,8 @@ def test_figure3(out):
     assert len(res) == 2
     for r in res.values():
         _history_ok(r["history"], epochs=2)
+        assert r["test_module_acc"] == pytest.approx(
+            [sum(h["eval_module_acc"]) / 10 for h in r["history"]])
     png = os.path.join(out, "figure3_mnist.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
