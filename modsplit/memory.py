@@ -7,7 +7,6 @@ estimate_decompose_memory() adds these up; check_memory() compares the total wit
 available on the model's device and raises ModsplitMemoryError, with the fix, when it does not fit.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn

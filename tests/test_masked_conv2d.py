@@ -8,7 +8,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import modsplit
 from modsplit import functional, reference
