@@ -151,9 +151,9 @@ def test_acceptance_mnist_fc1():
         bank = decompose(model, _loader(train), 10, density=0.1, alpha=alpha, epochs=20, seed=0,
                          progress=False)
         runs[alpha] = _report(f"MNIST[5000] FC1 alpha={alpha}", base, bank, test, _PAIRS)
-    for alpha in (1.0, 0.0):  # the bar: within 2 points of the base model
+    for alpha in (1.0, 0.0):  # within 1 point of the base model (seen: +0.75 / +1.1 points)
         ten, two, _ = runs[alpha]
-        assert ten >= base - 0.02 and min(two) > 0.9
+        assert ten >= base - 0.01 and min(two) > 0.9
     assert runs[1.0][2] > runs[0.0][2] + 0.1  # stemming shares far more edges
 
 
