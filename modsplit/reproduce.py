@@ -11,8 +11,17 @@ Decomposition follows the paper's Table 4 (SGD, Nesterov momentum 0.9, lr 0.1, b
 with decompose()'s cosine learning-rate decay and density k = 0.1 unless told otherwise; base
 training follows Table 3 (lr 0.01, batch 64). Epoch counts and training-set limits are arguments because the paper's 100 base epochs and
 25-50 decomposition epochs on full sets do not fit a CPU budget: the outputs say what was run.
+
+`--base-protocol pan-rajan` builds base models the way Pan & Rajan (FSE 2020) built theirs, so
+that their baselines and module stemming can be compared on such models: every image of the run
+(train, decomposition and test sets) is divided by 255 once more, mimicking their Keras loader,
+which scales pixels twice (skimage's resize already maps uint8 to [0, 1], then /255), so the nets
+see inputs in [0, 1/255]; base models start from Glorot-uniform weights and zero biases and are
+trained with Adam (lr 1e-3, eps 1e-7, no weight decay), batch 32, for --epochs-base epochs (50
+in their script). `paper` (default) is the seed paper's Table 3 training on [0, 1] inputs.
 """
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -21,7 +30,7 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from modsplit import metrics, ops
 from modsplit.baselines import decompose_pan_rajan, value_set_jaccard
@@ -31,6 +40,7 @@ from modsplit.models import FC1, FC2, FC3, FC4
 from modsplit.train import evaluate, train_classifier
 
 MODELS = {"fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4}
+BASE_PROTOCOLS = ("paper", "pan-rajan")
 BASELINES = ("ti-i", "ti-sne", "cm-rie")
 NUM_CLASSES = 10
 
@@ -96,12 +106,70 @@ PAPER_TABLE6_OFF_DIAGONAL = (43.7, 46.6)
 # ---------------------------------------------------------------------------------------------
 # Shared steps
 
+def protocol_inputs(dataset, protocol):
+    """The images the base models of `protocol` see: `dataset` (TensorDataset of float32
+    [N, C, H, W] images in [0, 1] and int64 [N] labels) itself for "paper"; for "pan-rajan" a
+    new TensorDataset with the images divided by 255 once more (float32, in [0, 1/255]) and the
+    same labels, as Pan & Rajan's double scaling gives."""
+    if protocol == "paper":
+        return dataset
+    if protocol == "pan-rajan":
+        x, y = dataset.tensors
+        return TensorDataset(x / 255, y)
+    raise ValueError(f"unknown base protocol {protocol!r}; valid: {', '.join(BASE_PROTOCOLS)}")
+
+
+def base_training_kwargs(protocol):
+    """Keyword arguments of train_classifier (besides epochs and seed) for `protocol`: none for
+    "paper" (train_classifier's Table 3 defaults: SGD lr 0.01, Nesterov 0.9, weight decay 5e-4,
+    batch 64, PyTorch's default init); Keras-style Adam for "pan-rajan"."""
+    if protocol == "paper":
+        return {}
+    if protocol == "pan-rajan":
+        return dict(optimizer="adam", lr=1e-3, eps=1e-7, weight_decay=0.0, batch_size=32,
+                    init="glorot")
+    raise ValueError(f"unknown base protocol {protocol!r}; valid: {', '.join(BASE_PROTOCOLS)}")
+
+
+def base_training_settings(protocol):
+    """The base-training hyperparameters of `protocol` for the settings record: a JSON-able
+    dict of train_classifier's optimizer / init / batch arguments, base_training_kwargs over
+    train_classifier's defaults."""
+    defaults = inspect.signature(train_classifier).parameters
+    given = base_training_kwargs(protocol)
+    return {k: given.get(k, defaults[k].default)
+            for k in ("optimizer", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay",
+                      "batch_size", "init")}
+
+
+def base_cache_name(dataset, name, protocol, epochs, limit, seed):
+    """File name of a cached base model: today's `base_<dataset>_<name>_e<epochs>_n<limit>
+    _s<seed>.pt` for "paper" (so existing caches stay valid), with `_<protocol>` after the model
+    name otherwise. limit: an int or None (all)."""
+    tag = "" if protocol == "paper" else f"_{protocol}"
+    return (f"base_{dataset}_{name}{tag}_e{epochs}_n{'all' if limit is None else limit}"
+            f"_s{seed}.pt")
+
+
+@torch.no_grad()
+def dead_units(model, dataset, batch_size=4096):
+    """Number of units of the model's first Linear layer (an int) whose pre-activation is <= 0
+    on every example of `dataset` (images float32 [N, C, H, W]; inputs flattened to [N, I])."""
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    alive = torch.zeros(first.out_features, dtype=torch.bool)
+    x = dataset.tensors[0]
+    for i in range(0, len(x), batch_size):
+        alive |= (first(x[i:i + batch_size].flatten(1)) > 0).any(0)
+    return int((~alive).sum())
+
+
 class Run:
     """One command's context: data, settings record, output folder and base-model cache.
 
     args: the parsed arguments (dataset, epochs_base, epochs_decomp, limit, decomp_limit,
-    seed, out, threads, data_dir). The train set is the first `limit` examples (all when None);
-    the test set is always complete.
+    seed, out, threads, data_dir, base_protocol). The train set is the first `limit` examples
+    (all when None); the test set is always complete. Both are the inputs of --base-protocol
+    (protocol_inputs), so base training, both decompositions and every evaluation see them.
     """
 
     def __init__(self, command, args):
@@ -109,19 +177,26 @@ class Run:
         if args.threads:
             torch.set_num_threads(args.threads)
         os.makedirs(args.out, exist_ok=True)
-        self.train = load_dataset(args.dataset, "train", args.data_dir, args.limit)
-        self.test = load_dataset(args.dataset, "test", args.data_dir)
-        self.base_accuracy = {}
+        self.protocol = getattr(args, "base_protocol", "paper")
+        self.train = protocol_inputs(
+            load_dataset(args.dataset, "train", args.data_dir, args.limit), self.protocol)
+        self.test = protocol_inputs(load_dataset(args.dataset, "test", args.data_dir),
+                                    self.protocol)
+        self.base_accuracy, self.base_dead_units = {}, {}
 
     def settings(self):
         """The settings and timing of this run, as a JSON-able dict."""
         a = self.args
         keys = ("dataset", "models", "epochs_base", "epochs_decomp", "limit", "decomp_limit",
-                "seed", "seeds", "methods", "alpha", "alphas", "density", "densities", "lr", "lr_schedule", "balance", "batch_size")
+                "seed", "seeds", "methods", "alpha", "alphas", "density", "densities", "lr",
+                "lr_schedule", "balance", "batch_size")
         record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
-        record.update(command=self.command, train_examples=len(self.train),
+        record.update(command=self.command, base_protocol=self.protocol,
+                      base_training=base_training_settings(self.protocol),
+                      train_examples=len(self.train),
                       decomp_examples=len(self.decomp_set()), test_examples=len(self.test),
                       base_test_accuracy=self.base_accuracy,
+                      base_dead_units=self.base_dead_units,
                       wall_time_s=round(time.time() - self.start, 1),
                       machine=f"{platform.node()} ({platform.machine()}, "
                               f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -132,14 +207,14 @@ class Run:
 
     def base_model(self, name, seed=None):
         """Trained base model `name` (fc1..fc4) of `seed` (default --seed): loaded from the
-        cache file in --out when there, else trained on the train set and saved. Records its
-        test accuracy under "<name>/s<seed>". Seeds torch's global RNG with the seed for the
-        initial weights."""
+        cache file in --out when there (base_cache_name: one file per protocol), else trained on
+        the train set as --base-protocol says (base_training_kwargs) and saved. Records its test
+        accuracy and its number of dead first-layer units on the train set (dead_units) under
+        "<name>/s<seed>". Seeds torch's global RNG with the seed for the initial weights."""
         a = self.args
         seed = a.seed if seed is None else seed
-        limit = "all" if a.limit is None else a.limit
-        path = os.path.join(a.out, f"base_{a.dataset}_{name}_e{a.epochs_base}_n{limit}"
-                                   f"_s{seed}.pt")
+        path = os.path.join(a.out, base_cache_name(a.dataset, name, self.protocol,
+                                                   a.epochs_base, a.limit, seed))
         torch.manual_seed(seed)
         model = MODELS[name](in_features=self.train.tensors[0][0].numel())
         if os.path.isfile(path):
@@ -147,9 +222,10 @@ class Run:
             model.eval()
         else:
             train_classifier(model, self.train, epochs=a.epochs_base, seed=seed,
-                             progress=False)
+                             progress=False, **base_training_kwargs(self.protocol))
             torch.save(model.state_dict(), path)
         self.base_accuracy[f"{name}/s{seed}"] = evaluate(model, self.test)
+        self.base_dead_units[f"{name}/s{seed}"] = dead_units(model, self.train)
         return model
 
     def decomp_set(self):
@@ -182,9 +258,12 @@ class Run:
         """Print the Markdown report and write <out>/<name>.md and <out>/<name>.json."""
         settings = self.settings()
         text = (f"{markdown}\n\nSettings: " + ", ".join(
-            f"{k}={v}" for k, v in settings.items() if k not in ("argv", "base_test_accuracy"))
+            f"{k}={v}" for k, v in settings.items()
+            if k not in ("argv", "base_test_accuracy", "base_dead_units"))
             + "\n\nBase test accuracy: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in settings["base_test_accuracy"].items())
+            + "\n\nDead first-layer units (never active on the train set): " + ", ".join(
+                f"{k} {v}" for k, v in settings["base_dead_units"].items())
             + f"\n\nCommand: `{settings['argv']}`\n")
         print(text)
         with open(os.path.join(self.args.out, f"{name}.md"), "w") as f:
@@ -482,7 +561,12 @@ def _add_command(sub, command):
                    type=lambda s: [m.strip().lower() for m in s.split(",")],
                    help="comma-separated subset of fc1,fc2,fc3,fc4")
     p.add_argument("--epochs-base", type=int, default=20,
-                   help="base training epochs (paper 100)")
+                   help="base training epochs (paper 100; Pan & Rajan 50)")
+    p.add_argument("--base-protocol", default="paper", choices=BASE_PROTOCOLS,
+                   help="how base models are built: 'paper' (Table 3: SGD, inputs in [0, 1]) or "
+                        "'pan-rajan' (their Keras script: inputs divided by 255 once more, i.e. "
+                        "in [0, 1/255], as their double scaling gives; Glorot-uniform init, zero "
+                        "biases, Adam lr 1e-3 eps 1e-7, batch 32)")
     p.add_argument("--epochs-decomp", type=int, default=10,
                    help="decomposition epochs (paper 25-50)")
     p.add_argument("--limit", type=int, default=None, help="use the first N training examples")

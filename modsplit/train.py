@@ -8,6 +8,14 @@ in the references it follows, and that is the default here. For CIFAR-100 / WRN-
 gives lr 0.1, batch 256, 200 epochs and a step decay at epochs 60, 120, 160 by "0.02", read as
 the factor 0.2 of the WRN reference: ``train_classifier(..., lr=0.1, batch_size=256,
 milestones=(60, 120, 160), gamma=0.2)``.
+
+``optimizer="adam"`` and ``init="glorot"`` give Keras-style training instead (Adam, Glorot-uniform
+weights, zero biases), as Pan & Rajan (FSE 2020) trained the FC nets of the paper's baselines:
+``train_classifier(..., optimizer="adam", lr=1e-3, eps=1e-7, weight_decay=0, batch_size=32,
+init="glorot")``. torch's Adam adds ``eps`` to the bias-corrected sqrt(v_hat), Keras's to the
+uncorrected sqrt(v) (its "epsilon hat"), so Keras's eps corresponds to a torch eps of
+eps / sqrt(1 - beta2^t): larger in the first few thousand steps (3e-6 at step 1 for 1e-7), the
+same afterwards. We use torch's Adam as it is.
 """
 import torch
 from torch import nn
@@ -50,25 +58,65 @@ def random_crop_flip(x, padding=4):
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+OPTIMIZERS = ("sgd", "adam")
+INITS = (None, "glorot")
+
+
+def glorot_init_(model):
+    """Re-initialise ``model`` in place the Keras way: the weight of every Linear and Conv layer
+    (float [O, I] or [O, I, *K]) uniform in +-sqrt(6 / (fan_in + fan_out)) (Glorot / Xavier
+    uniform, gain 1), every such bias zero. Draws from torch's global RNG; returns the model.
+    Other layers (e.g. BatchNorm) keep their parameters."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def make_optimizer(params, optimizer="sgd", *, lr, momentum=0.9, nesterov=True,
+                   weight_decay=5e-4, betas=(0.9, 0.999), eps=1e-8):
+    """A torch optimizer over ``params``: "sgd" (momentum, nesterov, weight_decay) or "adam"
+    (betas, eps, weight_decay as torch's L2 term; 0 for Keras's Adam). Arguments that the chosen
+    optimizer does not have are ignored; raises ValueError for an unknown name."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                               weight_decay=weight_decay)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
 def train_classifier(model, train_set, *, epochs, lr=0.01, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, batch_size=64, seed=0, device="cpu", progress=True,
-                     augment=None, milestones=None, gamma=0.2):
-    """Train ``model`` in place with cross-entropy and SGD; returns the model (in eval mode).
+                     augment=None, milestones=None, gamma=0.2, optimizer="sgd",
+                     betas=(0.9, 0.999), eps=1e-8, init=None):
+    """Train ``model`` in place with cross-entropy; returns the model (in eval mode).
 
     train_set: dataset of (float32 [C, H, W], int64 label) pairs. ``augment``: optional function
     float [B, C, H, W] -> float [B, C, H, W] applied to each training batch on ``device`` (e.g.
     ``random_crop_flip``). ``milestones``: epochs at which the learning rate is multiplied by
     ``gamma`` (MultiStepLR); None keeps it constant. weight_decay defaults to 5e-4 (the paper's
-    Table 3 says 5e-1, a typo; see the module docstring).
+    Table 3 says 5e-1, a typo; see the module docstring). ``optimizer``: "sgd" (default; uses
+    momentum, nesterov) or "adam" (uses betas, eps); see make_optimizer. ``init``: None keeps the
+    model's weights; "glorot" re-initialises them first with glorot_init_ (Keras's defaults),
+    drawing from torch's global RNG seeded with ``seed``.
 
     Deterministic for a given ``seed`` on CPU: the shuffle uses a generator seeded with it and
     dropout / augmentation draw from torch's global RNG, seeded with it inside a forked RNG
     state (the caller's global RNG state is left untouched).
     """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: None, 'glorot'")
     device = torch.device(device)
+    if init == "glorot":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            glorot_init_(model)
     model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
-                          weight_decay=weight_decay)
+    opt = make_optimizer(model.parameters(), optimizer, lr=lr, momentum=momentum,
+                         nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps)
     sched = (torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma)
              if milestones else None)
     gen = torch.Generator().manual_seed(seed)

@@ -5,8 +5,13 @@ import json
 import os
 
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
 from modsplit import reproduce
+from modsplit.data import load_dataset, read_idx
+from modsplit.models import FC1
+from modsplit.train import evaluate, train_classifier
 from tests.conftest import shared_path
 
 pytestmark = pytest.mark.skipif(
@@ -23,7 +28,7 @@ def out(tmp_path_factory):
     return str(tmp_path_factory.mktemp("reproduce"))
 
 
-def _run(out, command, *extra, name, epochs=1):
+def _run(out, command, *extra, name, epochs=1, protocol="paper"):
     assert reproduce.main_reproduce([command, *TINY, "--out", out, *extra]) == 0
     assert os.path.isfile(os.path.join(out, f"{name}.md"))
     with open(os.path.join(out, f"{name}.json")) as f:
@@ -33,6 +38,9 @@ def _run(out, command, *extra, name, epochs=1):
     assert s["limit"] == 3000 and s["train_examples"] == 3000 and s["test_examples"] == 10000
     assert s["wall_time_s"] >= 0 and s["machine"]
     assert all(0 <= v <= 1 for v in s["base_test_accuracy"].values())
+    assert s["base_protocol"] == protocol
+    assert s["base_dead_units"].keys() == s["base_test_accuracy"].keys()
+    assert all(0 <= v <= 49 for v in s["base_dead_units"].values())
     return data["results"]
 
 
@@ -73,6 +81,75 @@ def test_table1_over_seeds(out):
         assert r[f"{key}_std"] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two
     md = open(os.path.join(out, "table1_mnist.md")).read()
     assert f"{r['ji']:.3f} ± {r['ji_std']:.3f}" in md and "seeds [0, 1]" in md
+
+
+def test_base_protocol_pan_rajan(out):
+    """--base-protocol pan-rajan: its own cache file, a model trained on inputs / 255 / 255 with
+    Keras-style Adam from Glorot init, evaluated and decomposed on those inputs; `paper` keeps
+    today's cache name."""
+    res = _run(out, "table1", "--models", "fc1", "--methods", "ti-i,stemming",
+               "--base-protocol", "pan-rajan", name="table1_mnist", protocol="pan-rajan")
+    _run(out, "table1", "--models", "fc1", "--methods", "ti-i", name="table1_mnist")
+    assert set(res["fc1"]) == {"ti-i", "stemming"}
+    paper_file = os.path.join(out, "base_mnist_fc1_e4_n3000_s0.pt")
+    pr_file = os.path.join(out, "base_mnist_fc1_pan-rajan_e4_n3000_s0.pt")
+    assert os.path.isfile(paper_file) and os.path.isfile(pr_file)
+    paper_sd, pr_sd = torch.load(paper_file), torch.load(pr_file)
+    assert not torch.equal(paper_sd["1.weight"], pr_sd["1.weight"])
+
+    # retrain independently: uint8 pixels / 255 (the loader's [0, 1]) / 255 (their double
+    # scaling) -> [0, 1/255], Keras-style Adam from Glorot init
+    x, y = load_dataset("mnist", "train", limit=3000).tensors
+    raw = torch.from_numpy(
+        read_idx(shared_path("data", "mnist", "train-images-idx3-ubyte"))[:3000].copy())
+    assert torch.equal(x, raw.float().unsqueeze(1) / 255)
+    pr_x = raw.float().unsqueeze(1) / 255 / 255
+    assert pr_x.max() <= 1 / 255 and pr_x.max() > 0.9 / 255
+    scaled = TensorDataset(pr_x, y)
+    torch.manual_seed(0)
+    model = FC1()
+    train_classifier(model, scaled, epochs=4, seed=0, optimizer="adam", lr=1e-3, eps=1e-7,
+                     weight_decay=0.0, batch_size=32, init="glorot", progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, pr_sd[k], atol=1e-6), k
+
+    # the recorded accuracy is on the doubly scaled test set, not on the usual one
+    with open(os.path.join(out, "table1_mnist.json")) as f:  # the paper run just above
+        assert json.load(f)["settings"]["base_protocol"] == "paper"
+    args = reproduce.argparse.Namespace(
+        dataset="mnist", limit=3000, data_dir=None, out=out, threads=1, epochs_base=4, seed=0,
+        decomp_limit=1000, base_protocol="pan-rajan")
+    run = reproduce.Run("table1", args)
+    test_x, test_y = load_dataset("mnist", "test").tensors
+    assert torch.equal(run.test.tensors[0], test_x / 255)
+    assert torch.equal(run.decomp_set()[999][0], x[999] / 255)
+    loaded = run.base_model("fc1")
+    acc = run.base_accuracy["fc1/s0"]
+    assert acc == evaluate(model, TensorDataset(test_x / 255, test_y))
+    assert acc != evaluate(loaded, TensorDataset(test_x, test_y))
+    assert run.settings()["base_protocol"] == "pan-rajan"
+    assert run.settings()["base_training"] == reproduce.base_training_settings("pan-rajan")
+    assert run.base_dead_units["fc1/s0"] == int(
+        ((pr_x.flatten(1) @ model[1].weight.T + model[1].bias) <= 0).all(0).sum())
+
+
+def test_base_protocol_helpers():
+    assert reproduce.base_cache_name("mnist", "fc2", "paper", 20, None, 1) == \
+        "base_mnist_fc2_e20_nall_s1.pt"  # unchanged for existing caches
+    assert "pan-rajan" in reproduce.base_cache_name("mnist", "fc2", "pan-rajan", 20, None, 1)
+    assert reproduce.base_training_kwargs("paper") == {}
+    paper, pr = (reproduce.base_training_settings(p) for p in reproduce.BASE_PROTOCOLS)
+    assert (paper["optimizer"], paper["lr"], paper["batch_size"], paper["init"]) == \
+        ("sgd", 0.01, 64, None)  # train_classifier's defaults: the paper's Table 3
+    assert (pr["optimizer"], pr["lr"], pr["eps"], pr["weight_decay"], pr["batch_size"],
+            pr["init"]) == ("adam", 1e-3, 1e-7, 0.0, 32, "glorot")
+    with pytest.raises(ValueError):
+        reproduce.protocol_inputs(TensorDataset(torch.ones(1, 1, 2, 2), torch.zeros(1)), "x")
+    parser = argparse.ArgumentParser()
+    reproduce.add_reproduce_parser(parser.add_subparsers())
+    assert parser.parse_args(["reproduce", "table1"]).base_protocol == "paper"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["reproduce", "table1", "--base-protocol", "keras"])
 
 
 def test_table2(out):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -65,3 +67,64 @@ def test_predict_logits_and_evaluate_restore_mode():
     assert logits.shape == (50, 10) and logits.dtype == torch.float32
     acc = evaluate(m, ds)
     assert 0.0 <= acc <= 1.0 and m.training
+
+
+def _glorot_bound(weight):
+    return (6 / (weight.shape[0] + weight.shape[1])) ** 0.5
+
+
+def test_glorot_init_bounds_zero_bias_and_seeded():
+    ds = load_dataset("digits", limit=32)
+    models = []
+    for torch_seed in (1, 2):  # the init draws from `seed`, not from the caller's RNG state
+        torch.manual_seed(torch_seed)
+        model = FC1(in_features=64)
+        before = torch.get_rng_state()
+        models.append(train_classifier(model, ds, epochs=0, seed=7, init="glorot",
+                                       progress=False))
+        assert torch.equal(torch.get_rng_state(), before)
+    a, b = models
+    for layer in (a[1], a[3]):
+        w, bound = layer.weight, _glorot_bound(layer.weight)
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert w.abs().max() <= bound
+        # uniform on [-bound, bound]: std bound / sqrt(3); 64x49 and 49x10 draws
+        assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+    torch.manual_seed(1)
+    default = FC1(in_features=64)  # PyTorch's init: bound 1/sqrt(fan_in), nonzero biases
+    assert default[1].bias.abs().sum() > 0 and not torch.equal(default[1].weight, a[1].weight)
+
+
+def test_adam_first_step_closed_form_and_torch_adam():
+    """One full-batch step: Adam's first update is p - lr * g / (|g| + eps) (m_hat = g,
+    v_hat = g^2), and equals torch.optim.Adam's step on a copy."""
+    ds = load_dataset("digits", limit=40)
+    torch.manual_seed(3)
+    model = FC1(in_features=64)
+    start = copy.deepcopy(model)
+    x, y = ds.tensors
+    loss = torch.nn.functional.cross_entropy(start(x), y)
+    grads = torch.autograd.grad(loss, list(start.parameters()))
+    lr, eps = 1e-3, 1e-7
+    train_classifier(model, ds, epochs=1, batch_size=40, optimizer="adam", lr=lr, eps=eps,
+                     weight_decay=0.0, seed=0, progress=False)
+    ref = copy.deepcopy(start)
+    opt = torch.optim.Adam(ref.parameters(), lr=lr, eps=eps)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    opt.step()
+    for p, p0, g, r in zip(model.parameters(), start.parameters(), grads, ref.parameters()):
+        expected = p0 - lr * g / (g.abs() + eps)
+        assert torch.allclose(p, expected, atol=1e-6, rtol=0), (p - expected).abs().max()
+        assert torch.allclose(p, r, atol=1e-6, rtol=0)
+        assert not torch.equal(p, p0)
+
+
+def test_unknown_optimizer_or_init():
+    ds = load_dataset("digits", limit=8)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_classifier(FC1(in_features=64), ds, epochs=1, optimizer="rmsprop", progress=False)
+    with pytest.raises(ValueError, match="init"):
+        train_classifier(FC1(in_features=64), ds, epochs=1, init="he", progress=False)
