@@ -9,8 +9,9 @@ Markdown table with the paper's numbers beside ours and writes `<out>/<name>.md`
 
 Decomposition follows the paper's Table 4 (SGD, Nesterov momentum 0.9, lr 0.1, batch 32, p = 1)
 with decompose()'s cosine learning-rate decay and density k = 0.1 unless told otherwise; base
-training follows Table 3 (lr 0.01, batch 64). Epoch counts and training-set limits are arguments because the paper's 100 base epochs and
-25-50 decomposition epochs on full sets do not fit a CPU budget: the outputs say what was run.
+training follows Table 3 (lr 0.01, batch 64). Epoch counts and training-set limits are
+arguments because the paper's 100 base epochs and 25-50 decomposition epochs on full sets do not
+fit a CPU budget: the outputs say what was run.
 
 `--base-protocol pan-rajan` builds base models the way Pan & Rajan (FSE 2020) built theirs, so
 that their baselines and module stemming can be compared on such models: every image of the run
