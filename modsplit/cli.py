@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="learning-rate schedule over the epochs (default cosine)")
     _add(p, "--no-balance", "decompose.balance", action="store_const", const=False,
          help="plain cross-entropy instead of the class-weighted (1:1) one")
+    _add(p, "--eval-test", "decompose.eval_test", action="store_const", const=True,
+         help="score the modules on the test set after every epoch (history, history.png)")
     _add(p, "--batch-size", "decompose.batch_size", type=int)
     _add(p, "--classes", "decompose.classes", type=class_list,
          help="build modules for these classes only (default all)")

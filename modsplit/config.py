@@ -41,6 +41,7 @@ DEFAULTS = {
         "lr": 0.1,
         "lr_schedule": "cosine",  # or "constant"
         "balance": True,     # class-weighted CE (1:1 positive/negative); False: plain CE
+        "eval_test": False,  # score the modules on the test set after every epoch
         "batch_size": 32,
         "classes": None,     # class ids to build modules for (None: all)
         "checkpoint_dir": None,  # checkpoint every epoch there; a rerun resumes from it

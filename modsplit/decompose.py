@@ -202,7 +202,10 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     checkpoint_dir: write a checkpoint (modsplit.checkpoint, atomic) there at the end of every
     epoch and, with checkpoint_every=N, after every N steps of an epoch; with resume=True an
     existing checkpoint is loaded first and training goes on from it (the batches of the epoch
-    already trained are skipped), ending with the same bank as an uninterrupted run.
+    already trained are skipped), ending with the same bank as an uninterrupted run. Resuming
+    with a larger `epochs` extends the run; under the cosine schedule the epochs still to come
+    then follow the new total's schedule, so the bank equals a straight run of that many epochs
+    only when the epochs already done had the same rates (e.g. 1 epoch, then 2).
     check_memory: raise modsplit.memory.ModsplitMemoryError up front when the modules will not
     fit (memory.estimate_decompose_memory / check_memory).
     distributed: None, or "auto"/True to shard the modules over the initialised

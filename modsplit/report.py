@@ -2,7 +2,7 @@
 
 write_report(out, bank, evaluation) writes into folder `out`:
   history.png       per-epoch RPs (pair and all modules), Jaccard index and module accuracy
-                    from bank.history;
+                    (training; test too when decomposed with an eval_set) from bank.history;
   module_class.png  the module x class accuracy matrix (the paper's Table 6);
   layers.png        mask overlap per masked layer: density, JI, union of all modules;
   report.md         the settings, the tables and the three plots.
@@ -43,9 +43,15 @@ def _plot_history(history, path):
     left.legend()
     for ax in (left, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.plot(epochs, [h["module_acc"] for h in history], marker="o", color="tab:green")
-    right.set(xlabel="epoch", ylabel="balanced accuracy",
-              title="Module training accuracy per epoch")
+    right.plot(epochs, [h["module_acc"] for h in history], marker="o", color="tab:green",
+               label="modules, train (1:1)")
+    if "eval_module_acc" in history[0]:  # decompose(eval_set=...) / --eval-test
+        right.plot(epochs, [sum(h["eval_module_acc"]) / len(h["eval_module_acc"])
+                            for h in history], marker="o", label="modules, test (1:1)")
+        right.plot(epochs, [h["eval_acc"] for h in history], marker="o",
+                   label="all modules' vote, test")
+    right.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from modsplit import ModuleBank, cli, config, data, model_io
+from modsplit.metrics import recomposed_accuracy
 
 TINY = ["--quiet", "--limit", "300", "--test-limit", "120"]
 
@@ -52,6 +53,21 @@ def test_decompose_writes_bank_metrics_plots(runs):
     assert len(metrics["modules"]) == 10 and len(metrics["matrix"]) == 10
     assert metrics["subsets"][0]["classes"] == [0, 1]
     assert "![module x class](module_class.png)" in (out / "report.md").read_text()
+
+
+def test_eval_test_scores_every_epoch(runs, tmp_path):
+    assert run("decompose", "--config", runs / "train" / "config.yaml", "--epochs", 2,
+               "--eval-test", "--out", tmp_path, "--quiet") == 0
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [len(h["eval_module_acc"]) for h in history] == [10, 10]
+    assert all(0 <= h["eval_acc"] <= 1 for h in history)
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert cfg["decompose"]["eval_test"] is True
+    model = model_io.load_file(runs / "train" / "model.pt")
+    bank = ModuleBank.load(tmp_path / "bank.msb", model)
+    test = data.load_dataset("digits", "test", limit=120)
+    assert history[-1]["eval_acc"] == pytest.approx(recomposed_accuracy(bank, test, range(10)))
+    assert (tmp_path / "history.png").is_file()
 
 
 def test_config_written_back_reproduces_the_run(runs, tmp_path):
@@ -174,7 +190,8 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path):
 
 def test_decompose_checkpoints_and_a_rerun_resumes(runs, tmp_path):
     """--checkpoint-dir: the run leaves a checkpoint; rerunning with more epochs resumes from it
-    and gives the bank of a run that went straight to that many epochs."""
+    and gives the bank of a run that went straight to that many epochs (1 then 2 epochs: the
+    cosine rate of epoch 1 is the full rate whatever the total)."""
     ckpt = tmp_path / "ckpt"
     args = ("decompose", "--config", runs / "train" / "config.yaml", "--quiet")
     assert run(*args, "--epochs", 1, "--checkpoint-dir", ckpt, "--out", tmp_path / "a") == 0
