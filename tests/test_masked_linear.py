@@ -41,7 +41,7 @@ def make_layer(o, i, density, dtype, device, k=None):
     return weight, R.pack_mask(mask, batch_dims=len(lead)), bias
 
 
-def check_against_ref(got, ref_fn, args):
+def assert_matches_ref(got, ref_fn, args):
     """got (a tensor, None, or a tuple of them) vs ref_fn(*args) run in float64; the error bound
     comes from ref_fn run on args as given (the kernel's dtype)."""
     up = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
@@ -58,27 +58,27 @@ def check_against_ref(got, ref_fn, args):
         assert err <= 2 * ref_err + FLOOR[t.dtype] * scale, (err, ref_err)
 
 
-def run_single(device, o, i, batch, density, dtype):
+def assert_single_matches_ref(device, o, i, batch, density, dtype):
     weight, packed, bias = make_layer(o, i, density, dtype, device)
     x = torch.randn(*batch, i, dtype=dtype, device=device)
     b = bias if (o + i + len(batch)) % 2 == 0 else None
-    check_against_ref(ops.masked_linear(x, weight, packed, b),
+    assert_matches_ref(ops.masked_linear(x, weight, packed, b),
                       lambda x, w, b: R.masked_linear(x, w, packed, b), (x, weight, b))
     g = torch.randn(*batch, o, dtype=dtype, device=device)
-    check_against_ref(_ops.masked_linear_backward(g, x, weight, packed, [True, True, True]),
+    assert_matches_ref(_ops.masked_linear_backward(g, x, weight, packed, [True, True, True]),
                       lambda g, x, w: R.masked_linear_backward(g, x, w, packed), (g, x, weight))
 
 
-def run_multi(device, o, i, shared, k, batch, density, dtype):
+def assert_multi_matches_ref(device, o, i, shared, k, batch, density, dtype):
     weight, packed, bias = make_layer(o, i, density, dtype, device, k=k)
     x = torch.randn(*(() if shared else (k,)), *batch, i, dtype=dtype, device=device)
     b = bias if k % 2 else None
     y = ops.multi_masked_linear(x, weight, packed, b, shared)
     assert y.shape == (k, *batch, o)
-    check_against_ref(y, lambda x, w, b: R.multi_masked_linear(x, w, packed, b, shared),
+    assert_matches_ref(y, lambda x, w, b: R.multi_masked_linear(x, w, packed, b, shared),
                       (x, weight, b))
     g = torch.randn(k, *batch, o, dtype=dtype, device=device)
-    check_against_ref(
+    assert_matches_ref(
         _ops.multi_masked_linear_backward(g, x, weight, packed, shared, [True, True, True]),
         lambda g, x, w: R.multi_masked_linear_backward(g, x, w, packed, shared), (g, x, weight))
 
@@ -87,7 +87,7 @@ def run_multi(device, o, i, shared, k, batch, density, dtype):
 @pytest.mark.parametrize("batch", BATCHES, ids=str)
 @pytest.mark.parametrize("o,i", SHAPES)
 def test_masked_linear_float32(device, o, i, batch, density):
-    run_single(device, o, i, batch, density, torch.float32)
+    assert_single_matches_ref(device, o, i, batch, density, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
@@ -95,7 +95,7 @@ def test_masked_linear_float32(device, o, i, batch, density):
 @pytest.mark.parametrize("batch", [(5,), (3, 7)], ids=str)
 @pytest.mark.parametrize("o,i", [(13, 31), (67, 257)])
 def test_masked_linear_dtypes(device, o, i, batch, density, dtype):
-    run_single(device, o, i, batch, density, dtype)
+    assert_single_matches_ref(device, o, i, batch, density, dtype)
 
 
 @pytest.mark.parametrize("density", ["tiny", 0.1, 1.0])
@@ -104,14 +104,14 @@ def test_masked_linear_dtypes(device, o, i, batch, density, dtype):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("o,i", [(13, 31), (67, 257)])
 def test_multi_masked_linear_float32(device, o, i, shared, k, batch, density):
-    run_multi(device, o, i, shared, k, batch, density, torch.float32)
+    assert_multi_matches_ref(device, o, i, shared, k, batch, density, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("density", [0.1, 1.0])
 @pytest.mark.parametrize("shared", [False, True])
 def test_multi_masked_linear_dtypes(device, shared, density, dtype):
-    run_multi(device, 33, 67, shared, 4, (3, 7), density, dtype)
+    assert_multi_matches_ref(device, 33, 67, shared, 4, (3, 7), density, dtype)
 
 
 @pytest.mark.parametrize("output_mask", list(itertools.product([False, True], repeat=3)), ids=str)

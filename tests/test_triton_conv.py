@@ -32,7 +32,7 @@ def _problem(case, k, multi, shared, density=0.5):
     return x, weight, packed, torch.randn(o), (stride, padding, dilation, groups)
 
 
-def _close(got, expected):
+def _assert_close_cpu(got, expected):
     torch.testing.assert_close(got.cpu(), expected, **TOL)
 
 
@@ -44,11 +44,11 @@ def _d(*tensors):
 def test_masked_conv2d(case):
     x, weight, packed, bias, args = _problem(CASES[case], 1, False, True)
     y = T.masked_conv2d(*_d(x, weight, packed, bias), *args)
-    _close(y, ref.masked_conv2d(x, weight, packed, bias, *args))
+    _assert_close_cpu(y, ref.masked_conv2d(x, weight, packed, bias, *args))
     g = torch.randn(y.shape)
     got = T.masked_conv2d_backward(*_d(g, x, weight, packed), *args, [True, True, True])
     for a, e in zip(got, ref.masked_conv2d_backward(g, x, weight, packed, *args)):
-        _close(a, e)
+        _assert_close_cpu(a, e)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -56,11 +56,11 @@ def test_masked_conv2d(case):
 def test_multi_masked_conv2d(case, k, shared):
     x, weight, packed, bias, args = _problem(CASES[case], k, True, shared)
     y = T.multi_masked_conv2d(*_d(x, weight, packed, bias), *args)
-    _close(y, ref.multi_masked_conv2d(x, weight, packed, bias, *args))
+    _assert_close_cpu(y, ref.multi_masked_conv2d(x, weight, packed, bias, *args))
     g = torch.randn(y.shape)
     got = T.multi_masked_conv2d_backward(*_d(g, x, weight, packed), *args, [True, True, True])
     for a, e in zip(got, ref.multi_masked_conv2d_backward(g, x, weight, packed, *args)):
-        _close(a, e)
+        _assert_close_cpu(a, e)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -73,11 +73,11 @@ def test_autograd_exact_weight_grad(shared):
     y.backward(g)
     T.multi_masked_conv2d(dev[0], dev[1], packed.to(DEVICE), dev[2], *args).backward(g.to(DEVICE))
     for a, e in zip(dev, leaves):
-        _close(a.grad, e.grad)
+        _assert_close_cpu(a.grad, e.grad)
 
 
 def test_noncontiguous_input():
     x, weight, packed, bias, args = _problem(CASES[0], 3, True, True)
     x = x.transpose(2, 3).contiguous().transpose(2, 3)
-    _close(T.multi_masked_conv2d(*_d(x, weight, packed, bias), *args),
+    _assert_close_cpu(T.multi_masked_conv2d(*_d(x, weight, packed, bias), *args),
            ref.multi_masked_conv2d(x, weight, packed, bias, *args))

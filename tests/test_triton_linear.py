@@ -25,7 +25,7 @@ def _d(*tensors):
     return [t.to(DEVICE) if t is not None else None for t in tensors]
 
 
-def _close(got, expected, **tol):
+def _assert_close_cpu(got, expected, **tol):
     torch.testing.assert_close(got.cpu(), expected, **(tol or TOL))
 
 
@@ -41,11 +41,11 @@ def _problem(o, i, k, density=0.5, batch=(2, 3), shared=False, bias=True):
 def test_masked_linear(o, i, bias):
     x, weight, packed, b = _problem(o, i, 1, batch=(5,), shared=True, bias=bias)
     packed = packed[0]
-    _close(T.masked_linear(*_d(x, weight, packed, b)), ref.masked_linear(x, weight, packed, b))
+    _assert_close_cpu(T.masked_linear(*_d(x, weight, packed, b)), ref.masked_linear(x, weight, packed, b))
     g = torch.randn(5, o)
     got = T.masked_linear_backward(*_d(g, x, weight, packed), [True, True, True])
     for a, e in zip(got, ref.masked_linear_backward(g, x, weight, packed)):
-        _close(a, e)
+        _assert_close_cpu(a, e)
 
 
 @pytest.mark.parametrize("o,i", SIZES)
@@ -54,11 +54,11 @@ def test_masked_linear(o, i, bias):
 def test_multi_masked_linear(o, i, k, shared):
     x, weight, packed, b = _problem(o, i, k, shared=shared)
     y = T.multi_masked_linear(*_d(x, weight, packed, b), shared)
-    _close(y, ref.multi_masked_linear(x, weight, packed, b, shared))
+    _assert_close_cpu(y, ref.multi_masked_linear(x, weight, packed, b, shared))
     g = torch.randn(y.shape)
     got = T.multi_masked_linear_backward(*_d(g, x, weight, packed), shared, [True, True, True])
     for a, e in zip(got, ref.multi_masked_linear_backward(g, x, weight, packed, shared)):
-        _close(a, e)
+        _assert_close_cpu(a, e)
 
 
 def test_backward_output_mask():
@@ -79,13 +79,13 @@ def test_autograd_exact_weight_grad(density, shared):
     ref.multi_masked_linear(leaves[0], leaves[1], packed, leaves[2], shared).backward(g)
     T.multi_masked_linear(dev[0], dev[1], packed.to(DEVICE), dev[2], shared).backward(g.to(DEVICE))
     for a, e in zip(dev, leaves):
-        _close(a.grad, e.grad)
+        _assert_close_cpu(a.grad, e.grad)
     xs, ws = [t.clone().requires_grad_() for t in (x[0], weight)]
     xd, wd = [t.detach().to(DEVICE).requires_grad_() for t in (x[0], weight)]
     ref.masked_linear(xs, ws, packed[1]).sum().backward()
     T.masked_linear(xd, wd, packed[1].to(DEVICE)).sum().backward()
-    _close(xd.grad, xs.grad)
-    _close(wd.grad, ws.grad)
+    _assert_close_cpu(xd.grad, xs.grad)
+    _assert_close_cpu(wd.grad, ws.grad)
 
 
 def test_noncontiguous_inputs():
@@ -93,14 +93,14 @@ def test_noncontiguous_inputs():
     packed = ref.multi_topk_mask(torch.randn(3, 13, 33), 0.3)
     x = torch.randn(33, 4, 3).permute(2, 1, 0)  # [3, 4, 33]
     xs = torch.randn(4, 66)[:, ::2]  # shared [4, 33]
-    _close(T.multi_masked_linear(*_d(x, weight, packed), None, False),
+    _assert_close_cpu(T.multi_masked_linear(*_d(x, weight, packed), None, False),
            ref.multi_masked_linear(x, weight, packed))
-    _close(T.multi_masked_linear(*_d(xs, weight, packed), None, True),
+    _assert_close_cpu(T.multi_masked_linear(*_d(xs, weight, packed), None, True),
            ref.multi_masked_linear(xs, weight, packed, None, True))
     g = torch.randn(3, 4, 13).transpose(0, 1).contiguous().transpose(0, 1)
     got = T.multi_masked_linear_backward(*_d(g, xs, weight, packed), True, [True, True, True])
     for a, e in zip(got, ref.multi_masked_linear_backward(g, xs, weight, packed, True)):
-        _close(a, e)
+        _assert_close_cpu(a, e)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -110,7 +110,7 @@ def test_half_precision(dtype):
     assert y.dtype == dtype
     expected = ref.multi_masked_linear(x.to(dtype).float(), weight.to(dtype).float(), packed,
                                        b.to(dtype).float())
-    _close(y.float(), expected, rtol=2e-2, atol=2e-2)
+    _assert_close_cpu(y.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_functional_straight_through_matches_torch_op():
@@ -126,4 +126,4 @@ def test_functional_straight_through_matches_torch_op():
         y.backward(torch.ones_like(y))  # outside the block: runs on the forward's backend
         runs.append([y] + [t.grad for t in leaves])
     for a, e in zip(*runs):
-        _close(a, e.cpu())
+        _assert_close_cpu(a, e.cpu())
