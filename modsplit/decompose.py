@@ -194,8 +194,10 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     used. The paper does not state a schedule; edge-popup, which it follows, decays the rate
     with a cosine, and so does the default lr_schedule="cosine": both rates are scaled in epoch
     e by (1 + cos(pi (e - 1) / epochs)) / 2 (a function of the epoch alone, so resuming needs
-    no scheduler state); "constant" keeps them fixed. Deterministic for a given seed on CPU: the scores are drawn from `seed`, and at the
-    start of epoch e torch's global RNG and the loader's sampler generator (if it has one) are
+    no scheduler state); "constant" keeps them fixed.
+
+    Deterministic for a given seed on CPU: the scores are drawn from `seed`, and at the start
+    of epoch e torch's global RNG and the loader's sampler generator (if it has one) are
     seeded from (seed, e), inside a forked RNG state (the caller's global RNG state is left
     untouched): an epoch's data order is a function of (seed, e) alone.
 
@@ -211,10 +213,11 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     distributed: None, or "auto"/True to shard the modules over the initialised
     torch.distributed process group (modsplit.distributed); every rank returns the whole bank.
 
-    After every epoch a dict {epoch, lr (the scores' rate in that epoch), loss, ce, stem, module_acc (balanced training accuracy,
-    mean over modules), ji (pairwise Jaccard index of the masks), rps_pair (mean over module
-    pairs of the union's share of the maskable weights), rps_all (same for all modules)} is
-    printed (progress=True, via tqdm), passed to every callback and kept in bank.history.
+    After every epoch a dict {epoch, lr (the scores' rate in that epoch), loss, ce, stem,
+    module_acc (balanced training accuracy, mean over modules), ji (pairwise Jaccard index of
+    the masks), rps_pair (mean over module pairs of the union's share of the maskable weights),
+    rps_all (same for all modules)} is printed (progress=True, via tqdm), passed to every
+    callback and kept in bank.history.
     With eval_set (a dataset of (x, y) pairs, e.g. the test set) the record also holds
     eval_module_acc (list of K balanced 1:1 accuracies of the epoch's modules on it) and
     eval_acc (accuracy of the vote of all K modules on its samples of the K classes); the

@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -350,8 +351,7 @@ def _mean_std(runs, key):
     vals = [r[key] for r in runs if r.get(key) is not None]
     if not vals:
         return None, None
-    t = torch.tensor(vals, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(vals) > 1 else None)
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def _cell(mean, std, fmt):
