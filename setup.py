@@ -1,5 +1,8 @@
 """Build modsplit._C: C++ CPU kernels always, CUDA kernels when a toolkit and a CUDA torch exist.
 
+Metadata, dependencies and extras are in pyproject.toml; this file adds the extension and maps the
+top-level triton_kernels/ folder to the subpackage modsplit.triton_kernels.
+
 Environment:
   MODSPLIT_CUDA=1 forces the CUDA sources (fails if no toolkit), MODSPLIT_CUDA=0 skips them.
   CUDA_HOME points at the toolkit root (the folder whose lib64 holds libcudart); when unset it is
@@ -75,13 +78,8 @@ def _extension():
 
 
 setup(
-    name="modsplit",
-    version="0.1.0",
-    description="Decompose a trained classifier into per-class modules and recompose them",
-    packages=find_packages(include=["modsplit", "modsplit.*", "triton_kernels", "triton_kernels.*"]),
+    packages=find_packages(include=["modsplit", "modsplit.*"]) + ["modsplit.triton_kernels"],
+    package_dir={"modsplit.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch==2.14.1", "numpy"],
-    entry_points={"console_scripts": ["modsplit=modsplit.cli:main"]},
 )

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from modsplit import Grafts, decompose
-from modsplit.data import load_dataset
-from modsplit.models import FC1
-from modsplit.train import train_classifier
+from modsplit.app.data import load_dataset
+from modsplit.app.models import FC1
+from modsplit.app.train import train_classifier
 
 K, DENSITY, BATCH, N_TRAIN = 10, 0.1, 32, 2000
 _medians = {}

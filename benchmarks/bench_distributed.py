@@ -25,7 +25,7 @@ def _worker(args):
     from torch.utils.data import DataLoader, TensorDataset
 
     from modsplit import decompose, distributed
-    from modsplit.models import small_vgg
+    from modsplit.app.models import small_vgg
     torch.set_num_threads(1)
     distributed.init_from_env()
     g = torch.Generator().manual_seed(0)

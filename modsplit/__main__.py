@@ -1,4 +1,4 @@
-from modsplit.cli import main
+from modsplit.app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

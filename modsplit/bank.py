@@ -3,7 +3,9 @@ import torch
 import torch.nn as nn
 
 from modsplit import files
+from modsplit.compose import ComposedModel
 from modsplit.convert import MultiModuleNet, convert
+from modsplit.errors import BankFileError
 
 
 class Grafts(nn.Module):
@@ -41,7 +43,7 @@ class Grafts(nn.Module):
         return self(logits).softmax(-1)[..., 0]
 
 
-class ModuleBank:
+class ModuleBank(nn.Module):
     """Modules decomposed from one trained model: module k answers "is it class classes[k]?".
 
     net       MultiModuleNet whose masked layers hold fixed packed masks (no scores);
@@ -49,13 +51,18 @@ class ModuleBank:
     classes   tuple of K class ids; num_classes N of the base model;
     density, alpha, p, fingerprint (files.model_fingerprint of the base model), history (one
     dict per decomposition epoch).
+
+    An nn.Module holding net and grafts, so `.to(device / dtype)` moves both; the compositions
+    made from it share them (moving either moves the other).
     """
 
     def __init__(self, net: MultiModuleNet, grafts: Grafts, classes, num_classes: int,
                  density: float, alpha: float, p: float, fingerprint: str, history=()):
+        super().__init__()
         if len(classes) != net.n_modules or grafts.weight.shape[0] != net.n_modules:
             raise ValueError("modsplit: classes, net and grafts disagree on the number of modules")
         self.net, self.grafts = net.eval(), grafts.requires_grad_(False)
+        self.train(False)
         self.classes, self.num_classes = tuple(int(c) for c in classes), int(num_classes)
         self.density, self.alpha, self.p = float(density), float(alpha), float(p)
         self.fingerprint, self.history = fingerprint, list(history)
@@ -91,13 +98,11 @@ class ModuleBank:
 
     def compose(self, classes):
         """A ComposedModel classifying among `classes` with their modules (no retraining)."""
-        from modsplit.compose import ComposedModel
         return ComposedModel(self, classes)
 
-    def to(self, device):
-        self.net.to(device)
-        self.grafts.to(device)
-        return self
+    def train(self, mode: bool = True):
+        """A bank is always in eval mode (its network is the frozen base model)."""
+        return super().train(False)
 
     def save(self, path):
         """Write the bank to one file (modsplit.files): packed masks, grafts and metadata. It
@@ -115,11 +120,11 @@ class ModuleBank:
     @classmethod
     def load(cls, path, model: nn.Module) -> "ModuleBank":
         """Read a bank saved from decomposing `model` (the trained base model, unchanged). Raises
-        files.BankFileError for a bad file and ValueError when `model` is not the bank's base
+        BankFileError for a bad file and ValueError when `model` is not the bank's base
         model; `model` itself is never modified."""
         meta, tensors = files.read_file(path)
         if meta.get("kind") != "modsplit.ModuleBank":
-            raise files.BankFileError(f"modsplit: {path} does not hold a ModuleBank")
+            raise BankFileError(f"modsplit: {path} does not hold a ModuleBank")
         if files.model_fingerprint(model) != meta["fingerprint"]:
             raise ValueError(f"modsplit: {path} was decomposed from a different model (the "
                              "architecture or the trained tensors differ)")

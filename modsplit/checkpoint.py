@@ -23,14 +23,11 @@ import random
 import torch
 
 from modsplit import files
+from modsplit.errors import BankFileError, CheckpointError
 
 KIND = "modsplit.Checkpoint"
 CHECKPOINT_VERSION = 1
 FILE_NAME = "decompose.ckpt"
-
-
-class CheckpointError(files.BankFileError):
-    """A checkpoint that cannot be resumed from: unreadable, or from another model or config."""
 
 
 def path_in(folder) -> str:
@@ -74,7 +71,7 @@ def load(path, fingerprint: str, config: dict) -> tuple:
     Raises CheckpointError otherwise."""
     try:
         meta, tensors = files.read_file(path)
-    except files.BankFileError as exc:
+    except BankFileError as exc:
         raise CheckpointError(f"{exc} (checkpoint; delete it or pass resume=False to start "
                               "over)") from exc
     if meta.get("kind") != KIND:

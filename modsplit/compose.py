@@ -2,20 +2,9 @@
 import torch
 import torch.nn as nn
 
+from modsplit.export import export_composed
 from modsplit.metrics import union_count, union_mask
-
-
-class ClassVoter(nn.Module):
-    """Voting over positive confidences: subclasses define forward(x) -> [B, len(classes)] and
-    hold `class_ids` int64 [len(classes)]."""
-
-    @torch.no_grad()
-    def confidences(self, x):
-        return self(x)
-
-    @torch.no_grad()
-    def predict(self, x):
-        return self.class_ids[self(x).argmax(1)]
+from modsplit.voting import ClassVoter
 
 
 class ComposedModel(ClassVoter):
@@ -24,16 +13,26 @@ class ComposedModel(ClassVoter):
     softmax(graft)[0] wins.
 
     forward(x [B, ...]) / confidences(x) -> float [B, len(classes)] positive confidences, column
-    j for classes[j]; predict(x) -> int64 [B] class ids. Shares the bank's network (moving one
-    moves the other).
+    j for classes[j]; predict(x) -> int64 [B] class ids. Shares the bank's network and grafts:
+    `.to(device / dtype)` on the bank or on any of its compositions moves them all.
     """
 
     def __init__(self, bank, classes):
         super().__init__()
         self.classes = tuple(int(c) for c in classes)
         self.modules_idx = bank.module_indices(self.classes)
-        self.net, self.grafts = bank.net, bank.grafts.select(self.modules_idx)
-        self.register_buffer("class_ids", torch.tensor(self.classes, dtype=torch.long))
+        self.bank = bank
+        self.register_buffer("class_ids", torch.tensor(self.classes, dtype=torch.long),
+                             persistent=False)
+
+    @property
+    def net(self):
+        return self.bank.net
+
+    @property
+    def grafts(self):
+        """Detached Grafts of the chosen modules (a copy, on the bank's device and dtype)."""
+        return self.bank.grafts.select(self.modules_idx)
 
     def forward(self, x):
         with self.net.use_modules(self.modules_idx):
@@ -58,5 +57,4 @@ class ComposedModel(ClassVoter):
     def export(self) -> nn.Module:
         """A plain nn.Module (standard torch ops only) holding only the union subnetwork and
         giving the same predictions; see modsplit.export.export_composed."""
-        from modsplit.export import export_composed
         return export_composed(self)

@@ -1,5 +1,4 @@
 """decompose(): module co-training with module stemming (the paper's Algorithm 1 and Eq. 1)."""
-import math
 import os
 
 import torch
@@ -9,8 +8,10 @@ from tqdm.auto import tqdm
 from modsplit import checkpoint, files, memory, metrics
 from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
+from modsplit.decompose_config import SCHEDULES, DecomposeConfig
+from modsplit.errors import CheckpointError
 from modsplit.distributed import shard_for
-from modsplit.train import batches
+from modsplit.batching import batches
 
 _EVAL_BATCH = 512
 
@@ -38,13 +39,6 @@ def _balance_weights(counts: torch.Tensor, classes: torch.Tensor, balance: bool 
     if not balance:
         return torch.ones(len(pos)), torch.ones(len(pos))
     return (n / (2 * pos)).float(), (n / (2 * (n - pos))).float()
-
-
-# Learning-rate multiplier of epoch e (1-based) out of E, per schedule name.
-_SCHEDULES = {
-    "constant": lambda e, total: 1.0,
-    "cosine": lambda e, total: 0.5 * (1.0 + math.cos(math.pi * (e - 1) / total)),
-}
 
 
 def _stem_loss(scores, anchors, p: float, per_module: int) -> torch.Tensor:
@@ -142,6 +136,15 @@ def _epoch_batches(loader, seed: int, epoch: int, skip: int):
     return batches
 
 
+def _float_dtype(model) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none): the
+    grafts and scores follow it."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def _example_shape(loader):
     """Shape of one input example from loader.dataset when that is a sized, indexable dataset of
     (x, y) pairs; None otherwise (the memory estimate then leaves out activations)."""
@@ -161,21 +164,19 @@ def _check_memory(model, loader, k: int, momentum: float):
     memory.check_memory(est)
 
 
-def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha: float = 1.0,
-              p: float = 1, epochs: int = 10, lr: float = 0.1, graft_lr: float = 0.01,
-              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
-              shared_init: bool = True, seed: int = 0, device="cpu", callbacks=(),
-              progress: bool = True, classes=None, checkpoint_dir=None, resume: bool = True,
-              checkpoint_every: int = None, check_memory: bool = True,
-              distributed=None, lr_schedule: str = "cosine", balance: bool = True,
-              eval_set=None) -> ModuleBank:
+def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = None, *,
+              device="cpu", callbacks=(), progress: bool = True, checkpoint_dir=None,
+              resume: bool = True, checkpoint_every: int = None, check_memory: bool = True,
+              distributed=None, eval_set=None, **settings) -> ModuleBank:
     """Decompose a trained classifier into one module per class (Algorithm 1).
 
-    model: trained nn.Module, float images [B, ...] -> logits [B, num_classes]; it is copied
-    (convert), never modified, and its copy runs in eval mode throughout (BatchNorm uses its
-    frozen running statistics, dropout is off). train_loader: iterable of (x float [B, ...],
-    y int64 [B]). classes: the class ids to build modules for (default all); module k is
-    trained on the binary target y == classes[k].
+    model: trained nn.Module, float images [B, ...] -> logits [B, num_classes] (any floating
+    dtype: scores and grafts follow it); it is copied (convert), never modified, and its copy
+    runs in eval mode throughout (BatchNorm uses its frozen running statistics, dropout is off).
+    train_loader: iterable of (x float [B, ...], y int64 [B]).
+    config: a DecomposeConfig; **settings: its fields by name (density=0.2, alpha=2, ...), which
+    replace the config's. classes: the class ids to build modules for (default all); module k
+    is trained on the binary target y == classes[k].
 
     Every module is trained at once: one forward/backward of the shared batch through the
     K-module network, the K grafting layers (Grafts, one [K, N, 2] parameter) on its logits,
@@ -208,7 +209,7 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     with a larger `epochs` extends the run; under the cosine schedule the epochs still to come
     then follow the new total's schedule, so the bank equals a straight run of that many epochs
     only when the epochs already done had the same rates (e.g. 1 epoch, then 2).
-    check_memory: raise modsplit.memory.ModsplitMemoryError up front when the modules will not
+    check_memory: raise modsplit.ModsplitMemoryError up front when the modules will not
     fit (memory.estimate_decompose_memory / check_memory).
     distributed: None, or "auto"/True to shard the modules over the initialised
     torch.distributed process group (modsplit.distributed); every rank returns the whole bank.
@@ -224,16 +225,9 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     paper's Table 5 is the maximum of eval_module_acc over the epochs.
     Returns a ModuleBank holding packed masks (the scores are dropped) and the grafts.
     """
-    classes = tuple(range(num_classes)) if classes is None else tuple(int(c) for c in classes)
-    if not classes or len(set(classes)) != len(classes) or not all(
-            0 <= c < num_classes for c in classes):
-        raise ValueError(f"modsplit: classes must be distinct ids in [0, {num_classes}), got "
-                         f"{classes}")
-    if epochs < 1:
-        raise ValueError(f"modsplit: epochs must be >= 1, got {epochs}")
-    if lr_schedule not in _SCHEDULES:
-        raise ValueError(f"modsplit: lr_schedule must be one of {sorted(_SCHEDULES)}, got "
-                         f"{lr_schedule!r}")
+    cfg = DecomposeConfig.build(config, num_classes, **settings)
+    classes, density, alpha, p, epochs = cfg.classes, cfg.density, cfg.alpha, cfg.p, cfg.epochs
+    lr, graft_lr, seed = cfg.lr, cfg.graft_lr, cfg.seed
     if checkpoint_every is not None and int(checkpoint_every) < 1:
         raise ValueError(f"modsplit: checkpoint_every must be >= 1, got {checkpoint_every}")
     device = torch.device(device)
@@ -241,25 +235,23 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
     shard = shard_for(distributed, len(classes))
     local = tuple(classes[i] for i in shard.local)
     if check_memory:
-        _check_memory(model, train_loader, len(local), momentum)
+        _check_memory(model, train_loader, len(local), cfg.momentum)
     class_ids = torch.tensor(local, device=device)
     weights = tuple(w.to(device) for w in _balance_weights(
-        _label_counts(train_loader, num_classes), class_ids.cpu(), balance))
-    net = convert(model, len(local) if shared_init else len(classes), density,
-                  shared_init=shared_init, seed=seed)
+        _label_counts(train_loader, num_classes), class_ids.cpu(), cfg.balance))
+    net = convert(model, len(local) if cfg.shared_init else len(classes), density,
+                  shared_init=cfg.shared_init, seed=seed)
     if net.n_modules != len(local):  # independent draws: module k gets the draw k of all
         _keep_modules(net, shard.local)
     net = net.to(device).eval()
-    grafts = Grafts.init_for(local, num_classes).to(device)
+    grafts = Grafts.init_for(local, num_classes).to(device, _float_dtype(model))
     opt = torch.optim.SGD([{"params": net.score_parameters(), "lr": lr},
                            {"params": grafts.parameters(), "lr": graft_lr}],
-                          lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+                          lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
     layers = net.masked_layers()
     total = sum(m.weight.numel() for m in layers.values())
-    config = {"classes": list(classes), "num_classes": num_classes, "density": density,
-              "alpha": alpha, "p": p, "lr": lr, "graft_lr": graft_lr, "momentum": momentum,
-              "nesterov": nesterov, "weight_decay": weight_decay, "shared_init": shared_init,
-              "seed": seed, "lr_schedule": lr_schedule, "balance": balance}
+    config = cfg.resume_key(num_classes)
     ckpt = checkpoint.path_in(checkpoint_dir) if checkpoint_dir is not None else None
     history, anchors, first, skip = [], None, 1, 0
     sums, resumed = _new_sums(len(local), device), None
@@ -283,7 +275,7 @@ def decompose(model, train_loader, num_classes: int, density: float = 0.1, alpha
                                 {"epoch": epoch, "step": step, "history": history}, state)
 
         for epoch in range(first, epochs + 1):
-            scale = _SCHEDULES[lr_schedule](epoch, epochs)
+            scale = SCHEDULES[cfg.lr_schedule](epoch, epochs)
             for group, base_lr in zip(opt.param_groups, (lr, graft_lr)):
                 group["lr"] = base_lr * scale
             batches = _epoch_batches(train_loader, seed, epoch, skip)
@@ -338,7 +330,7 @@ def _read_checkpoint(path, fingerprint, config):
         return None
     try:
         return checkpoint.load(path, fingerprint, config)
-    except checkpoint.CheckpointError as exc:
+    except CheckpointError as exc:
         return exc
 
 
@@ -349,3 +341,9 @@ def _keep_modules(net, indices):
         layer.scores = torch.nn.Parameter(layer.scores.detach()[idx].clone())
         layer.n_modules = len(idx)
     net.n_modules = len(idx)
+
+
+def decompose_distributed(model, train_loader, num_classes: int, **kwargs):
+    """decompose() with the modules sharded over the initialised default process group (every
+    rank calls it with the same arguments and gets the complete ModuleBank)."""
+    return decompose(model, train_loader, num_classes, distributed=True, **kwargs)

@@ -20,7 +20,7 @@ W-rank run and a 1-rank run of the same seed (one thread each) give bit-identica
 equal grafts and history. See docs/distributed.md.
 
 decompose(..., distributed="auto") uses the default process group when one is initialised;
-decompose_distributed() is the same call that insists on one. init_from_env() initialises the
+modsplit.decompose.decompose_distributed() is the same call that insists on one. init_from_env() initialises the
 group from torchrun's environment variables.
 """
 import datetime
@@ -133,10 +133,3 @@ def shard_for(distributed, n: int) -> Shard:
                            "group: launch with torchrun and call init_from_env() or "
                            "torch.distributed.init_process_group()")
     return Shard(n, active and dist.get_world_size() > 1)
-
-
-def decompose_distributed(model, train_loader, num_classes: int, **kwargs):
-    """decompose() with the modules sharded over the initialised default process group (every
-    rank calls it with the same arguments and gets the complete ModuleBank)."""
-    from modsplit.decompose import decompose
-    return decompose(model, train_loader, num_classes, distributed=True, **kwargs)

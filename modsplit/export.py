@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modsplit import ops
-from modsplit.compose import ClassVoter
+from modsplit.voting import ClassVoter
 from modsplit.convert import repeat_folded
 from modsplit.layers import MaskedConv2d, MaskedLinear
 

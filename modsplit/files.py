@@ -22,6 +22,8 @@ import struct
 
 import torch
 
+from modsplit.errors import BankFileError
+
 MAGIC = b"MODSPLIT"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIQ")
@@ -29,10 +31,6 @@ _DIGEST = 32
 _DTYPES = {"int32": torch.int32, "int64": torch.int64, "float32": torch.float32,
            "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "bool": torch.bool, "uint8": torch.uint8}
-
-
-class BankFileError(ValueError):
-    """A bank file that cannot be read: not a bank, wrong version, truncated or corrupt."""
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
+from modsplit.errors import ModsplitMemoryError
+
 # The layer types decompose() masks: modsplit.convert replaces modules of exactly these types.
 MASKABLE = (nn.Linear, nn.Conv2d)
 
@@ -21,15 +23,6 @@ OPTIMIZER_STATE = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 # score gradient before the sign(S) product, the stemming term's |S - S_avg|, and the optimizer's
 # per-tensor temporaries (weight decay and Nesterov each add into a fresh tensor).
 _STEP_TEMPORARIES = 3
-
-
-class ModsplitMemoryError(MemoryError):
-    """A decomposition would not fit in memory. `needed` and `available` are in bytes."""
-
-    def __init__(self, message, needed, available):
-        super().__init__(message)
-        self.needed = needed
-        self.available = available
 
 
 def format_bytes(n) -> str:

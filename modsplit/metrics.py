@@ -9,7 +9,7 @@ import itertools
 import torch
 
 from modsplit import ops
-from modsplit.train import batches
+from modsplit.batching import batches
 
 _BATCH = 512
 _BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)

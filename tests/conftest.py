@@ -18,14 +18,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def shared_path(*parts):
-    """A file under the project's shared data folder: $MODSPLIT_SHARED, ../shared next to the
-    repository, or /work/shared."""
-    for root in (os.environ.get("MODSPLIT_SHARED"), os.path.join(_REPO, "..", "shared"),
-                 "/work/shared"):
-        if root and os.path.isdir(root):
-            return os.path.normpath(os.path.join(root, *parts))
-    raise FileNotFoundError("shared data folder not found: set MODSPLIT_SHARED")
+# The data: $MODSPLIT_DATA (one sub-folder per dataset) when set, else the project's shared data
+# folder beside the repository, ../shared/data; modsplit.app.data reads the same variable.
+os.environ.setdefault("MODSPLIT_DATA", os.path.normpath(os.path.join(_REPO, "..", "shared", "data")))
+
+
+def data_path(*parts):
+    """A file under $MODSPLIT_DATA."""
+    return os.path.join(os.environ["MODSPLIT_DATA"], *parts)
 
 
 @pytest.fixture(params=DEVICES)

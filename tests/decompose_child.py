@@ -55,8 +55,8 @@ def main(folder, out, delay, seed, shared_init):
     from torch.utils.data import DataLoader
 
     from modsplit import decompose, distributed
-    from modsplit.data import load_dataset
-    from modsplit.models import FC1
+    from modsplit.app.data import load_dataset
+    from modsplit.app.models import FC1
 
     if "WORLD_SIZE" in os.environ:
         distributed.init_from_env(timeout=datetime.timedelta(seconds=20))

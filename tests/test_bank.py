@@ -9,7 +9,7 @@ import torch.nn as nn
 import modsplit
 from modsplit import BankFileError, Grafts, MaskedLinear, ModuleBank, convert, files, ops
 from modsplit.export import PlainMultiConv2d, PlainMultiLinear
-from modsplit.models import FC1, small_resnet, small_vgg
+from modsplit.app.models import FC1, small_resnet, small_vgg
 
 
 def _bank(model, k=4, density=0.2, seed=0, masks=None):

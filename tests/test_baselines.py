@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from modsplit.baselines import PanRajanModules, decompose_pan_rajan, value_set_jaccard
-from modsplit.baselines.pan_rajan import (channel, concern_identification, linear_layers,
+from modsplit.app.baselines import PanRajanModules, decompose_pan_rajan, value_set_jaccard
+from modsplit.app.baselines.pan_rajan import (channel, concern_identification, linear_layers,
                                           pre_activations, remove_irrelevant_edges,
                                           tangling_identification)
-from modsplit.data import load_dataset
-from modsplit.models import FC1, small_vgg
-from modsplit.train import evaluate, train_classifier
+from modsplit.app.data import load_dataset
+from modsplit.app.models import FC1, small_vgg
+from modsplit.app.train import evaluate, train_classifier
 
 # A 3 -> 2 -> 2 net for hand-checked CI / TI.
 W1 = torch.tensor([[2.0, -1.0, 0.5], [1.0, 1.0, -1.0]])

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from modsplit import checkpoint, decompose, files, memory
-from modsplit.data import load_dataset
-from modsplit.models import FC1
+from modsplit.app.data import load_dataset
+from modsplit.app.models import FC1
 from tests.decompose_child import launch, same_bank
 
 

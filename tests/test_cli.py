@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from modsplit import ModuleBank, cli, config, data, model_io
+from modsplit import ModuleBank
+from modsplit.app import cli, config, data, model_io
 from modsplit.metrics import recomposed_accuracy
 
 TINY = ["--quiet", "--limit", "300", "--test-limit", "120"]

@@ -3,14 +3,14 @@ import os
 import pytest
 import torch
 
-from conftest import shared_path
-from modsplit.data import DATASETS, load_dataset, num_classes
+from conftest import data_path
+from modsplit.app.data import DATASETS, load_dataset, num_classes
 
-MNIST_DIR = shared_path("data", "mnist")
-CIFAR_DIR = shared_path("data", "cifar10")
+MNIST_DIR = data_path("mnist")
+CIFAR_DIR = data_path("cifar10")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-# From /work/shared/data/mnist/README.md ("Verified").
+# From the shared data folder's mnist/README.md ("Verified").
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 

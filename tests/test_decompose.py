@@ -8,10 +8,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import modsplit
 from modsplit import MaskedLinear, decompose, metrics
-from modsplit.data import load_dataset
+from modsplit.app.data import load_dataset
 from modsplit.decompose import _balance_weights, _stem_loss
-from modsplit.models import FC1
-from modsplit.train import train_classifier
+from modsplit.app.models import FC1
+from modsplit.app.train import train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_bank_contents(fc1, small):
     assert bank.grafts.weight.shape == (10, 10, 2)
     assert all(m.scores is None for m in bank.net.masked_layers().values())
     assert all(torch.equal(v, before[k]) for k, v in fc1.state_dict().items())
-    assert bank.fingerprint == modsplit.model_fingerprint(fc1)
+    assert bank.fingerprint == modsplit.files.model_fingerprint(fc1)
 
 
 def test_reproducible_for_a_seed(fc1, small):
@@ -169,7 +169,7 @@ def test_stem_loss_is_eq1():
 
 
 def test_batchnorm_model_is_untouched_and_in_eval(digits):
-    model = modsplit.models.small_vgg(1, 10, width=4).eval()
+    model = modsplit.app.models.small_vgg(1, 10, width=4).eval()
     bn_before = model[1].running_mean.clone()
     ds = TensorDataset(*(t[:64] for t in digits[0].tensors))
     bank = decompose(model, _loader(ds), 10, epochs=1, progress=False)

@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from modsplit import Grafts, ModuleBank, convert, decompose, files, metrics, ops
-from modsplit.data import load_dataset
-from modsplit.models import FC1, small_resnet, small_vgg
-from modsplit.train import evaluate, train_classifier
+from modsplit.app.data import load_dataset
+from modsplit.app.models import FC1, small_resnet, small_vgg
+from modsplit.app.train import evaluate, train_classifier
 
 
 def _random_masks(k=3, shapes=((5, 40), (4, 3, 3, 3)), p=0.3, seed=0):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from modsplit.models import FC1, FC2, FC3, FC4, MODELS, fc, get_model
+from modsplit.app.models import FC1, FC2, FC3, FC4, MODELS, fc, get_model
 
 
 @pytest.mark.parametrize("factory,n", [(FC1, 1), (FC2, 2), (FC3, 3), (FC4, 4)])

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from modsplit import cli
+from modsplit.app import cli
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 TINY = ["--quiet", "--limit", "300", "--test-limit", "120"]

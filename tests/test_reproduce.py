@@ -1,4 +1,4 @@
-"""End-to-end tests of `modsplit.reproduce` commands with tiny settings (MNIST, small --limit,
+"""End-to-end tests of `modsplit.app.reproduce` commands with tiny settings (MNIST, small --limit,
 1 decomposition epoch): output files, their structure, the recorded settings and value ranges."""
 import argparse
 import json
@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from modsplit import reproduce
-from modsplit.data import load_dataset, read_idx
-from modsplit.models import FC1
-from modsplit.train import evaluate, train_classifier
-from tests.conftest import shared_path
+from modsplit.app import reproduce
+from modsplit.app.data import load_dataset, read_idx
+from modsplit.app.models import FC1
+from modsplit.app.train import evaluate, train_classifier
+from tests.conftest import data_path
 
 pytestmark = pytest.mark.skipif(
-    not os.path.isfile(shared_path("data", "mnist", "t10k-images-idx3-ubyte.gz")),
+    not os.path.isfile(data_path("mnist", "t10k-images-idx3-ubyte.gz")),
     reason="MNIST files not in the shared data folder")
 
 TINY = ["--dataset", "mnist", "--limit", "3000", "--epochs-base", "4", "--epochs-decomp", "1",
@@ -101,7 +101,7 @@ def test_base_protocol_pan_rajan(out):
     # scaling) -> [0, 1/255], Keras-style Adam from Glorot init
     x, y = load_dataset("mnist", "train", limit=3000).tensors
     raw = torch.from_numpy(
-        read_idx(shared_path("data", "mnist", "train-images-idx3-ubyte"))[:3000].copy())
+        read_idx(data_path("mnist", "train-images-idx3-ubyte"))[:3000].copy())
     assert torch.equal(x, raw.float().unsqueeze(1) / 255)
     pr_x = raw.float().unsqueeze(1) / 255 / 255
     assert pr_x.max() <= 1 / 255 and pr_x.max() > 0.9 / 255
@@ -210,7 +210,7 @@ def test_hook_for_the_cli():
 
 def test_modsplit_cli_runs_reproduce(out, capsys):
     """`modsplit reproduce ...` goes through the package's command line (and its --help works)."""
-    from modsplit.cli import main
+    from modsplit.app.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["reproduce", "--help"])

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from modsplit import reference as ref
 from modsplit.ops import mask as mops
 
-from conftest import shared_path
+from conftest import data_path
 
 ops = torch.ops.modsplit
 
@@ -159,13 +159,13 @@ def test_noncontiguous_inputs(device, case, density):
 
 
 def _vector_cases():
-    with open(shared_path("data", "mask-vectors", "cases.json")) as f:
+    with open(data_path("mask-vectors", "cases.json")) as f:
         return json.load(f)
 
 
 @pytest.mark.parametrize("case", _vector_cases(), ids=lambda c: f"case{c['id']}")
 def test_mask_vectors(device, case):
-    vectors = np.load(shared_path("data", "mask-vectors", "vectors.npz"))
+    vectors = np.load(data_path("mask-vectors", "vectors.npz"))
     s = torch.from_numpy(vectors[f"scores_{case['id']}"]).to(device)
     want = torch.from_numpy(vectors[f"packed_{case['id']}"])
     multi = case.get("multi", False)

@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from modsplit.data import load_dataset
-from modsplit.models import FC1, small_vgg
-from modsplit.train import evaluate, predict_logits, random_crop_flip, train_classifier
+from modsplit.app.data import load_dataset
+from modsplit.app.models import FC1, small_vgg
+from modsplit.app.train import evaluate, predict_logits, random_crop_flip, train_classifier
 
 
 @pytest.fixture(autouse=True, scope="module")

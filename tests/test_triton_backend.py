@@ -65,7 +65,7 @@ def test_use_restores_on_error():
 
 @pytest.mark.parametrize("bad", ["tpu", "", "tritonn", 3])
 def test_bad_names(bad, monkeypatch):
-    with pytest.raises(ValueError, match="unknown backend .* one of auto, cpu, cuda, triton"):
+    with pytest.raises(ValueError, match="unknown backend .* one of auto, cpu, cuda, torch, triton"):
         backend.set_backend(bad)
     if isinstance(bad, str) and bad:
         monkeypatch.setenv("MODSPLIT_BACKEND", bad)

@@ -8,5 +8,5 @@ an opaque custom_op under the interpreter, see utils.register_op):
   masked_linear.py  masked_linear, multi_masked_linear and their backwards
   masked_conv2d.py  masked_conv2d, multi_masked_conv2d and their backwards (unfold + GEMM)
 """
-from triton_kernels import masked_conv2d, masked_linear, pack_mask, topk_mask  # noqa: F401
-from triton_kernels.utils import INTERPRET  # noqa: F401
+from . import masked_conv2d, masked_linear, pack_mask, topk_mask  # noqa: F401
+from .utils import INTERPRET  # noqa: F401

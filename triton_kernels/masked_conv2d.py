@@ -11,8 +11,8 @@ packed int32 [O, ceil(R/32)] or [K, O, ceil(R/32)]; output [B, O, Ho, Wo] or [K,
 import torch
 import torch.nn.functional as F
 
-from triton_kernels.masked_linear import _forward, _grad_w, _grad_x
-from triton_kernels.utils import register_op
+from .masked_linear import _forward, _grad_w, _grad_x
+from .utils import register_op
 
 _ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 

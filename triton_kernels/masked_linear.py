@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.utils import (INTERPRET, autotune_configs, dot_precision, launcher, next_pow2,
+from .utils import (INTERPRET, autotune_configs, dot_precision, launcher, next_pow2,
                                   register_op)
 
 _MAX_GROUP = 8  # modules sharing one weight tile per program on a GPU

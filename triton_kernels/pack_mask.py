@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from modsplit.reference import words_for
-from triton_kernels.utils import INTERPRET, launcher, register_op
+from .utils import INTERPRET, launcher, register_op
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from modsplit.reference import keep_count, words_for
-from triton_kernels.utils import INTERPRET, launcher, register_op
+from .utils import INTERPRET, launcher, register_op
 
 _DIGITS = 256
 _PASSES = 4

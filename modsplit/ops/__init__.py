@@ -2,7 +2,8 @@
 
 Every op has a pure-PyTorch twin in modsplit.reference with the same signature.
 """
-from modsplit import _extension  # noqa: F401  (registers the schemas and kernels)
+from modsplit.ops import schemas  # noqa: F401  (defines the op schemas; must come first)
+from modsplit import _extension  # noqa: F401,I001  (registers the C++/CUDA kernels)
 from modsplit.ops.conv import masked_conv2d, multi_masked_conv2d
 from modsplit.ops.linear import masked_linear, multi_masked_linear
 from modsplit.ops.mask import multi_topk_mask, pack_mask, topk_mask, unpack_mask

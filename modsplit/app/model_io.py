@@ -1,7 +1,7 @@
 """Models for the command line: built-in names, Python entry points and model files.
 
 A model is named by
-  * a built-in name of modsplit.models (fc1, small_vgg, ...): an untrained architecture;
+  * a built-in name of modsplit.app.models (fc1, small_vgg, ...): an untrained architecture;
   * an entry point "package.module:factory": factory(**model_args) -> nn.Module (for train, an
     untrained one; elsewhere it must return the trained model);
   * a file (an existing path, or a name ending in .pt / .pth / .pt2 / .ts):
@@ -25,7 +25,7 @@ import zipfile
 import torch
 from torch import nn
 
-from modsplit import models
+from modsplit.app import models
 
 FORMAT = "modsplit.model"
 _FILE_SUFFIXES = (".pt", ".pth", ".pt2", ".ts")

@@ -1,6 +1,6 @@
 """Command line: `modsplit <command>` (also `python -m modsplit <command>`).
 
-Settings come from modsplit.config.DEFAULTS, then --config FILE, then the flags given; every
+Settings come from modsplit.app.config.DEFAULTS, then --config FILE, then the flags given; every
 flag below maps to one configuration key. Errors in what was asked for (a wrong path, an
 unknown name, class ids out of range, a bank of another model) end the run with exit code 2 and
 a one-line message on stderr.
@@ -11,9 +11,9 @@ import sys
 
 import yaml
 
-from modsplit import commands, config
+from modsplit.app import commands, config
 from modsplit.backend import set_backend
-from modsplit.reproduce import add_reproduce_parser
+from modsplit.app.reproduce import add_reproduce_parser
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (exit code 2)."""

@@ -26,7 +26,7 @@ DEFAULTS = {
         "test_limit": None,  # keep only the first `test_limit` test examples
     },
     "train": {
-        "model": "fc1",      # built-in name (modsplit.models) or package.module:factory
+        "model": "fc1",      # built-in name (modsplit.app.models) or package.module:factory
         "model_args": {},    # factory keyword arguments; in_features, in_channels and
                              # num_classes are filled in from the data when the factory takes them
         "epochs": 15,

@@ -1,4 +1,4 @@
-"""The command line's subcommands. Each takes the resolved configuration (modsplit.config) and
+"""The command line's subcommands. Each takes the resolved configuration (modsplit.app.config) and
 `quiet`, writes its output folder (cfg["out"]) and returns the exit code.
 
 Output folder (every command writes config.yaml and metrics.json; besides):
@@ -6,10 +6,10 @@ Output folder (every command writes config.yaml and metrics.json; besides):
   decompose  bank.msb      the bank file (modsplit.files); plus the report's plots and report.md
   compose    composed.pt   torch.save of the exported nn.Module (ComposedModel.export())
   evaluate   (metrics only)
-  report     plots and report.md (modsplit.report)
+  report     plots and report.md (modsplit.app.report)
   demo       all of the above
 Library errors worth a one-line message (wrong paths, names, class ids, mismatched files) are
-raised as ValueError / OSError; modsplit.cli turns them into exit code 2.
+raised as ValueError / OSError; modsplit.app.cli turns them into exit code 2.
 """
 import json
 import math
@@ -19,11 +19,12 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from modsplit import config, data, distributed, metrics, model_io, report
+from modsplit import distributed, metrics
+from modsplit.app import config, data, model_io, report
 from modsplit.bank import ModuleBank
 from modsplit.decompose import decompose as decompose_model
-from modsplit.train import evaluate as model_accuracy
-from modsplit.train import train_classifier
+from modsplit.app.train import evaluate as model_accuracy
+from modsplit.app.train import train_classifier
 
 BANK_FILE, MODEL_FILE, COMPOSED_FILE = "bank.msb", "model.pt", "composed.pt"
 

@@ -55,7 +55,7 @@ def linear_layers(model):
     """The Linear layers of an FC model: list of (qualified name, nn.Linear) in forward order.
 
     ``model`` must be an ``nn.Sequential`` of Flatten, Linear and ReLU (as built by
-    ``modsplit.models.fc``) with a ReLU after every Linear but the last.
+    ``modsplit.app.models.fc``) with a ReLU after every Linear but the last.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError("Pan & Rajan decomposition needs an nn.Sequential FC model")
@@ -286,7 +286,7 @@ def decompose_pan_rajan(model, train_set, method="ti-i", num_classes=10, *, max_
                         rie_eps=0.05, reseed_min_nonzero=45, pre_relu_feed=True):
     """Decompose FC ``model`` into ``num_classes`` modules with TI-I, TI-SNE or CM-RIE.
 
-    model: nn.Sequential of Flatten/Linear/ReLU (``modsplit.models.fc``), left unchanged.
+    model: nn.Sequential of Flatten/Linear/ReLU (``modsplit.app.models.fc``), left unchanged.
     train_set: pairs of (float image, int64 label). For class c the positives are the first
     ``max_positives`` examples of class c among the first ``positive_pool`` training examples
     (None: all) that the model gives softmax p_c > ``confidence``; the negatives are the first

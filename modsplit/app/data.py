@@ -18,9 +18,10 @@ imagefolder:P  [N, C, H, W]       [0, 1]; torchvision ImageFolder at path P (one
                                   class, all images the same size)
 =============  =================  ==========================================================
 
-Default folders (when ``data_dir`` is None), tried in order: ``$MODSPLIT_DATA_DIR/<name>``, then
-the project's shared data folder (``$MODSPLIT_SHARED/data/<name>``, ``../shared/data/<name>``
-next to the repository, ``/work/shared/data/<name>``), and for ``fmnist`` the Debian package's
+Where the files are looked for: only ``data_dir`` when it is given; else, in order,
+``$MODSPLIT_DATA/<name>`` (MODSPLIT_DATA is a folder holding one sub-folder per dataset),
+``./data/<name>`` (the root torchvision's examples use, relative to the working directory), and
+for ``fmnist`` the folder of Debian's package dataset-fashion-mnist,
 ``/usr/share/datasets/fashion-mnist``.
 """
 import gzip
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+DATA_ENV = "MODSPLIT_DATA"
 DATASETS = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "svhn", "imagefolder:<path>")
 
 _NUM_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100,
@@ -108,13 +110,9 @@ def _candidate_dirs(name, data_dir):
     if data_dir is not None:
         return [data_dir]
     dirs = []
-    if os.environ.get("MODSPLIT_DATA_DIR"):
-        dirs.append(os.path.join(os.environ["MODSPLIT_DATA_DIR"], name))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (os.environ.get("MODSPLIT_SHARED"), os.path.join(repo, "..", "shared"),
-                 "/work/shared"):
-        if root:
-            dirs.append(os.path.normpath(os.path.join(root, "data", name)))
+    if os.environ.get(DATA_ENV):
+        dirs.append(os.path.join(os.environ[DATA_ENV], name))
+    dirs.append(os.path.join("data", name))
     if name == "fmnist":
         dirs.append("/usr/share/datasets/fashion-mnist")
     return dirs
@@ -123,8 +121,8 @@ def _candidate_dirs(name, data_dir):
 def _missing(name, looked):
     return FileNotFoundError(
         f"{name}: dataset files not found; looked in: {', '.join(looked)}. "
-        f"To get them: {_HOW_TO_GET[name]}. Or set MODSPLIT_DATA_DIR so that "
-        f"$MODSPLIT_DATA_DIR/{name} holds them.")
+        f"To get them: {_HOW_TO_GET[name]}. Or pass data_dir (--data-dir), or set "
+        f"{DATA_ENV} so that ${DATA_ENV}/{name} holds them.")
 
 
 def _standardise(x_uint8_nchw, name):

@@ -1,5 +1,5 @@
 """Reproduce the seed paper's tables and figure: `modsplit reproduce <table1|table2|table5|table6|
-figure3> ...` (also `python -m modsplit.reproduce <command> ...`).
+figure3> ...` (also `python -m modsplit.app.reproduce <command> ...`).
 
 Every command trains the base FC models (or loads them from the output folder, where they are
 cached per dataset, model, epochs, limit and seed), decomposes them with module stemming, prints a
@@ -35,11 +35,11 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from modsplit import metrics, ops
-from modsplit.baselines import decompose_pan_rajan, value_set_jaccard
-from modsplit.data import load_dataset
+from modsplit.app.baselines import decompose_pan_rajan, value_set_jaccard
+from modsplit.app.data import load_dataset
 from modsplit.decompose import decompose
-from modsplit.models import FC1, FC2, FC3, FC4
-from modsplit.train import evaluate, train_classifier
+from modsplit.app.models import FC1, FC2, FC3, FC4
+from modsplit.app.train import evaluate, train_classifier
 
 MODELS = {"fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4}
 BASE_PROTOCOLS = ("paper", "pan-rajan")
@@ -624,13 +624,13 @@ def add_reproduce_parser(subparsers):
 
 
 def main_reproduce(argv=None):
-    """`python -m modsplit.reproduce <command> ...`: parse argv and run; returns 0."""
-    parser = argparse.ArgumentParser(prog="python -m modsplit.reproduce", description=__doc__)
+    """`python -m modsplit.app.reproduce <command> ...`: parse argv and run; returns 0."""
+    parser = argparse.ArgumentParser(prog="python -m modsplit.app.reproduce", description=__doc__)
     sub = parser.add_subparsers(dest="reproduce_command", required=True)
     for command in COMMANDS:
         _add_command(sub, command)
     args = parser.parse_args(argv)
-    args.command_line = "python -m modsplit.reproduce " + " ".join(
+    args.command_line = "python -m modsplit.app.reproduce " + " ".join(
         sys.argv[1:] if argv is None else argv)
     return args.func(args)
 

@@ -1,0 +1,37 @@
+"""The schemas of the torch.ops.modsplit ops, defined once, here.
+
+They are defined from Python so that the ops exist (with fake impls, autograd and the pure-PyTorch
+"torch" backend) whether or not the compiled extension modsplit._C was built: _C only registers
+kernels (TORCH_LIBRARY_IMPL(modsplit, CPU|CUDA) in csrc/cpu and csrc/cuda).
+
+Masks: int32 [*, O, ceil(R/32)], bit j (LSB first) of word w keeps flat column 32*w + j.
+"""
+import torch
+
+_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+
+SCHEMAS = {
+    "topk_mask": "(Tensor scores, float density) -> Tensor",
+    "multi_topk_mask": "(Tensor scores, float density) -> Tensor",
+    "pack_mask": "(Tensor mask, int batch_dims=0) -> Tensor",
+    "unpack_mask": "(Tensor packed, SymInt[] shape) -> Tensor",
+    "masked_linear": "(Tensor x, Tensor weight, Tensor packed, Tensor? bias=None) -> Tensor",
+    "masked_linear_backward": ("(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
+                               "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
+    "multi_masked_linear": ("(Tensor x, Tensor weight, Tensor packed, Tensor? bias=None, "
+                            "bool shared_input=False) -> Tensor"),
+    "multi_masked_linear_backward": ("(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
+                                     "bool shared_input, bool[3] output_mask) "
+                                     "-> (Tensor, Tensor, Tensor)"),
+    "masked_conv2d": f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor",
+    "masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, {_ARGS}, "
+                               "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
+    "multi_masked_conv2d": (f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) "
+                            "-> Tensor"),
+    "multi_masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
+                                     f"{_ARGS}, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
+}
+
+_LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
+for _name, _schema in SCHEMAS.items():
+    _LIBRARY.define(_name + _schema)

@@ -1,0 +1,248 @@
+"""The "torch" backend: every modsplit op as a pure-PyTorch composite that runs on any device
+(CPU, CUDA, MPS, XPU) and under torch.compile.
+
+The functions have the names and signatures of the torch.ops.modsplit ops (modsplit.ops.schemas),
+so modsplit.backend.ops_for() returns this module in place of an op namespace. They are the
+reference made efficient: no loop over modules. Masked products expand W*M for all K modules
+at once and call one batched GEMM (torch.matmul) or one grouped convolution (groups = K*groups,
+the modules folded into the channels), which is what a user would write by hand. topk keeps the
+exact contract of the kernels: keep_count(density, n) entries of largest |score| per layer, ties
+to the lower flat index.
+
+Memory: the expanded weights take K x |W| elements of the input's dtype, once per call.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from modsplit import reference as ref
+from modsplit.reference import keep_count, words_for
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(cond, message):
+    if not cond:
+        raise ValueError(f"modsplit: {message}")
+
+
+def _check_float(name, t):
+    _check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    _check(t.dtype in _FLOATS, f"{name} must be float16, bfloat16, float32 or float64, got "
+                               f"{t.dtype}")
+
+
+def _check_packed(packed, lead, weight):
+    """packed must be int32 [*lead, O, ceil(R/32)] for a weight [O, ...] on weight's device."""
+    want = (*lead, weight.shape[0], words_for(math.prod(weight.shape[1:])))
+    _check(packed.dtype == torch.int32, f"packed must be int32, got {packed.dtype}")
+    _check(tuple(packed.shape) == want, f"packed must have shape {list(want)} for a weight of "
+                                        f"shape {list(weight.shape)}, got {list(packed.shape)}")
+    _check(packed.device == weight.device, f"packed is on {packed.device}, weight on "
+                                           f"{weight.device}")
+
+
+def _check_same(x, weight, bias=None):
+    _check_float("x", x)
+    _check_float("weight", weight)
+    _check(x.dtype == weight.dtype, f"x ({x.dtype}) and weight ({weight.dtype}) must have the "
+                                    "same dtype")
+    _check(x.device == weight.device, f"x is on {x.device}, weight on {weight.device}")
+    if bias is not None:
+        _check(bias.dtype == weight.dtype and tuple(bias.shape) == (weight.shape[0],),
+               f"bias must be {weight.dtype} [{weight.shape[0]}], got {bias.dtype} "
+               f"{list(bias.shape)}")
+
+
+# ---- masks --------------------------------------------------------------------------------------
+
+def _topk_rows(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """bool [L, n]: per row, the keep_count(density, n) largest |scores|, ties to the lower
+    index. scores [L, n] float."""
+    _check_float("scores", scores)
+    _check(0 < density <= 1, f"density must be in (0, 1], got {density}")
+    key = scores.detach().abs()
+    if torch.isnan(key).any():
+        raise ValueError("modsplit: scores contain NaN")
+    n = key.shape[1]
+    k = keep_count(density, n)
+    kth = torch.topk(key, k, dim=1, sorted=False).values.amin(1, keepdim=True)  # [L, 1]
+    above = key > kth
+    tied = key == kth
+    room = k - above.sum(1, keepdim=True)  # ties that still fit, first ones by index
+    return above | (tied & (torch.cumsum(tied, 1) <= room))
+
+
+def topk_mask(scores, density):
+    """scores [O, ...] -> packed int32 [O, ceil(R/32)]."""
+    _check(scores.dim() >= 2, f"scores must have at least 2 dims, got {list(scores.shape)}")
+    keep = _topk_rows(scores.reshape(1, -1), float(density))
+    return pack_mask(keep.reshape(scores.shape))
+
+
+def multi_topk_mask(scores, density):
+    """scores [K, O, ...] -> packed int32 [K, O, ceil(R/32)], one selection per module."""
+    _check(scores.dim() >= 3, f"scores must have at least 3 dims, got {list(scores.shape)}")
+    keep = _topk_rows(scores.reshape(scores.shape[0], -1), float(density))
+    return pack_mask(keep.reshape(scores.shape), 1)
+
+
+def pack_mask(mask, batch_dims=0):
+    """bool [lead..., rest...] (lead = batch_dims + 1 dims) -> int32 [lead..., ceil(R/32)]."""
+    _check(mask.dtype == torch.bool, f"mask must be bool, got {mask.dtype}")
+    _check(mask.dim() >= batch_dims + 2, f"mask must have at least {batch_dims + 2} dims, got "
+                                         f"{list(mask.shape)}")
+    return ref.pack_mask(mask, batch_dims)
+
+
+def unpack_mask(packed, shape):
+    """int32 [lead..., words] -> bool tensor of `shape` (shape starts with lead...)."""
+    _check(packed.dtype == torch.int32, f"packed must be int32, got {packed.dtype}")
+    shape = [int(s) for s in shape]
+    lead = len(packed.shape) - 1
+    _check(tuple(shape[:lead]) == tuple(packed.shape[:-1]) and
+           words_for(math.prod(shape[lead:])) == packed.shape[-1],
+           f"shape {shape} does not match packed {list(packed.shape)}")
+    return ref.unpack_mask(packed, shape)
+
+
+def expand(weight, packed):
+    """W*M in weight's dtype: packed [O, words] -> [O, ...], [K, O, words] -> [K, O, ...]."""
+    shape = (*packed.shape[:-1], *weight.shape[1:])
+    return weight * ref.unpack_mask(packed, shape).to(weight.dtype)
+
+
+# ---- linear -------------------------------------------------------------------------------------
+
+def masked_linear(x, weight, packed, bias=None):
+    """x [*, I], weight [O, I], packed [O, ceil(I/32)] -> [*, O]."""
+    _check_same(x, weight, bias)
+    _check(x.shape[-1] == weight.shape[1], f"x has {x.shape[-1]} features, weight {weight.shape[1]}")
+    _check_packed(packed, (), weight)
+    return F.linear(x, expand(weight, packed), bias)
+
+
+def masked_linear_backward(grad_out, x, weight, packed, output_mask):
+    """-> (grad_x [*, I], grad_scores [O, I] = (g^T x) * W, grad_bias [O]); None where
+    output_mask is False."""
+    o, i = weight.shape
+    g2 = grad_out.reshape(-1, o)
+    gx = (grad_out @ expand(weight, packed)) if output_mask[0] else None
+    gs = (g2.T @ x.reshape(-1, i)) * weight if output_mask[1] else None
+    gb = g2.sum(0) if output_mask[2] else None
+    return gx, gs, gb
+
+
+def _module_rows(x, k, shared_input):
+    """x as [K or 1, N, I] rows (a shared input is one block broadcast over the modules)."""
+    return x.reshape(1, -1, x.shape[-1]) if shared_input else x.reshape(k, -1, x.shape[-1])
+
+
+def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
+    """x [K, *, I] (or [*, I] with shared_input), packed [K, O, words] -> [K, *, O]."""
+    _check_same(x, weight, bias)
+    _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
+    k = packed.shape[0]
+    _check_packed(packed, (k,), weight)
+    _check(x.shape[-1] == weight.shape[1], f"x has {x.shape[-1]} features, weight {weight.shape[1]}")
+    _check(shared_input or (x.dim() >= 2 and x.shape[0] == k),
+           f"x must be [K={k}, *, I] when shared_input=False, got {list(x.shape)}")
+    y = torch.matmul(_module_rows(x, k, shared_input), expand(weight, packed).transpose(1, 2))
+    if bias is not None:
+        y = y + bias
+    batch = x.shape[:-1] if shared_input else x.shape[1:-1]
+    return y.reshape(k, *batch, weight.shape[0])
+
+
+def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input, output_mask):
+    """-> (grad_x shaped like x (summed over K when shared), grad_scores [K, O, I], grad_bias
+    [O]); None where output_mask is False."""
+    k, (o, i) = packed.shape[0], weight.shape
+    g3 = grad_out.reshape(k, -1, o)
+    gx = gs = gb = None
+    if output_mask[0]:
+        gx = torch.bmm(g3, expand(weight, packed))
+        gx = (gx.sum(0) if shared_input else gx).reshape(x.shape)
+    if output_mask[1]:
+        x3 = _module_rows(x, k, shared_input).expand(k, -1, -1)
+        gs = torch.bmm(g3.transpose(1, 2), x3) * weight
+    if output_mask[2]:
+        gb = g3.sum((0, 1))
+    return gx, gs, gb
+
+
+# ---- conv ---------------------------------------------------------------------------------------
+
+def _check_conv(x, weight, packed, bias, lead, groups):
+    _check_same(x, weight, bias)
+    _check(weight.dim() == 4, f"weight must be [O, C/groups, kh, kw], got {list(weight.shape)}")
+    _check(groups >= 1 and weight.shape[0] % groups == 0,
+           f"groups ({groups}) must divide the {weight.shape[0]} output channels")
+    _check(x.shape[-3] == weight.shape[1] * groups,
+           f"x has {x.shape[-3]} channels, weight expects {weight.shape[1] * groups}")
+    _check_packed(packed, lead, weight)
+
+
+def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
+    """x [B, C, H, W], weight [O, C/groups, kh, kw], packed [O, words] -> [B, O, Ho, Wo]."""
+    _check(x.dim() == 4, f"x must be [B, C, H, W], got {list(x.shape)}")
+    _check_conv(x, weight, packed, bias, (), groups)
+    return F.conv2d(x, expand(weight, packed), bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups,
+                           output_mask):
+    """-> (grad_x, grad_scores = dL/d(W*M) * W, grad_bias); None where output_mask is False."""
+    gx, gw, gb = _conv_grads(grad_out, x, expand(weight, packed), stride, padding, dilation,
+                             groups, output_mask)
+    return gx, (gw * weight if gw is not None else None), gb
+
+
+def _conv_grads(grad_out, x, w, stride, padding, dilation, groups, output_mask):
+    """(grad_x, grad_w, grad_bias) of F.conv2d(x, w, b, ...) for grad_out, through
+    torch.ops.aten.convolution_backward (cuDNN / oneDNN where available)."""
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_out, x, w, [w.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, list(output_mask))
+    return gx, gw, gb
+
+
+def _fold(x, k, shared):
+    """x [B, C, H, W] shared or [K, B, C, H, W] -> the conv input [B, K*C, H, W] of the folded
+    grouped convolution (a shared input is repeated K times)."""
+    if shared:
+        return x.repeat(1, k, 1, 1)
+    return x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
+
+
+def multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
+    """x [B, C, H, W] shared or [K, B, C, H, W], packed [K, O, words] -> [K, B, O, Ho, Wo]:
+    one convolution with groups = K*groups over the module-folded channels."""
+    _check(x.dim() in (4, 5), f"x must be [B, C, H, W] or [K, B, C, H, W], got {list(x.shape)}")
+    _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
+    k = packed.shape[0]
+    _check(x.dim() == 4 or x.shape[0] == k, f"x has {x.shape[0]} modules, packed {k}")
+    _check_conv(x, weight, packed, bias, (k,), groups)
+    w = expand(weight, packed).reshape(k * weight.shape[0], *weight.shape[1:])
+    b = bias.repeat(k) if bias is not None else None
+    y = F.conv2d(_fold(x, k, x.dim() == 4), w, b, stride, padding, dilation, k * groups)
+    return y.reshape(y.shape[0], k, weight.shape[0], *y.shape[2:]).transpose(0, 1)
+
+
+def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups,
+                                 output_mask):
+    """-> (grad_x shaped like x (summed over K when shared), grad_scores [K, *weight.shape],
+    grad_bias [O]); None where output_mask is False."""
+    k, o = packed.shape[0], weight.shape[0]
+    shared = x.dim() == 4
+    w = expand(weight, packed).reshape(k * o, *weight.shape[1:])
+    g = grad_out.transpose(0, 1).reshape(grad_out.shape[1], k * o, *grad_out.shape[3:])
+    gx, gw, gb = _conv_grads(g, _fold(x, k, shared), w, stride, padding, dilation, k * groups,
+                             output_mask)
+    if gx is not None:
+        gx = gx.reshape(x.shape[-4], k, *x.shape[-3:])
+        gx = gx.sum(1) if shared else gx.transpose(0, 1)
+    gs = gw.reshape(k, *weight.shape) * weight if gw is not None else None
+    gb = gb.reshape(k, o).sum(0) if gb is not None else None
+    return gx, gs, gb
