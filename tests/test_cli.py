@@ -204,3 +204,11 @@ def test_decompose_checkpoints_and_a_rerun_resumes(runs, tmp_path):
     straight = ModuleBank.load(tmp_path / "c" / "bank.msb", model)
     assert len(resumed.history) == 2
     assert all(torch.equal(resumed.masks()[k], straight.masks()[k]) for k in straight.masks())
+
+
+def test_reproduce_bad_request_goes_through_the_error_path(capsys):
+    from modsplit.app.reproduce import main_reproduce
+    assert cli.main(["reproduce", "table1", "--models", "fc9"]) == 2
+    assert "error: unknown models ['fc9']" in capsys.readouterr().err
+    assert main_reproduce(["table1", "--methods", "magic"]) == 2
+    assert "error: unknown methods ['magic']" in capsys.readouterr().err

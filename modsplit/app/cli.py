@@ -13,6 +13,7 @@ import yaml
 
 from modsplit.app import commands, config
 from modsplit.backend import set_backend
+from modsplit.errors import ModsplitError
 from modsplit.app.reproduce import add_reproduce_parser
 
 class _Parser(argparse.ArgumentParser):
@@ -190,14 +191,14 @@ def settings(args) -> dict:
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (2 for a bad request)."""
     args = build_parser().parse_args(argv)
-    if args.command == "reproduce":  # the paper's tables: its own flags, no config file
-        args.command_line = "modsplit " + " ".join(sys.argv[1:] if argv is None else argv)
-        return args.func(args)
     try:
+        if args.command == "reproduce":  # the paper's tables: its own flags, no config file
+            args.command_line = "modsplit " + " ".join(sys.argv[1:] if argv is None else argv)
+            return args.func(args)
         cfg = settings(args)
         os.makedirs(cfg["out"], exist_ok=True)
         return args.func(cfg, args.quiet)
-    except (ValueError, OSError) as exc:
+    except (ModsplitError, ValueError, OSError) as exc:
         message = " ".join(str(exc).split()).removeprefix("modsplit: ")
         print(f"modsplit {args.command}: error: {message}", file=sys.stderr)
         return 2

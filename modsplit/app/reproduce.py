@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from modsplit import metrics, ops
+from modsplit.errors import ModsplitError
 from modsplit.app.baselines import decompose_pan_rajan, value_set_jaccard
 from modsplit.app.data import load_dataset
 from modsplit.decompose import decompose
@@ -604,10 +605,10 @@ def _add_command(sub, command):
 def _check_and_run(command, args):
     bad = [m for m in args.models if m not in MODELS]
     if bad:
-        raise SystemExit(f"unknown models {bad}; valid: {', '.join(MODELS)}")
+        raise ValueError(f"unknown models {bad}; valid: {', '.join(MODELS)}")
     bad = [m for m in getattr(args, "methods", ()) if m not in BASELINES + ("stemming",)]
     if bad:
-        raise SystemExit(f"unknown methods {bad}; valid: {', '.join(BASELINES)}, stemming")
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(BASELINES)}, stemming")
     COMMANDS[command](args)
     return 0
 
@@ -632,7 +633,11 @@ def main_reproduce(argv=None):
     args = parser.parse_args(argv)
     args.command_line = "python -m modsplit.app.reproduce " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ModsplitError, ValueError, OSError) as exc:
+        print(f"reproduce: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
