@@ -10,7 +10,6 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install -q --upgrade pip >/dev/null
 export MODSPLIT_CUDA=0
 "$py" -m pip wheel -q --no-deps -w "$work/dist" . 2>&1 | grep -v "^WARNING: Location" || true
 wheel="$(ls "$work"/dist/modsplit-*.whl)"
@@ -18,11 +17,16 @@ echo "packaging: built $(basename "$wheel")"
 "$py" -m pip install -q "$wheel[app]" 2>&1 | grep -v "^WARNING: Location" || true
 cd "$work"   # away from the source tree: the installed package is what gets imported
 "$py" - <<'PY'
-import modsplit, modsplit.app.cli
+import os
+import modsplit
 from modsplit.backend import load_triton
 print("packaging: import modsplit", modsplit.__version__, "from", modsplit.__file__)
 assert "site-packages" in modsplit.__file__, modsplit.__file__
 assert modsplit._extension.LOAD_ERROR is None, modsplit._extension.LOAD_ERROR
+kernels = load_triton(interpret=True)  # the Triton kernels, under modsplit's own namespace
+assert kernels.__name__ == "modsplit.triton_kernels", kernels.__name__
+assert kernels.__file__.startswith(os.path.dirname(modsplit.__file__)), kernels.__file__
+import modsplit.app.cli  # noqa: E402,F401  (the app extra's dependencies are installed)
 PY
 "$work/venv/bin/modsplit" --help >/dev/null
 "$work/venv/bin/modsplit" demo --train-epochs 2 --epochs 1 --out "$work/demo" --quiet
