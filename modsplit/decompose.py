@@ -190,12 +190,11 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
     balance=False every example weighs 1 (the modules then estimate P(c | x) itself).
 
     Optimiser: SGD with Nesterov momentum, scores at `lr` and grafts at `graft_lr` (two
-    parameter groups), both with `weight_decay`. Defaults follow Table 4 (lr 0.1, momentum 0.9;
-    use batch size 32 in the loader). The paper's weight decay "5 x 10^-1" is a typo: 5e-4 is
-    used. The paper does not state a schedule; edge-popup, which it follows, decays the rate
-    with a cosine, and so does the default lr_schedule="cosine": both rates are scaled in epoch
-    e by (1 + cos(pi (e - 1) / epochs)) / 2 (a function of the epoch alone, so resuming needs
-    no scheduler state); "constant" keeps them fixed.
+    parameter groups), both with `weight_decay` (defaults lr 0.1, momentum 0.9, weight decay
+    5e-4; use batch size 32 in the loader; docs/RESULTS.md lists where the defaults differ from
+    the paper and why). lr_schedule="cosine" scales both rates in epoch e by
+    (1 + cos(pi (e - 1) / epochs)) / 2 (a function of the epoch alone, so resuming needs no
+    scheduler state); "constant" keeps them fixed.
 
     Deterministic for a given seed on CPU: the scores are drawn from `seed`, and at the start
     of epoch e torch's global RNG and the loader's sampler generator (if it has one) are
@@ -221,8 +220,7 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
     callback and kept in bank.history.
     With eval_set (a dataset of (x, y) pairs, e.g. the test set) the record also holds
     eval_module_acc (list of K balanced 1:1 accuracies of the epoch's modules on it) and
-    eval_acc (accuracy of the vote of all K modules on its samples of the K classes); the
-    paper's Table 5 is the maximum of eval_module_acc over the epochs.
+    eval_acc (accuracy of the vote of all K modules on its samples of the K classes).
     Returns a ModuleBank holding packed masks (the scores are dropped) and the grafts.
     """
     cfg = DecomposeConfig.build(config, num_classes, **settings)
