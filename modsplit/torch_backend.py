@@ -118,7 +118,7 @@ def expand(weight, packed):
     return weight * ref.unpack_mask(packed, shape).to(weight.dtype)
 
 
-def _chunks(k, weight):
+def module_chunks(k, weight):
     """(k0, k1) module ranges whose expanded weights fit in routing.scratch_bytes()."""
     step = routing.module_chunk(k, weight.numel() * weight.element_size())
     return [(k0, min(k, k0 + step)) for k0 in range(0, k, step)]
@@ -136,7 +136,7 @@ def linear_expanded(x3, weight, packed, bias=None, expand_fn=expand):
     chunk of c modules; per-module inputs one batched GEMM."""
     k, o = packed.shape[0], weight.shape[0]
     parts = []
-    for k0, k1 in _chunks(k, weight):
+    for k0, k1 in module_chunks(k, weight):
         c, w = k1 - k0, expand_fn(weight, packed[k0:k1])  # [c, O, I]
         if x3.shape[0] == 1:
             b = None if bias is None else bias.repeat(c)
@@ -154,7 +154,7 @@ def linear_grad_x_expanded(g3, weight, packed, shared, expand_fn=expand):
     [N, c*O] x [c*O, I] GEMM per chunk). g3 [K, N, O]."""
     o = weight.shape[0]
     parts, total = [], None
-    for k0, k1 in _chunks(packed.shape[0], weight):
+    for k0, k1 in module_chunks(packed.shape[0], weight):
         c, w = k1 - k0, expand_fn(weight, packed[k0:k1])
         if shared:
             gk = g3[k0:k1].transpose(0, 1).reshape(-1, c * o)
@@ -278,7 +278,7 @@ def conv_expanded(x, weight, packed, bias, stride, padding, dilation, groups, ex
     the module-folded channels. x [B, C, H, W] shared or [K, B, C, H, W]; packed [K, O, words]."""
     o, shared = weight.shape[0], x.dim() == 4
     parts = []
-    for k0, k1 in _chunks(packed.shape[0], weight):
+    for k0, k1 in module_chunks(packed.shape[0], weight):
         c = k1 - k0
         w = expand_fn(weight, packed[k0:k1]).reshape(c * o, *weight.shape[1:])
         b = bias.repeat(c) if bias is not None else None
@@ -295,7 +295,7 @@ def conv_backward_expanded(grad_out, x, weight, packed, stride, padding, dilatio
     aten.convolution_backward; None where output_mask is False."""
     o, shared = weight.shape[0], x.dim() == 4
     gxs, gss, gbs = [], [], []
-    for k0, k1 in _chunks(packed.shape[0], weight):
+    for k0, k1 in module_chunks(packed.shape[0], weight):
         c = k1 - k0
         w = expand_fn(weight, packed[k0:k1]).reshape(c * o, *weight.shape[1:])
         go = grad_out[k0:k1]
