@@ -46,6 +46,8 @@ def flag_for(device: torch.device) -> torch.Tensor:
                  torch.zeros(1, dtype=torch.int32, pin_memory=pinned), None]
         _state[device] = state
     flag, host, event = state
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return flag  # no event query inside capture; the next eager call reports
     if (event is None or event.query()) and host.item():
         host.zero_()
         flag.zero_()

@@ -243,7 +243,14 @@ static bool nan_check_sync() {
   return true;
 }
 
+static bool capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // The device's flag; first raises the NaN an earlier lazy call found, once its copy has landed.
+// (The first call on a device, which allocates the flag, must not be inside a capture.)
 static at::Tensor nan_flag_for(const at::Tensor& scores) {
   std::lock_guard<std::mutex> lock(nan_mutex);
   NanState& st = nan_states[scores.get_device()];
@@ -252,6 +259,7 @@ static at::Tensor nan_flag_for(const at::Tensor& scores) {
     st.host = at::zeros({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
   }
+  if (capturing()) return st.flag;  // no event query inside a capture
   if (st.pending && cudaEventQuery(st.copied) == cudaSuccess) {
     st.pending = false;
     if (st.host.data_ptr<int>()[0] != 0) {
@@ -275,10 +283,8 @@ static void nan_after_launch(const at::Tensor& scores, const at::Tensor& flag) {
     }
     return;
   }
+  if (capturing()) return;  // the replays set the flag; the next eager call copies it
   auto stream = current_stream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;
   std::lock_guard<std::mutex> lock(nan_mutex);
   NanState& st = nan_states[scores.get_device()];
   C10_CUDA_CHECK(cudaMemcpyAsync(st.host.data_ptr<int>(), flag.data_ptr<int>(), sizeof(int),
