@@ -35,7 +35,7 @@ def _configs(names):
     reduction tile is a multiple of 32 (whole mask words)."""
     gpu = [triton.Config(dict(zip(names, t)), num_warps=w, num_stages=s)
            for t, w, s in [((16, 64, 64), 4, 4), ((16, 128, 64), 4, 3), ((16, 64, 128), 4, 4),
-                           ((32, 64, 64), 4, 3), ((64, 64, 32), 4, 3), ((64, 128, 32), 8, 3)]]
+                           ((32, 64, 64), 4, 3), ((64, 64, 64), 4, 3), ((64, 128, 64), 8, 3)]]
     return autotune_configs(gpu, triton.Config(dict(zip(names, (16, 64, 64))), num_warps=4))
 
 

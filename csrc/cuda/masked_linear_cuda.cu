@@ -88,7 +88,8 @@ static at::Tensor grad_x(const at::Tensor& g, const at::Tensor& w, const at::Ten
     if (shared) {  // one [M, c*O] x [c*O, I] GEMM accumulating into gx
       gx.addmm_(g.narrow(0, k0, c).transpose(0, 1).reshape({M, c * O}), wk.view({c * O, I}));
     } else {
-      at::bmm_out(gx.narrow(0, k0, c), g.narrow(0, k0, c), wk);
+      auto out = gx.narrow(0, k0, c);
+      at::bmm_out(out, g.narrow(0, k0, c), wk);
     }
   }
   return gx;
