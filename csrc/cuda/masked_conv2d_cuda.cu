@@ -141,7 +141,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
     if (gx.defined()) gx = gx.view(x.sizes());
     if (gs.defined()) gs = gs.view(gs_shape);
   }
-  if (output_mask[2]) gb = go.sum({0, 1, 3, 4});
+  if (output_mask[2]) gb = go.sum(at::IntArrayRef{0, 1, 3, 4});
   return {gx, gs, gb};
 }
 

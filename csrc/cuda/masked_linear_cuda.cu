@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   if (output_mask[1]) {
     gs = grad_scores(g, x.reshape({1, M, I}).contiguous(), true, w, 1, M).view({O, I});
   }
-  if (output_mask[2]) gb = g.sum({0, 1});
+  if (output_mask[2]) gb = g.sum(at::IntArrayRef{0, 1});
   return {gx, gs, gb};
 }
 
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_linear_backward_cuda
     auto xk = x.reshape({shared_input ? 1 : K, M, I}).contiguous();
     gs = grad_scores(g, xk, shared_input, w, K, M);
   }
-  if (output_mask[2]) gb = g.sum({0, 1});
+  if (output_mask[2]) gb = g.sum(at::IntArrayRef{0, 1});
   return {gx, gs, gb};
 }
 
