@@ -5,11 +5,15 @@ The functions have the names and signatures of the torch.ops.modsplit ops (modsp
 so modsplit.backend.ops_for() returns this module in place of an op namespace. They are the
 reference made efficient: no loop over modules. Masked products expand W*M for all K modules
 at once and call one batched GEMM (torch.matmul) or one grouped convolution (groups = K*groups,
-the modules folded into the channels), which is what a user would write by hand. topk keeps the
+the modules folded into the channels), which is what a user would write by hand. The modules are
+expanded in chunks whose W*M fit in modsplit.routing.scratch_bytes() (256 MiB by default), one
+GEMM / convolution per chunk; the Triton backend calls the same *_expanded functions with its
+own bit-expansion kernel above its fused-row threshold. topk keeps the
 exact contract of the kernels: keep_count(density, n) entries of largest |score| per layer, ties
 to the lower flat index.
 
-Memory: the expanded weights take K x |W| elements of the input's dtype, once per call.
+Memory: the expanded weights of one chunk at a time (under autograd, each chunk is kept for the
+backward pass).
 """
 import math
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from modsplit import reference as ref
+from modsplit import routing
 from modsplit.reference import keep_count, words_for
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -113,6 +118,63 @@ def expand(weight, packed):
     return weight * ref.unpack_mask(packed, shape).to(weight.dtype)
 
 
+def module_chunks(k, weight):
+    """(k0, k1) module ranges whose expanded weights fit in routing.scratch_bytes()."""
+    step = routing.module_chunk(k, weight.numel() * weight.element_size())
+    return [(k0, min(k, k0 + step)) for k0 in range(0, k, step)]
+
+
+def _cat(parts, dim=0):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+# ---- the expanded path (shared with the Triton backend, which passes its own expand_fn) ---------
+
+def linear_expanded(x3, weight, packed, bias=None, expand_fn=expand):
+    """y [K, N, O] = x_k (W*M_k)^T + b, one GEMM per chunk of modules. x3 [1, N, I] (shared by
+    all modules) or [K, N, I]; packed [K, O, words]. A shared input makes one [N, c*O] GEMM per
+    chunk of c modules; per-module inputs one batched GEMM."""
+    k, o = packed.shape[0], weight.shape[0]
+    parts = []
+    for k0, k1 in module_chunks(k, weight):
+        c, w = k1 - k0, expand_fn(weight, packed[k0:k1])  # [c, O, I]
+        if x3.shape[0] == 1:
+            b = None if bias is None else bias.repeat(c)
+            parts.append(F.linear(x3[0], w.reshape(c * o, -1), b).reshape(-1, c, o)
+                         .transpose(0, 1))
+        elif bias is None:
+            parts.append(torch.bmm(x3[k0:k1], w.transpose(1, 2)))
+        else:
+            parts.append(torch.baddbmm(bias, x3[k0:k1], w.transpose(1, 2)))
+    return _cat(parts)
+
+
+def linear_grad_x_expanded(g3, weight, packed, shared, expand_fn=expand):
+    """grad_x [K, N, I] = g_k (W*M_k), or [N, I] summed over the modules when shared (one
+    [N, c*O] x [c*O, I] GEMM per chunk). g3 [K, N, O]."""
+    o = weight.shape[0]
+    parts, total = [], None
+    for k0, k1 in module_chunks(packed.shape[0], weight):
+        c, w = k1 - k0, expand_fn(weight, packed[k0:k1])
+        if shared:
+            gk = g3[k0:k1].transpose(0, 1).reshape(-1, c * o)
+            part = gk @ w.reshape(c * o, -1)
+            total = part if total is None else total + part
+        else:
+            parts.append(torch.bmm(g3[k0:k1], w))
+    return total if shared else _cat(parts)
+
+
+def linear_grad_scores(g3, x3, weight):
+    """grad_scores [K, O, I] = (g_k^T x_k) * W: no mask, one GEMM (one [K*O, N] x [N, I] GEMM for
+    a shared x3 [1, N, I]) and one elementwise product. g3 [K, N, O]."""
+    k, (o, i) = g3.shape[0], weight.shape
+    if x3.shape[0] == 1:
+        gt = g3.transpose(0, 1).reshape(-1, k * o).T  # [K*O, N]
+        return (gt @ x3[0]).reshape(k, o, i) * weight
+    return torch.bmm(g3.transpose(1, 2), x3) * weight
+
+
 # ---- linear -------------------------------------------------------------------------------------
 
 def masked_linear(x, weight, packed, bias=None):
@@ -140,7 +202,8 @@ def _module_rows(x, k, shared_input):
 
 
 def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
-    """x [K, *, I] (or [*, I] with shared_input), packed [K, O, words] -> [K, *, O]."""
+    """x [K, *, I] (or [*, I] with shared_input), packed [K, O, words] -> [K, *, O]. Modules are
+    expanded in chunks of at most routing.scratch_bytes() (one GEMM per chunk)."""
     _check_same(x, weight, bias)
     _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
     k = packed.shape[0]
@@ -148,9 +211,7 @@ def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
     _check(x.shape[-1] == weight.shape[1], f"x has {x.shape[-1]} features, weight {weight.shape[1]}")
     _check(shared_input or (x.dim() >= 2 and x.shape[0] == k),
            f"x must be [K={k}, *, I] when shared_input=False, got {list(x.shape)}")
-    y = torch.matmul(_module_rows(x, k, shared_input), expand(weight, packed).transpose(1, 2))
-    if bias is not None:
-        y = y + bias
+    y = linear_expanded(_module_rows(x, k, shared_input), weight, packed, bias)
     batch = x.shape[:-1] if shared_input else x.shape[1:-1]
     return y.reshape(k, *batch, weight.shape[0])
 
@@ -158,17 +219,13 @@ def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
 def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input, output_mask):
     """-> (grad_x shaped like x (summed over K when shared), grad_scores [K, O, I], grad_bias
     [O]); None where output_mask is False."""
-    k, (o, i) = packed.shape[0], weight.shape
+    k, o = packed.shape[0], weight.shape[0]
     g3 = grad_out.reshape(k, -1, o)
-    gx = gs = gb = None
-    if output_mask[0]:
-        gx = torch.bmm(g3, expand(weight, packed))
-        gx = (gx.sum(0) if shared_input else gx).reshape(x.shape)
-    if output_mask[1]:
-        x3 = _module_rows(x, k, shared_input).expand(k, -1, -1)
-        gs = torch.bmm(g3.transpose(1, 2), x3) * weight
-    if output_mask[2]:
-        gb = g3.sum((0, 1))
+    gx = linear_grad_x_expanded(g3, weight, packed, shared_input).reshape(x.shape) \
+        if output_mask[0] else None
+    gs = linear_grad_scores(g3, _module_rows(x, k, shared_input), weight) \
+        if output_mask[1] else None
+    gb = g3.sum((0, 1)) if output_mask[2] else None
     return gx, gs, gb
 
 
@@ -216,33 +273,62 @@ def _fold(x, k, shared):
     return x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
 
 
+def conv_expanded(x, weight, packed, bias, stride, padding, dilation, groups, expand_fn=expand):
+    """[K, B, O, Ho, Wo]: per chunk of c modules, one convolution with groups = c*groups over
+    the module-folded channels. x [B, C, H, W] shared or [K, B, C, H, W]; packed [K, O, words]."""
+    o, shared = weight.shape[0], x.dim() == 4
+    parts = []
+    for k0, k1 in module_chunks(packed.shape[0], weight):
+        c = k1 - k0
+        w = expand_fn(weight, packed[k0:k1]).reshape(c * o, *weight.shape[1:])
+        b = bias.repeat(c) if bias is not None else None
+        y = F.conv2d(_fold(x if shared else x[k0:k1], c, shared), w, b, stride, padding,
+                     dilation, c * groups)
+        parts.append(y.reshape(y.shape[0], c, o, *y.shape[2:]).transpose(0, 1))
+    return _cat(parts)
+
+
+def conv_backward_expanded(grad_out, x, weight, packed, stride, padding, dilation, groups,
+                           output_mask, expand_fn=expand):
+    """(grad_x shaped like x (summed over K when shared), grad_scores [K, *weight.shape],
+    grad_bias [O]) of conv_expanded for grad_out [K, B, O, Ho, Wo], chunk by chunk through
+    aten.convolution_backward; None where output_mask is False."""
+    o, shared = weight.shape[0], x.dim() == 4
+    gxs, gss, gbs = [], [], []
+    for k0, k1 in module_chunks(packed.shape[0], weight):
+        c = k1 - k0
+        w = expand_fn(weight, packed[k0:k1]).reshape(c * o, *weight.shape[1:])
+        go = grad_out[k0:k1]
+        g = go.transpose(0, 1).reshape(go.shape[1], c * o, *go.shape[3:])
+        gx, gw, gb = _conv_grads(g, _fold(x if shared else x[k0:k1], c, shared), w, stride,
+                                 padding, dilation, c * groups, output_mask)
+        if gx is not None:
+            gx = gx.reshape(x.shape[-4], c, *x.shape[-3:])
+            gxs.append(gx.sum(1) if shared else gx.transpose(0, 1))
+        if gw is not None:
+            gss.append(gw.reshape(c, *weight.shape) * weight)
+        if gb is not None:
+            gbs.append(gb.reshape(c, o).sum(0))
+    gx = (sum(gxs) if shared else _cat(gxs)) if output_mask[0] else None
+    return (gx, _cat(gss) if output_mask[1] else None,
+            sum(gbs) if output_mask[2] else None)
+
+
 def multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """x [B, C, H, W] shared or [K, B, C, H, W], packed [K, O, words] -> [K, B, O, Ho, Wo]:
-    one convolution with groups = K*groups over the module-folded channels."""
+    one convolution with groups = K*groups over the module-folded channels per chunk of modules
+    (routing.scratch_bytes())."""
     _check(x.dim() in (4, 5), f"x must be [B, C, H, W] or [K, B, C, H, W], got {list(x.shape)}")
     _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
     k = packed.shape[0]
     _check(x.dim() == 4 or x.shape[0] == k, f"x has {x.shape[0]} modules, packed {k}")
     _check_conv(x, weight, packed, bias, (k,), groups)
-    w = expand(weight, packed).reshape(k * weight.shape[0], *weight.shape[1:])
-    b = bias.repeat(k) if bias is not None else None
-    y = F.conv2d(_fold(x, k, x.dim() == 4), w, b, stride, padding, dilation, k * groups)
-    return y.reshape(y.shape[0], k, weight.shape[0], *y.shape[2:]).transpose(0, 1)
+    return conv_expanded(x, weight, packed, bias, stride, padding, dilation, groups)
 
 
 def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, dilation, groups,
                                  output_mask):
     """-> (grad_x shaped like x (summed over K when shared), grad_scores [K, *weight.shape],
     grad_bias [O]); None where output_mask is False."""
-    k, o = packed.shape[0], weight.shape[0]
-    shared = x.dim() == 4
-    w = expand(weight, packed).reshape(k * o, *weight.shape[1:])
-    g = grad_out.transpose(0, 1).reshape(grad_out.shape[1], k * o, *grad_out.shape[3:])
-    gx, gw, gb = _conv_grads(g, _fold(x, k, shared), w, stride, padding, dilation, k * groups,
-                             output_mask)
-    if gx is not None:
-        gx = gx.reshape(x.shape[-4], k, *x.shape[-3:])
-        gx = gx.sum(1) if shared else gx.transpose(0, 1)
-    gs = gw.reshape(k, *weight.shape) * weight if gw is not None else None
-    gb = gb.reshape(k, o).sum(0) if gb is not None else None
-    return gx, gs, gb
+    return conv_backward_expanded(grad_out, x, weight, packed, stride, padding, dilation, groups,
+                                  output_mask)

@@ -78,7 +78,9 @@ def test_core_never_imports_the_app(name):
 
 
 def test_triton_kernels_need_no_compiled_extension():
-    allowed = {"modsplit", "modsplit.reference"}  # the package itself, and mask geometry
+    # the package itself, mask geometry, the routing thresholds, and the pure-PyTorch expanded
+    # path that the Triton kernels feed above the fused-row threshold (none of them needs _C)
+    allowed = {"modsplit", "modsplit.reference", "modsplit.routing", "modsplit.torch_backend"}
     for name in (n for n in MODULES if n.startswith("modsplit.triton_kernels")):
         outside = {t for t in GRAPH[name] if not t.startswith("modsplit.triton_kernels")}
         assert outside <= allowed, f"{name} imports {sorted(outside - allowed)}"

@@ -2,7 +2,7 @@
 
 Shapes: x [B, C, H, W] (or [K, B, C, H, W] per module), weight [O, C/groups, kh, kw],
 packed int32 [O, ceil(R/32)] (or [K, O, ceil(R/32)]), R = C/groups*kh*kw.
-Kernel outputs in float32/bfloat16 are compared with the reference run in float64.
+Kernel outputs in float32/bfloat16/float16 are compared with the reference run in float64.
 """
 import itertools
 
@@ -30,7 +30,7 @@ CONFIGS = [
 ]
 CONFIG_IDS = [f"cfg{i}" for i in range(len(CONFIGS))]
 DENSITIES = ["tiny", 0.1, 0.5, 1.0]
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 _THREADS = torch.get_num_threads()
@@ -215,20 +215,21 @@ def test_non_contiguous_inputs(device, cfg, multi):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_module"])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[5], CONFIGS[7]],
                          ids=["cfg1", "cfg3", "cfg5", "cfg7"])
-def test_bfloat16(device, cfg, shared):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision(device, cfg, shared, dtype):
     for K in (None, 3):
-        x, weight, packed, bias, args = _make(cfg, device, torch.bfloat16, K=K, shared=shared)
+        x, weight, packed, bias, args = _make(cfg, device, dtype, K=K, shared=shared)
         multi = K is not None
         fwd = modsplit.ops.multi_masked_conv2d if multi else modsplit.ops.masked_conv2d
         bwd = ops.multi_masked_conv2d_backward if multi else ops.masked_conv2d_backward
         y = fwd(x, weight, packed, bias, *args)
-        assert y.dtype == torch.bfloat16
-        _assert_close(y, _ref_forward(x, weight, packed, bias, args, multi), torch.bfloat16)
+        assert y.dtype == dtype
+        _assert_close(y, _ref_forward(x, weight, packed, bias, args, multi), dtype)
         g = torch.randn_like(y)
         outs = bwd(g, x, weight, packed, *args, [True, True, True])
         for out, ref in zip(outs, _ref_backward(g, x, weight, packed, args, multi)):
-            assert out.dtype == torch.bfloat16
-            _assert_close(out, ref, torch.bfloat16)
+            assert out.dtype == dtype
+            _assert_close(out, ref, dtype)
 
 
 def test_inference_mode(device, all_threads):

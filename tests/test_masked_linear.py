@@ -17,7 +17,7 @@ from modsplit import reference as R
 
 _ops = torch.ops.modsplit
 
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [(1, 1), (13, 31), (32, 32), (33, 67), (67, 257), (257, 13)]
 BATCHES = [(), (1,), (5,), (3, 7), (70,)]
 DENSITIES = ["tiny", 0.1, 0.5, 1.0]
@@ -90,7 +90,7 @@ def test_masked_linear_float32(device, o, i, batch, density):
     assert_single_matches_ref(device, o, i, batch, density, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("density", [0.1, 1.0])
 @pytest.mark.parametrize("batch", [(5,), (3, 7)], ids=str)
 @pytest.mark.parametrize("o,i", [(13, 31), (67, 257)])
@@ -107,7 +107,7 @@ def test_multi_masked_linear_float32(device, o, i, shared, k, batch, density):
     assert_multi_matches_ref(device, o, i, shared, k, batch, density, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("density", [0.1, 1.0])
 @pytest.mark.parametrize("shared", [False, True])
 def test_multi_masked_linear_dtypes(device, shared, density, dtype):

@@ -3,9 +3,10 @@ import io
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from modsplit import ops, selftest
+from modsplit import backend, ops, selftest
 
 
 def test_every_op_passes_on_this_device(device):
@@ -13,6 +14,14 @@ def test_every_op_passes_on_this_device(device):
     assert selftest.run(device, torch.float32, out)
     rows = [line for line in out.getvalue().splitlines() if line.endswith(("PASS", "FAIL"))]
     assert len(rows) == 12 and all(r.endswith("PASS") for r in rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["auto", "torch"])
+def test_every_dtype_on_the_native_and_torch_backends(device, name, dtype):
+    out = io.StringIO()
+    with backend.use(name):
+        assert selftest.run(device, dtype, out), out.getvalue()
 
 
 def test_a_wrong_kernel_is_reported(monkeypatch):

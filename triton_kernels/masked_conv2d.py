@@ -1,9 +1,13 @@
-"""masked_conv2d / multi_masked_conv2d and their backwards, as masked GEMMs on unfolded inputs.
+"""masked_conv2d / multi_masked_conv2d and their backwards, routed like masked_linear.
 
-No kernel of its own: the input is unfolded (im2col, F.unfold) into rows of R = C/groups*kh*kw
-columns, whose flat order is the mask's column order, and each group runs the masked_linear
-kernels (triton_kernels.masked_linear) against weight[group].reshape(O/groups, R); grad_x folds
-the column gradients back (F.fold).
+No kernel of its own. Above modsplit.routing's fused-row threshold (rows = batch x output pixels
+per module, nearly always) the expanded path: masked_linear's bit-expansion kernel writes W*M_k
+for a chunk of modules, then one torch convolution (cuDNN on a GPU) with groups = chunk*groups
+over the module-folded channels, forward and aten.convolution_backward
+(modsplit.torch_backend.conv_expanded / conv_backward_expanded). At or below it, the fused path:
+the input is unfolded (im2col, F.unfold) into rows of R = C/groups*kh*kw columns, whose flat
+order is the mask's column order, and each group runs the fused masked_linear kernels against
+weight[group].reshape(O/groups, R); grad_x folds the column gradients back (F.fold).
 
 Shapes: x [B, C, H, W] (shared by all modules) or [K, B, C, H, W]; weight [O, C/groups, kh, kw];
 packed int32 [O, ceil(R/32)] or [K, O, ceil(R/32)]; output [B, O, Ho, Wo] or [K, B, O, Ho, Wo].
@@ -11,7 +15,10 @@ packed int32 [O, ceil(R/32)] or [K, O, ceil(R/32)]; output [B, O, Ho, Wo] or [K,
 import torch
 import torch.nn.functional as F
 
-from .masked_linear import _forward, _grad_w, _grad_x
+from modsplit import routing
+from modsplit import torch_backend as tb
+
+from .masked_linear import _forward, _grad_scores, _grad_x, _weight_grad, expand
 from .utils import register_op
 
 _ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
@@ -83,13 +90,46 @@ class _Problem:
         for gi in range(self.args[3]):
             cols, w, p = self.group(gi)
             g = rows[..., gi * self.og:(gi + 1) * self.og]
-            parts.append(_grad_w(g, cols, w, p, self.shared, weight_grad))
+            parts.append(_weight_grad(g, cols, w, p, self.shared) if weight_grad
+                         else _grad_scores(g, cols, w, self.k, self.shared))
         if weight_grad:
             return torch.cat(parts, 0).reshape(self.weight.shape)
         return torch.cat(parts, 1).reshape(self.k, *self.weight.shape)
 
 
+def _expand_conv(weight, packed):
+    """W*M_k [K, *weight.shape] through masked_linear's bit-expansion kernel."""
+    return expand(weight.reshape(weight.shape[0], -1), packed).reshape(packed.shape[0],
+                                                                        *weight.shape)
+
+
+def _fused(x, weight, packed, stride, padding, dilation):
+    """True when the rows per module (batch x output pixels) take the fused kernels."""
+    kh, kw = weight.shape[2:]
+    ho = (x.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return routing.use_fused(x.shape[-4] * max(ho, 0) * max(wo, 0), x.dtype)
+
+
+def _bank(packed):
+    return packed if packed.dim() == 3 else packed[None]
+
+
+def _forward_conv(x, weight, packed, bias, stride, padding, dilation, groups):
+    """[K, B, O, Ho, Wo] for x [B, C, H, W] shared or [K, B, C, H, W]."""
+    if _fused(x, weight, packed, stride, padding, dilation):
+        return _Problem(x, weight, packed, stride, padding, dilation, groups).forward(bias)
+    return tb.conv_expanded(x, weight, _bank(packed), bias, stride, padding, dilation, groups,
+                            _expand_conv)
+
+
 def _backward(grad_out, x, weight, packed, stride, padding, dilation, groups, output_mask):
+    if not _fused(x, weight, packed, stride, padding, dilation):
+        single = packed.dim() == 2
+        g = grad_out[None] if single else grad_out
+        gx, gs, gb = tb.conv_backward_expanded(g, x, weight, _bank(packed), stride, padding,
+                                               dilation, groups, output_mask, _expand_conv)
+        return gx, gs[0] if single and gs is not None else gs, gb
     prob = _Problem(x, weight, packed, stride, padding, dilation, groups)
     rows = prob.grad_rows(grad_out)
     gs = prob.grad_w(rows, False) if output_mask[1] else None
@@ -103,7 +143,7 @@ def _backward(grad_out, x, weight, packed, stride, padding, dilation, groups, ou
 def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """conv2d with weight W*M: x [B, C, H, W], weight [O, C/groups, kh, kw], packed int32
     [O, ceil(C/groups*kh*kw/32)], bias [O] or None -> [B, O, Ho, Wo]."""
-    return _Problem(x, weight, packed, stride, padding, dilation, groups).forward(bias)[0]
+    return _forward_conv(x, weight, packed, bias, stride, padding, dilation, groups)[0]
 
 
 @register_op("modsplit_triton::multi_masked_conv2d",
@@ -111,7 +151,7 @@ def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
 def multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """K modules over one weight: x [B, C, H, W] shared or [K, B, C, H, W], packed int32
     [K, O, words] -> [K, B, O, Ho, Wo]."""
-    return _Problem(x, weight, packed, stride, padding, dilation, groups).forward(bias)
+    return _forward_conv(x, weight, packed, bias, stride, padding, dilation, groups)
 
 
 _BACKWARD_SCHEMA = (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, {_ARGS}, "
@@ -139,8 +179,15 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
 def masked_conv2d_weight_grad(grad_out, x, weight, packed, stride, padding, dilation, groups):
     """Exact dL/dW [*weight.shape] = sum_k dL/d(W*M_k) * M_k; packed [O, words] or
     [K, O, words]."""
-    prob = _Problem(x, weight, packed, stride, padding, dilation, groups)
-    return prob.grad_w(prob.grad_rows(grad_out), True)
+    if _fused(x, weight, packed, stride, padding, dilation):
+        prob = _Problem(x, weight, packed, stride, padding, dilation, groups)
+        return prob.grad_w(prob.grad_rows(grad_out), True)
+    bank, ones = _bank(packed), torch.ones_like(weight)
+    g = grad_out[None] if packed.dim() == 2 else grad_out
+    _, raw, _ = tb.conv_backward_expanded(g, x, ones, bank, stride, padding, dilation, groups,
+                                          [False, True, False], _expand_conv)  # dL/d(W*M_k)
+    return sum((raw[k0:k1] * _expand_conv(ones, bank[k0:k1])).sum(0)
+               for k0, k1 in tb.module_chunks(bank.shape[0], weight))
 
 
 def _setup(ctx, inputs, output):

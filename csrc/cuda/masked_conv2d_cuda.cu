@@ -1,98 +1,103 @@
-// masked_conv2d / multi_masked_conv2d forward and backward on CUDA: the input is unfolded with
-// at::im2col (cols [B, C*kh*kw, L], L = Ho*Wo, rows ordered c*kh*kw + ky*kw + kx like the
-// weight's flat columns) and the masked GEMM of masked_gemm.cuh runs per (module, group, image)
-// on the batch grid dimension, so W*M never exists in global memory.
-//   forward:     y[k, b, g*Og + o, l] = sum_r W[g*Og + o, r] M_k[g*Og + o, r] cols[b, g*Rg + r, l]
-//   grad_x:      dcols[k, b, g*Rg + r, l] = sum_o W M_k [g*Og + o, r] g[k, b, g*Og + o, l]; col2im
-//   grad_scores: gs[k, g*Og + o, r] = (sum_{b, l} g[k, b, g*Og + o, l] cols[b, g*Rg + r, l]) * W
-//   grad_bias:   ATen reduction of g over all dims but the channel.
-// Og = O / groups output channels and Rg = C/groups*kh*kw weight columns per group.
+// masked_conv2d / multi_masked_conv2d forward and backward on CUDA: always the expanded path of
+// routing.cuh (rows = batch x output pixels are many). Per chunk of c modules (the scratch bound),
+// expand_mask_cuda.cu writes W*M_k into a reused buffer and one cuDNN call (at::convolution,
+// at::convolution_backward) does the arithmetic:
+//   shared input  [B, C, H, W]: groups = G, the weight's rows ordered (group, module, row), so the
+//                 input is read once for the chunk's modules and never repeated;
+//   per-module    [K, B, C, H, W]: the chunk's inputs folded into the channels [B, c*C, H, W],
+//                 groups = c*G, rows ordered (module, group, row).
+// grad_scores = dL/d(W*M_k) * W (cuDNN's grad_weight, then one in-place product); grad_bias: an
+// ATen reduction. Same structure as the CPU kernels (oneDNN) in csrc/cpu/masked_conv2d_cpu.cpp.
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
 
 #include "../conv_geometry.h"
 #include "common.cuh"
-#include "masked_gemm.cuh"
+#include "expand_mask.cuh"
+#include "routing.cuh"
 
 namespace modsplit {
 namespace cuda {
 
+struct ConvArgs {
+  std::vector<int64_t> stride, padding, dilation;
+};
 
-
-// cols [Kx*B, C*kh*kw, L] of x [.., B, C, H, W] (Kx = 1 when shared).
-static at::Tensor unfold_input(const at::Tensor& x, const ConvGeom& s, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto x4 = x.reshape({-1, s.C, s.H, s.W}).contiguous();
-  return at::im2col(x4, {s.kh, s.kw}, dilation, padding, stride).contiguous();
+static ConvArgs conv_args(const ConvGeom& s) {
+  return {{s.stride[0], s.stride[1]}, {s.padding[0], s.padding[1]}, {s.dilation[0], s.dilation[1]}};
 }
 
-// y [K, B, O, L] from cols [Kx*B, C*kh*kw, L].
-static void forward_gemm(const at::Tensor& cols, const at::Tensor& w, const at::Tensor& packed,
-                         const void* bias, const ConvGeom& s, at::Tensor& y) {
-  const int64_t Ctot = s.G * s.R;
-  GemmProblem g;
-  g.M = s.L;
-  g.N = s.Og;
-  g.R = s.R;
-  g.n0 = s.K;
-  g.n1 = s.G;
-  g.n2 = s.B;
-  g.a = cols.data_ptr();  // A[m=l, r] = cols[b, g*Rg + r, l]
-  g.sa = {s.shared() ? 0 : s.B * Ctot * s.L, s.R * s.L, Ctot * s.L, 1, s.L};
-  g.b = w.data_ptr();  // B[r, n=o] = W[g*Og + o, r]
-  g.sb = {0, s.Og * s.R, 0, 1, s.R};
-  g.mask = packed.data_ptr<int32_t>();
-  g.mode = kMaskRowN;
-  g.sp = {s.O * s.words, s.Og * s.words, 0, s.words, 0};
-  g.c = y.data_ptr();  // C[m=l, n=o] = y[k, b, g*Og + o, l]
-  g.sc = {s.B * s.O * s.L, s.Og * s.L, s.O * s.L, 1, s.L};
-  g.bias = bias;
-  g.bias_b1 = s.Og;
-  launch_masked_gemm(g, w.scalar_type());
+static int64_t conv_chunk(const at::Tensor& w, int64_t K) {
+  return module_chunk(K, w.numel() * static_cast<int64_t>(w.element_size()));
 }
 
-// dcols [K, B, C*kh*kw, L] from grad [K, B, O, L].
-static void grad_cols_gemm(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& packed,
-                           const ConvGeom& s, at::Tensor& dcols) {
-  const int64_t Ctot = s.G * s.R;
-  GemmProblem g;
-  g.M = s.L;
-  g.N = s.R;
-  g.R = s.Og;
-  g.n0 = s.K;
-  g.n1 = s.G;
-  g.n2 = s.B;
-  g.a = grad.data_ptr();  // A[m=l, r=o] = grad[k, b, g*Og + o, l]
-  g.sa = {s.B * s.O * s.L, s.Og * s.L, s.O * s.L, 1, s.L};
-  g.b = w.data_ptr();  // B[r=o, n] = W[g*Og + o, n]
-  g.sb = {0, s.Og * s.R, 0, s.R, 1};
-  g.mask = packed.data_ptr<int32_t>();
-  g.mode = kMaskRowR;
-  g.sp = {s.O * s.words, s.Og * s.words, 0, s.words, 0};
-  g.c = dcols.data_ptr();  // C[m=l, n] = dcols[k, b, g*Rg + n, l]
-  g.sc = {s.B * Ctot * s.L, s.R * s.L, Ctot * s.L, 1, s.L};
-  launch_masked_gemm(g, w.scalar_type());
+// x5 [K, B, C, H, W] modules k0 .. k0 + c - 1 -> [B, c*C, H, W].
+static at::Tensor fold_inputs(const at::Tensor& x5, int64_t k0, int64_t c, const ConvGeom& s) {
+  return x5.narrow(0, k0, c).transpose(0, 1).reshape({s.B, c * s.C, s.H, s.W});
 }
 
-// gs [K, O, Rg] from gp [K, O, B*L] (grad, channel-major) and colsp [Kx, C*kh*kw, B*L].
-static void grad_scores_gemm(const at::Tensor& gp, const at::Tensor& colsp, const at::Tensor& w,
-                             const ConvGeom& s, at::Tensor& gs) {
-  const int64_t Ctot = s.G * s.R, BL = s.B * s.L;
-  GemmProblem g;
-  g.M = s.Og;
-  g.N = s.R;
-  g.R = BL;
-  g.n0 = s.K;
-  g.n1 = s.G;
-  g.a = gp.data_ptr();  // A[m=o, r=(b, l)] = gp[k, g*Og + o, r]
-  g.sa = {s.O * BL, s.Og * BL, 0, BL, 1};
-  g.b = colsp.data_ptr();  // B[r=(b, l), n] = colsp[k, g*Rg + n, r]
-  g.sb = {s.shared() ? 0 : Ctot * BL, s.R * BL, 0, 1, BL};
-  g.e = w.data_ptr();  // E[m=o, n] = W[g*Og + o, n]
-  g.se = {0, s.Og * s.R, 0, s.R, 1};
-  g.c = gs.data_ptr();  // C[m=o, n] = gs[k, g*Og + o, n]
-  g.sc = {s.O * s.R, s.Og * s.R, 0, s.R, 1};
-  launch_masked_gemm(g, w.scalar_type());
+// y [K, B, O, Ho, Wo] (+ bias); x5 [Kx, B, C, H, W], w [O, Cg, kh, kw] and p [K, O, words]
+// contiguous.
+static void forward(const at::Tensor& x5, const at::Tensor& w, const at::Tensor& p,
+                    const c10::optional<at::Tensor>& bias, const ConvGeom& s, at::Tensor& y) {
+  const auto a = conv_args(s);
+  const int64_t step = conv_chunk(w, s.K);
+  auto buf = at::empty({step * s.O, s.Cg, s.kh, s.kw}, w.options());
+  for (int64_t k0 = 0; k0 < s.K; k0 += step) {
+    const int64_t c = std::min(step, s.K - k0);
+    expand_masked_weight(w, p, k0, c, s.G, s.shared(), buf);
+    auto wk = buf.narrow(0, 0, c * s.O);
+    auto yk = y.narrow(0, k0, c);
+    if (s.shared()) {
+      auto out = at::convolution(x5[0], wk, {}, a.stride, a.padding, a.dilation, false, {0, 0}, s.G);
+      yk.view({c, s.B, s.G, s.Og, s.L}).copy_(
+          out.view({s.B, s.G, c, s.Og, s.L}).permute({2, 0, 1, 3, 4}));
+    } else {
+      auto out = at::convolution(fold_inputs(x5, k0, c, s), wk, {}, a.stride, a.padding,
+                                 a.dilation, false, {0, 0}, c * s.G);
+      yk.copy_(out.view({s.B, c, s.O, s.Ho, s.Wo}).transpose(0, 1));
+    }
+  }
+  if (bias.has_value()) y.add_(bias->view({1, 1, s.O, 1, 1}));
+}
+
+// (grad_x [Kx, B, C, H, W] summed over modules when shared, grad_scores [K, O, Cg, kh, kw]);
+// undefined where not requested. go [K, B, O, Ho, Wo].
+static std::pair<at::Tensor, at::Tensor> backward(const at::Tensor& go, const at::Tensor& x5,
+                                                  const at::Tensor& w, const at::Tensor& p,
+                                                  const ConvGeom& s, bool need_gx, bool need_gs) {
+  const auto a = conv_args(s);
+  at::Tensor gx = need_gx ? at::zeros({s.Kx, s.B, s.C, s.H, s.W}, x5.options()) : at::Tensor();
+  at::Tensor gs = need_gs ? at::empty({s.K, s.O, s.Cg, s.kh, s.kw}, w.options()) : at::Tensor();
+  const int64_t step = conv_chunk(w, s.K);
+  auto buf = at::empty({step * s.O, s.Cg, s.kh, s.kw}, w.options());
+  for (int64_t k0 = 0; k0 < s.K; k0 += step) {
+    const int64_t c = std::min(step, s.K - k0);
+    if (need_gx) expand_masked_weight(w, p, k0, c, s.G, s.shared(), buf);  // grad_w needs shapes only
+    auto wk = buf.narrow(0, 0, c * s.O);
+    auto gok = go.narrow(0, k0, c);
+    if (s.shared()) {
+      auto g = gok.view({c, s.B, s.G, s.Og, s.Ho, s.Wo}).permute({1, 2, 0, 3, 4, 5})
+                   .reshape({s.B, s.G * c * s.Og, s.Ho, s.Wo});
+      auto [dx, dw, unused] = at::convolution_backward(
+          g, x5[0], wk, c10::nullopt, a.stride, a.padding, a.dilation, false, {0, 0}, s.G,
+          {need_gx, need_gs, false});
+      if (need_gx) gx[0].add_(dx);
+      if (need_gs) {
+        gs.narrow(0, k0, c).view({c, s.G, s.Og, s.R}).copy_(
+            dw.view({s.G, c, s.Og, s.R}).transpose(0, 1));
+      }
+    } else {
+      auto g = gok.transpose(0, 1).reshape({s.B, c * s.O, s.Ho, s.Wo});
+      auto [dx, dw, unused] = at::convolution_backward(
+          g, fold_inputs(x5, k0, c, s), wk, c10::nullopt, a.stride, a.padding, a.dilation, false,
+          {0, 0}, c * s.G, {need_gx, need_gs, false});
+      if (need_gx) gx.narrow(0, k0, c).copy_(dx.view({s.B, c, s.C, s.H, s.W}).transpose(0, 1));
+      if (need_gs) gs.narrow(0, k0, c).view({c * s.O, s.Cg, s.kh, s.kw}).copy_(dw);
+    }
+  }
+  if (need_gs) gs.mul_(w);
+  return {gx, gs};
 }
 
 static at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -104,12 +109,10 @@ static at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight,
   check_bias(bias, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
   auto y = at::empty({s.K, s.B, s.O, s.Ho, s.Wo}, x.options());
-  if (y.numel() == 0) return multi ? y : y[0];
-  auto w = weight.contiguous();
-  auto p = packed.contiguous();
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  auto cols = unfold_input(x, s, stride, padding, dilation);
-  forward_gemm(cols, w, p, b.defined() ? b.data_ptr() : nullptr, s, y);
+  if (y.numel() > 0) {
+    auto x5 = (x.dim() == 5 ? x : x.unsqueeze(0)).contiguous();
+    forward(x5, weight.contiguous(), packed.contiguous().view({s.K, s.O, s.words}), bias, s, y);
+  }
   return multi ? y : y[0];
 }
 
@@ -121,7 +124,6 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   const ConvGeom s = conv_geometry(x, weight, packed, stride, padding, dilation, groups, multi);
   check_conv_grad_out(grad_out, weight, s, multi);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const int64_t Ctot = s.G * s.R;
   std::vector<int64_t> gs_shape = weight.sizes().vec();  // [K?, O, C/groups, kh, kw]
   if (multi) gs_shape.insert(gs_shape.begin(), s.K);
   if (s.B == 0) {  // empty batch: all gradients are zero
@@ -129,25 +131,17 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
             output_mask[1] ? at::zeros(gs_shape, weight.options()) : at::Tensor(),
             output_mask[2] ? at::zeros({s.O}, weight.options()) : at::Tensor()};
   }
-  auto grad = grad_out.reshape({s.K, s.B, s.O, s.L}).contiguous();
-  auto w = weight.contiguous();
+  auto go = grad_out.reshape({s.K, s.B, s.O, s.Ho, s.Wo}).contiguous();
   at::Tensor gx, gs, gb;
-  if (output_mask[0]) {
-    auto dcols = at::empty({s.K, s.B, Ctot, s.L}, x.options());
-    grad_cols_gemm(grad, w, packed.contiguous(), s, dcols);
-    auto d = !s.shared() ? dcols.view({s.K * s.B, Ctot, s.L}) : s.K == 1 ? dcols[0] : dcols.sum(0);
-    gx = at::col2im(d, {s.H, s.W}, {s.kh, s.kw}, dilation, padding, stride).view(x.sizes());
+  if (output_mask[0] || output_mask[1]) {
+    auto x5 = (x.dim() == 5 ? x : x.unsqueeze(0)).contiguous();
+    std::tie(gx, gs) = backward(go, x5, weight.contiguous(),
+                                packed.contiguous().view({s.K, s.O, s.words}), s, output_mask[0],
+                                output_mask[1]);
+    if (gx.defined()) gx = gx.view(x.sizes());
+    if (gs.defined()) gs = gs.view(gs_shape);
   }
-  if (output_mask[1]) {
-    gs = at::empty({s.K, s.O, s.R}, weight.options());
-    auto cols = unfold_input(x, s, stride, padding, dilation);
-    const int64_t Kx = s.shared() ? 1 : s.K;
-    auto colsp = cols.view({Kx, s.B, Ctot, s.L}).permute({0, 2, 1, 3}).contiguous();
-    auto gp = grad.permute({0, 2, 1, 3}).contiguous();  // [K, O, B, L]
-    grad_scores_gemm(gp, colsp, w, s, gs);
-    gs = gs.view(gs_shape);
-  }
-  if (output_mask[2]) gb = grad.sum({0, 1, 3});
+  if (output_mask[2]) gb = go.sum(at::IntArrayRef{0, 1, 3, 4});
   return {gx, gs, gb};
 }
 

@@ -1,17 +1,17 @@
-// masked_linear / multi_masked_linear forward and backward on CUDA, through the masked GEMM of
-// masked_gemm.cuh (W tiles masked in shared memory; W*M is never written to global memory).
-//   forward:      y[m, o]  = sum_i x[m, i] * W[o, i] * M[o, i] + b[o]
-//   grad_x:       gx[m, i] = sum_o g[m, o] * W[o, i] * M[o, i]
-//   grad_scores:  gs[o, i] = (sum_m g[m, o] * x[m, i]) * W[o, i]   (the *W fused in the epilogue)
-//   grad_bias:    gb[o]    = sum_m g[m, o]                          (ATen reduction)
-// Banks of K modules run as one launch with K on the batch grid dimension. Forward passes of at
-// most 16 rows (float/half/bf16) take the small-batch kernel, which reads each W tile once for up
-// to 8 modules (small_batch_linear_cuda.cu).
+// masked_linear / multi_masked_linear forward and backward on CUDA, routed by routing.cuh:
+//   forward, rows per module <= fused_max_rows(dtype): the small-batch kernel (W and the bits
+//            read once for all modules, W*M never written; small_batch_linear_cuda.cu);
+//   forward otherwise, and grad_x: W*M_k expanded into a bounded scratch buffer, chunk of modules
+//            by chunk (expand_mask_cuda.cu), then cuBLAS: one [M, c*O] GEMM per chunk for a shared
+//            input (at::addmm / at::mm), one batched GEMM otherwise (at::baddbmm / at::bmm);
+//   grad_scores = (g^T x) * W: no mask, one cuBLAS GEMM and one in-place elementwise product;
+//   grad_bias: an ATen reduction.
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
 
 #include "common.cuh"
-#include "masked_gemm.cuh"
+#include "expand_mask.cuh"
+#include "routing.cuh"
 #include "small_batch_linear.cuh"
 
 namespace modsplit {
@@ -36,91 +36,72 @@ static const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& k
   return keep.data_ptr();
 }
 
-// y [K, M, O] = x_k [M, I] (W * M_k)^T + b; x_stride = elements between modules' inputs (0: shared).
-static void forward_gemm(const at::Tensor& x, int64_t x_stride, const at::Tensor& w,
-                         const at::Tensor& packed, const void* bias, int64_t K, int64_t M,
-                         at::Tensor& y) {
-  if (M >= 1 && M <= kSmallBatchMaxRows && w.scalar_type() != at::kDouble) {
-    launch_small_batch_linear(x, x_stride, w, packed, bias, K, M, y);
+// The reused scratch buffer of the expanded path: W*M for `chunk` modules.
+static at::Tensor scratch_for(const at::Tensor& w, int64_t chunk) {
+  return at::empty({chunk, w.size(0), w.size(1)}, w.options());
+}
+
+static int64_t chunk_for(const at::Tensor& w, int64_t K) {
+  return module_chunk(K, w.numel() * static_cast<int64_t>(w.element_size()));
+}
+
+// y [K, M, O] = x_k [M, I] (W * M_k)^T + b. x [Kx, M, I] contiguous, Kx = 1 when shared.
+static void forward(const at::Tensor& x, bool shared, const at::Tensor& w,
+                    const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t K,
+                    int64_t M, at::Tensor& y) {
+  if (use_fused(M, w.scalar_type())) {
+    at::Tensor b;
+    launch_small_batch_linear(x, shared ? 0 : M * w.size(1), w, packed, bias_ptr(bias, b), K, M,
+                              y);
     return;
   }
-  const int64_t O = w.size(0), I = w.size(1), words = packed.size(-1);
-  GemmProblem g;
-  g.M = M;
-  g.N = O;
-  g.R = I;
-  g.n0 = K;
-  g.a = x.data_ptr();
-  g.sa.b0 = x_stride;
-  g.sa.row = I;
-  g.sa.col = 1;
-  g.b = w.data_ptr();  // B[r=i, n=o] = W[o, i]
-  g.sb.row = 1;
-  g.sb.col = I;
-  g.mask = packed.data_ptr<int32_t>();
-  g.mode = kMaskRowN;
-  g.sp.b0 = O * words;
-  g.sp.row = words;
-  g.c = y.data_ptr();
-  g.sc.b0 = M * O;
-  g.sc.row = O;
-  g.sc.col = 1;
-  g.bias = bias;
-  launch_masked_gemm(g, w.scalar_type());
+  const int64_t O = w.size(0), I = w.size(1), step = chunk_for(w, K);
+  auto buf = scratch_for(w, step);
+  for (int64_t k0 = 0; k0 < K; k0 += step) {
+    const int64_t c = std::min(step, K - k0);
+    expand_masked_weight(w, packed, k0, c, 1, false, buf);
+    auto wk = buf.narrow(0, 0, c);  // [c, O, I]
+    auto yk = y.narrow(0, k0, c);   // [c, M, O]
+    if (shared) {  // one [M, c*O] GEMM
+      auto flat = bias.has_value()
+                      ? at::addmm(bias->repeat({c}), x[0], wk.view({c * O, I}).t())
+                      : at::mm(x[0], wk.view({c * O, I}).t());
+      yk.copy_(flat.view({M, c, O}).transpose(0, 1));
+    } else if (bias.has_value()) {
+      at::baddbmm_out(yk, bias->expand({c, M, O}), x.narrow(0, k0, c), wk.transpose(1, 2));
+    } else {
+      at::bmm_out(yk, x.narrow(0, k0, c), wk.transpose(1, 2));
+    }
+  }
 }
 
-// gx [K, M, I] = g_k [M, O] (W * M_k).
-static void grad_x_gemm(const at::Tensor& g2, const at::Tensor& w, const at::Tensor& packed,
-                        int64_t K, int64_t M, at::Tensor& gx) {
-  const int64_t O = w.size(0), I = w.size(1), words = packed.size(-1);
-  GemmProblem g;
-  g.M = M;
-  g.N = I;
-  g.R = O;
-  g.n0 = K;
-  g.a = g2.data_ptr();
-  g.sa.b0 = M * O;
-  g.sa.row = O;
-  g.sa.col = 1;
-  g.b = w.data_ptr();  // B[r=o, n=i] = W[o, i]
-  g.sb.row = I;
-  g.sb.col = 1;
-  g.mask = packed.data_ptr<int32_t>();
-  g.mode = kMaskRowR;
-  g.sp.b0 = O * words;
-  g.sp.row = words;
-  g.c = gx.data_ptr();
-  g.sc.b0 = M * I;
-  g.sc.row = I;
-  g.sc.col = 1;
-  launch_masked_gemm(g, w.scalar_type());
+// gx [K, M, I] = g_k [M, O] (W * M_k), or [M, I] summed over the modules when shared.
+static at::Tensor grad_x(const at::Tensor& g, const at::Tensor& w, const at::Tensor& packed,
+                         bool shared, int64_t K, int64_t M) {
+  const int64_t O = w.size(0), I = w.size(1), step = chunk_for(w, K);
+  auto gx = shared ? at::zeros({M, I}, g.options()) : at::empty({K, M, I}, g.options());
+  auto buf = scratch_for(w, step);
+  for (int64_t k0 = 0; k0 < K; k0 += step) {
+    const int64_t c = std::min(step, K - k0);
+    expand_masked_weight(w, packed, k0, c, 1, false, buf);
+    auto wk = buf.narrow(0, 0, c);
+    if (shared) {  // one [M, c*O] x [c*O, I] GEMM accumulating into gx
+      gx.addmm_(g.narrow(0, k0, c).transpose(0, 1).reshape({M, c * O}), wk.view({c * O, I}));
+    } else {
+      auto out = gx.narrow(0, k0, c);
+      at::bmm_out(out, g.narrow(0, k0, c), wk);
+    }
+  }
+  return gx;
 }
 
-// gs [K, O, I] = (g_k^T x_k) * W; x_stride = elements between modules' inputs (0: shared).
-static void grad_scores_gemm(const at::Tensor& g2, const at::Tensor& x, int64_t x_stride,
-                             const at::Tensor& w, int64_t K, int64_t M, at::Tensor& gs) {
+// gs [K, O, I] = (g_k^T x_k) * W. x [Kx, M, I], Kx = 1 when shared (one [K*O, M] x [M, I] GEMM).
+static at::Tensor grad_scores(const at::Tensor& g, const at::Tensor& x, bool shared,
+                              const at::Tensor& w, int64_t K, int64_t M) {
   const int64_t O = w.size(0), I = w.size(1);
-  GemmProblem g;
-  g.M = O;
-  g.N = I;
-  g.R = M;
-  g.n0 = K;
-  g.a = g2.data_ptr();  // A[m=o, r=batch row] = g[row, o]
-  g.sa.b0 = M * O;
-  g.sa.row = 1;
-  g.sa.col = O;
-  g.b = x.data_ptr();  // B[r=batch row, n=i] = x[row, i]
-  g.sb.b0 = x_stride;
-  g.sb.row = I;
-  g.sb.col = 1;
-  g.e = w.data_ptr();
-  g.se.row = I;
-  g.se.col = 1;
-  g.c = gs.data_ptr();
-  g.sc.b0 = O * I;
-  g.sc.row = I;
-  g.sc.col = 1;
-  launch_masked_gemm(g, w.scalar_type());
+  at::Tensor gs = shared ? at::mm(g.transpose(0, 1).reshape({M, K * O}).t(), x[0]).view({K, O, I})
+                         : at::bmm(g.transpose(1, 2), x);
+  return gs.mul_(w);
 }
 
 static std::vector<int64_t> out_shape(at::IntArrayRef lead, at::IntArrayRef batch, int64_t last) {
@@ -138,12 +119,9 @@ at::Tensor masked_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   const int64_t O = weight.size(0), I = weight.size(1);
   const auto batch = x.sizes().slice(0, x.dim() - 1);
   const int64_t M = c10::multiply_integers(batch);
-  auto x2 = x.reshape({M, I}).contiguous();
-  auto w = weight.contiguous();
-  auto p = packed.contiguous();
-  at::Tensor b;
-  auto y = at::empty({M, O}, x.options());
-  forward_gemm(x2, 0, w, p, bias_ptr(bias, b), 1, M, y);
+  auto x3 = x.reshape({1, M, I}).contiguous();
+  auto y = at::empty({1, M, O}, x.options());
+  if (y.numel() > 0) forward(x3, true, weight.contiguous(), packed.contiguous(), bias, 1, M, y);
   return y.view(out_shape({}, batch, O));
 }
 
@@ -155,19 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   const int64_t O = weight.size(0), I = weight.size(1);
   const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
   check_grad_out(grad_out, weight, M * O);
-  auto g2 = grad_out.reshape({M, O}).contiguous();
+  auto g = grad_out.reshape({1, M, O}).contiguous();
   auto w = weight.contiguous();
   at::Tensor gx, gs, gb;
-  if (output_mask[0]) {
-    gx = at::empty({M, I}, x.options());
-    grad_x_gemm(g2, w, packed.contiguous(), 1, M, gx);
-    gx = gx.view(x.sizes());
-  }
+  if (output_mask[0]) gx = grad_x(g, w, packed.contiguous(), true, 1, M).view(x.sizes());
   if (output_mask[1]) {
-    gs = at::empty({O, I}, weight.options());
-    grad_scores_gemm(g2, x.reshape({M, I}).contiguous(), 0, w, 1, M, gs);
+    gs = grad_scores(g, x.reshape({1, M, I}).contiguous(), true, w, 1, M).view({O, I});
   }
-  if (output_mask[2]) gb = g2.sum(0);
+  if (output_mask[2]) gb = g.sum(at::IntArrayRef{0, 1});
   return {gx, gs, gb};
 }
 
@@ -184,11 +157,10 @@ at::Tensor multi_masked_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
   const auto batch = x.sizes().slice(shared_input ? 0 : 1, x.dim() - (shared_input ? 1 : 2));
   const int64_t M = c10::multiply_integers(batch);
   auto xk = x.reshape({shared_input ? 1 : K, M, I}).contiguous();
-  auto w = weight.contiguous();
-  auto p = packed.contiguous();
-  at::Tensor b;
   auto y = at::empty({K, M, O}, x.options());
-  forward_gemm(xk, shared_input ? 0 : M * I, w, p, bias_ptr(bias, b), K, M, y);
+  if (y.numel() > 0) {
+    forward(xk, shared_input, weight.contiguous(), packed.contiguous(), bias, K, M, y);
+  }
   return y.view(out_shape({K}, batch, O));
 }
 
@@ -207,17 +179,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_linear_backward_cuda
   auto g = grad_out.reshape({K, M, O}).contiguous();
   auto w = weight.contiguous();
   at::Tensor gx, gs, gb;
-  if (output_mask[0]) {
-    auto gxk = at::empty({K, M, I}, x.options());
-    grad_x_gemm(g, w, packed.contiguous(), K, M, gxk);
-    gx = shared_input ? gxk.sum(0).view(x.sizes()) : gxk.view(x.sizes());
-  }
+  if (output_mask[0]) gx = grad_x(g, w, packed.contiguous(), shared_input, K, M).view(x.sizes());
   if (output_mask[1]) {
-    gs = at::empty({K, O, I}, weight.options());
     auto xk = x.reshape({shared_input ? 1 : K, M, I}).contiguous();
-    grad_scores_gemm(g, xk, shared_input ? 0 : M * I, w, K, M, gs);
+    gs = grad_scores(g, xk, shared_input, w, K, M);
   }
-  if (output_mask[2]) gb = g.sum({0, 1});
+  if (output_mask[2]) gb = g.sum(at::IntArrayRef{0, 1});
   return {gx, gs, gb};
 }
 

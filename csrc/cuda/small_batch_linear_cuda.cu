@@ -1,15 +1,19 @@
-// The small-batch masked linear of small_batch_linear.cuh (SIMT, fp32 accumulation).
+// The small-batch masked linear of small_batch_linear.cuh: a GEMV-style kernel built to be bound
+// by reading W (and the packed bits) once, for every module of the bank.
 //
-// Block: 32 output rows o0..o0+31 (lane j owns row o0 + j) and up to 8 modules (warp w owns
-// module k = k0 + w). The I dimension is walked in chunks of 32 = one mask word per row:
-//   Ws[32 rows][32 cols]   the W chunk, loaded from global memory ONCE per block and shared by
-//                          all the block's modules (blocks of the same rows run back to back,
-//                          blockIdx.x being the module group, so W is read from DRAM once);
-//   Xs[w][32 cols][MT]     the x chunk of each module, m innermost for float4 broadcast reads.
-// Each lane reads its row's mask word of its warp's module straight from global memory and
-// expands it bit by bit in registers: acc[m] += W[o, i] * bit_i * x_k[m, i].
-// At M = 16, K = 10 this SIMT kernel is bound by FMA issue, not bandwidth (about 160 FMAs per
-// weight); a tensor-core (mma.sync) variant is the next step. Not yet run on a GPU.
+// One warp per (output row o, group of up to KT modules, slice of I). Each lane walks its slice of
+// the row with 16-byte vector loads of W (8 half/bf16 or 4 float elements: they share one mask
+// word, since the width divides 32), so a warp reads 512 contiguous bytes per step; for each of
+// the group's modules it loads the mask word covering its elements (4-8 lanes share a word: one
+// coalesced 32-byte read per warp) and expands the bits in registers, then multiplies by the
+// matching x elements (16-byte loads; x is small and stays in L1/L2) into fp32 accumulators
+// acc[KT][MT]. Each W fragment is loaded once and used by all KT modules and MT rows. A warp
+// shuffle reduction ends the row.
+// Filling the GPU: warps = O x module groups x splits; when O x groups is below ~8 warps per SM
+// the reduction dimension is split (split-K) and the partial sums land in an fp32 workspace that
+// an ATen reduction folds (plus the bias) into y.
+// Rows not a multiple of the vector width, or unaligned tensors, take the one-element variant
+// (lanes on consecutive elements, still coalesced). Not yet run on a GPU.
 #include <ATen/OpMathType.h>
 
 #include "common.cuh"
@@ -18,87 +22,141 @@
 namespace modsplit {
 namespace cuda {
 
-constexpr int kRowsPerBlock = 32;
-constexpr int kMaxModsPerBlock = 8;
+constexpr int kWarpsPerBlock = 8;
 
-// grid (module groups, ceil(O/32)); block 32 * mods_per_block threads. MT: rows of x held
-// (M <= MT, a multiple of 4); rows m >= M are zero in Xs and never written.
-template <typename scalar_t, int MT>
-__global__ void __launch_bounds__(32 * kMaxModsPerBlock)
-small_batch_linear_kernel(const scalar_t* __restrict__ x, int64_t x_stride,
-                          const scalar_t* __restrict__ w, const int32_t* __restrict__ packed,
-                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int64_t K,
-                          int64_t M, int64_t O, int64_t I, int mods_per_block) {
-  __shared__ float Ws[kRowsPerBlock][33];
-  __shared__ __align__(16) float Xs[kMaxModsPerBlock][32][MT];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * mods_per_block;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
-  const int64_t k = k0 + warp, o = o0 + lane;
+__device__ __forceinline__ float warp_sum_float(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// MT: x rows held (M <= MT); KT: modules per warp. y [K, M, O] (splits == 1, with bias) or
+// ws fp32 [splits, K, M, O] (partial sums, no bias). x [Kx, M, I], module stride x_stride.
+template <typename T, int VEC, int MT, int KT>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+small_batch_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
+                   const int32_t* __restrict__ packed, const T* __restrict__ bias,
+                   T* __restrict__ y, float* __restrict__ ws, int64_t K, int64_t M, int64_t O,
+                   int64_t I, int64_t groups, int64_t splits, int64_t slice) {
+  const int lane = threadIdx.x & 31;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (gw >= O * groups * splits) return;  // whole warps exit together
+  const int64_t split = gw % splits;
+  const int64_t grp = (gw / splits) % groups;
+  const int64_t o = gw / (splits * groups);
+  const int64_t k0 = grp * KT;
   const int64_t words = (I + 31) / 32;
-  const bool owner = k < K && o < O;  // this lane owns output row o of module k
-  const int32_t* mask_row = owner ? packed + (k * O + o) * words : packed;
-  float acc[MT];
+  const int64_t i_begin = split * slice, i_end = i_begin + slice < I ? i_begin + slice : I;
+  float acc[KT][MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+  for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[kk][m] = 0.f;
 
-  for (int64_t c = 0; c < words; ++c) {
-    const int64_t i0 = c * 32;
-    for (int e = threadIdx.x; e < kRowsPerBlock * 32; e += blockDim.x) {
-      const int rr = e / 32, ii = e % 32;
-      const bool ok = o0 + rr < O && i0 + ii < I;
-      Ws[rr][ii] = ok ? static_cast<float>(w[(o0 + rr) * I + i0 + ii]) : 0.f;
-    }
-    for (int e = threadIdx.x; e < mods_per_block * MT * 32; e += blockDim.x) {
-      const int mw = e / (MT * 32), m = (e / 32) % MT, ii = e % 32;
-      const int64_t km = k0 + mw;
-      const bool ok = km < K && m < M && i0 + ii < I;
-      Xs[mw][ii][m] = ok ? static_cast<float>(x[km * x_stride + m * I + i0 + ii]) : 0.f;
-    }
-    __syncthreads();
-    if (owner) {
-      const uint32_t word = static_cast<uint32_t>(mask_row[c]);
-#pragma unroll 4
-      for (int ii = 0; ii < 32; ++ii) {
-        const float wm = Ws[lane][ii] * static_cast<float>((word >> ii) & 1u);
-        const float4* xv = reinterpret_cast<const float4*>(&Xs[warp][ii][0]);
+  const T* wrow = w + o * I;
+  for (int64_t i = i_begin + lane * VEC; i < i_end; i += 32 * VEC) {
+    const Pack<T, VEC> wv = *reinterpret_cast<const Pack<T, VEC>*>(wrow + i);
+    float wf[VEC];
 #pragma unroll
-        for (int q = 0; q < MT / 4; ++q) {
-          const float4 v = xv[q];
-          acc[4 * q + 0] += wm * v.x;
-          acc[4 * q + 1] += wm * v.y;
-          acc[4 * q + 2] += wm * v.z;
-          acc[4 * q + 3] += wm * v.w;
+    for (int j = 0; j < VEC; ++j) wf[j] = static_cast<float>(wv.v[j]);
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+      const int64_t k = k0 + kk;
+      if (k >= K) break;
+      const uint32_t bits =
+          static_cast<uint32_t>(__ldg(packed + (k * O + o) * words + i / 32)) >> (i % 32);
+      float wm[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) wm[j] = ((bits >> j) & 1u) ? wf[j] : 0.f;
+      const T* xk = x + k * x_stride + i;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < M) {
+          const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(xk + m * I);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[kk][m] += wm[j] * static_cast<float>(xv.v[j]);
         }
       }
     }
-    __syncthreads();
   }
 
-  if (owner) {
-    const float b = bias ? static_cast<float>(bias[o]) : 0.f;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      if (m < M) y[(k * M + m) * O + o] = static_cast<scalar_t>(acc[m] + b);
+      const float total = warp_sum_float(acc[kk][m]);
+      const int64_t k = k0 + kk;
+      if (lane == (kk * MT + m) % 32 && k < K && m < M) {
+        const int64_t at = (k * M + m) * O + o;
+        if (splits == 1) {
+          y[at] = static_cast<T>(total + (bias ? static_cast<float>(bias[o]) : 0.f));
+        } else {
+          ws[split * K * M * O + at] = total;
+        }
+      }
     }
   }
 }
 
-template <typename scalar_t, int MT>
+template <typename T, int VEC, int MT>
+static void launch_mt(const at::Tensor& x, int64_t x_stride, const at::Tensor& w,
+                      const at::Tensor& packed, const void* bias, int64_t K, int64_t M,
+                      at::Tensor& y) {
+  constexpr int KT = MT >= 16 ? 2 : MT >= 8 ? 4 : 8;  // acc[KT][MT]: at most 32 registers
+  const int64_t O = w.size(0), I = w.size(1);
+  const int64_t groups = (K + KT - 1) / KT;
+  // Split the reduction while the grid would hold fewer than ~8 warps per SM, keeping each
+  // slice at least 1024 columns (several vector steps per lane), a multiple of 32 * VEC.
+  const int64_t target = int64_t{8} * sm_count();
+  const int64_t step = 32 * VEC;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(target / std::max<int64_t>(1, O * groups),
+                                                          I / 1024));
+  const int64_t slice = (I / splits + step - 1) / step * step;
+  splits = (I + slice - 1) / slice;
+  at::Tensor ws;
+  if (splits > 1) ws = at::empty({splits, K, M, O}, y.options().dtype(at::kFloat));
+  const int64_t warps = O * groups * splits;
+  const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  small_batch_kernel<T, VEC, MT, KT><<<blocks, 32 * kWarpsPerBlock, 0, current_stream()>>>(
+      x.data_ptr<T>(), x_stride, w.data_ptr<T>(), packed.data_ptr<int32_t>(),
+      static_cast<const T*>(bias), y.data_ptr<T>(), splits > 1 ? ws.data_ptr<float>() : nullptr,
+      K, M, O, I, groups, splits, slice);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    auto total = ws.sum(0);  // [K, M, O] fp32
+    if (bias) {
+      total.add_(at::from_blob(const_cast<void*>(bias), {O}, y.options()).to(at::kFloat));
+    }
+    y.copy_(total);
+  }
+}
+
+template <typename T, int VEC>
+static void launch_vec(const at::Tensor& x, int64_t x_stride, const at::Tensor& w,
+                       const at::Tensor& packed, const void* bias, int64_t K, int64_t M,
+                       at::Tensor& y) {
+  if (M <= 1) return launch_mt<T, VEC, 1>(x, x_stride, w, packed, bias, K, M, y);
+  if (M <= 2) return launch_mt<T, VEC, 2>(x, x_stride, w, packed, bias, K, M, y);
+  if (M <= 4) return launch_mt<T, VEC, 4>(x, x_stride, w, packed, bias, K, M, y);
+  if (M <= 8) return launch_mt<T, VEC, 8>(x, x_stride, w, packed, bias, K, M, y);
+  return launch_mt<T, VEC, 16>(x, x_stride, w, packed, bias, K, M, y);
+}
+
+template <typename T>
 static void launch_typed(const at::Tensor& x, int64_t x_stride, const at::Tensor& w,
                          const at::Tensor& packed, const void* bias, int64_t K, int64_t M,
                          at::Tensor& y) {
-  const int64_t O = w.size(0), I = w.size(1);
-  // Balanced module groups of at most 8: K = 10 runs as 2 groups of 5.
-  const int64_t groups = (K + kMaxModsPerBlock - 1) / kMaxModsPerBlock;
-  const int mods = static_cast<int>((K + groups - 1) / groups);
-  const int64_t row_tiles = (O + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK(row_tiles <= 65535, "modsplit: too many output features (", O, ")");
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(row_tiles));
-  small_batch_linear_kernel<scalar_t, MT><<<grid, 32 * mods, 0, current_stream()>>>(
-      x.data_ptr<scalar_t>(), x_stride, w.data_ptr<scalar_t>(), packed.data_ptr<int32_t>(),
-      static_cast<const scalar_t*>(bias), y.data_ptr<scalar_t>(), K, M, O, I, mods);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int kVec = 16 / sizeof(T);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (w.size(1) % kVec == 0 && aligned(x.data_ptr()) && aligned(w.data_ptr())) {
+    launch_vec<T, kVec>(x, x_stride, w, packed, bias, K, M, y);
+  } else {
+    launch_vec<T, 1>(x, x_stride, w, packed, bias, K, M, y);
+  }
 }
 
 void launch_small_batch_linear(const at::Tensor& x, int64_t x_stride, const at::Tensor& w,
@@ -107,21 +165,16 @@ void launch_small_batch_linear(const at::Tensor& x, int64_t x_stride, const at::
   TORCH_CHECK(M >= 1 && M <= kSmallBatchMaxRows && w.scalar_type() != at::kDouble,
               "modsplit: small-batch linear needs 1 <= M <= 16 rows and a float/half/bf16 dtype");
   if (K == 0 || w.size(0) == 0) return;
-  const bool few = M <= 4;
+  if (w.size(1) == 0) {  // empty reduction: y = bias
+    y.zero_();
+    if (bias) y.add_(at::from_blob(const_cast<void*>(bias), {w.size(0)}, y.options()));
+    return;
+  }
   switch (w.scalar_type()) {
-    case at::kFloat:
-      (few ? launch_typed<float, 4> : launch_typed<float, 16>)(x, x_stride, w, packed, bias, K, M, y);
-      break;
-    case at::kHalf:
-      (few ? launch_typed<at::Half, 4> : launch_typed<at::Half, 16>)(x, x_stride, w, packed, bias,
-                                                                       K, M, y);
-      break;
-    case at::kBFloat16:
-      (few ? launch_typed<at::BFloat16, 4> : launch_typed<at::BFloat16, 16>)(x, x_stride, w, packed,
-                                                                               bias, K, M, y);
-      break;
-    default:
-      TORCH_CHECK(false, "modsplit: small-batch linear got dtype ", w.scalar_type());
+    case at::kFloat: launch_typed<float>(x, x_stride, w, packed, bias, K, M, y); break;
+    case at::kHalf: launch_typed<at::Half>(x, x_stride, w, packed, bias, K, M, y); break;
+    case at::kBFloat16: launch_typed<at::BFloat16>(x, x_stride, w, packed, bias, K, M, y); break;
+    default: TORCH_CHECK(false, "modsplit: small-batch linear got dtype ", w.scalar_type());
   }
 }
 

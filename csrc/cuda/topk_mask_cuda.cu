@@ -11,10 +11,20 @@
 //   2. count keys == t per chunk of 256 output words, exclusive scan over chunks (at::cumsum).
 //   3. write the packed words: warp-wide ballots keep key > t, and key == t while the rank of the
 //      equal key in flat order is < remaining (ties go to the lower flat index).
-// Bits equal the CPU kernel's (stable sort of |s|, descending). NaN scores raise an error; the
-// check reads a device flag set by the histogram pass (one host sync at the end).
+// Bits equal the CPU kernel's (stable sort of |s|, descending).
+// NaN scores: the histogram passes set a persistent per-device flag. No host sync by default
+// (MODSPLIT_NAN_CHECK=lazy): after its kernels a call queues a copy of the flag into pinned host
+// memory and records an event; a later call on the device raises once that event has completed
+// and the copy shows a NaN (nothing is copied while the stream is being captured into a CUDA
+// graph: the replays set the flag and the next eager call reports it). MODSPLIT_NAN_CHECK=sync
+// reads the flag in the call (one host sync; not capturable).
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "common.cuh"
 
@@ -214,6 +224,75 @@ write_mask_kernel(const typename Tr::raw_t* __restrict__ raw, int64_t n, int64_t
   }
 }
 
+// The NaN flag of one device and the pinned copy a lazy check reads.
+struct NanState {
+  at::Tensor flag;  // int32 [1] on the device, set by radix_hist_kernel
+  at::Tensor host;  // int32 [1] pinned
+  cudaEvent_t copied = nullptr;
+  bool pending = false;
+};
+
+static std::mutex nan_mutex;
+static auto& nan_states = *new std::unordered_map<int, NanState>();  // never destroyed: outlives CUDA
+
+static bool nan_check_sync() {
+  const char* raw = std::getenv("MODSPLIT_NAN_CHECK");
+  if (raw == nullptr || *raw == '\0' || std::strcmp(raw, "lazy") == 0) return false;
+  TORCH_CHECK(std::strcmp(raw, "sync") == 0,
+              "modsplit: $MODSPLIT_NAN_CHECK must be one of lazy, sync, got '", raw, "'");
+  return true;
+}
+
+static bool capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The device's flag; first raises the NaN an earlier lazy call found, once its copy has landed.
+// (The first call on a device, which allocates the flag, must not be inside a capture.)
+static at::Tensor nan_flag_for(const at::Tensor& scores) {
+  std::lock_guard<std::mutex> lock(nan_mutex);
+  NanState& st = nan_states[scores.get_device()];
+  if (!st.flag.defined()) {
+    st.flag = at::zeros({1}, scores.options().dtype(at::kInt));
+    st.host = at::zeros({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+  }
+  if (capturing()) return st.flag;  // no event query inside a capture
+  if (st.pending && cudaEventQuery(st.copied) == cudaSuccess) {
+    st.pending = false;
+    if (st.host.data_ptr<int>()[0] != 0) {
+      st.host.data_ptr<int>()[0] = 0;
+      st.flag.zero_();
+      TORCH_CHECK(false, "modsplit: scores contain NaN (found by an earlier topk_mask "
+                        "call on this device; $MODSPLIT_NAN_CHECK=sync reports it in the call "
+                        "itself)");
+    }
+  }
+  (void)cudaGetLastError();  // cudaErrorNotReady from the query is not an error
+  return st.flag;
+}
+
+// After the kernels: check now (sync) or queue the flag's copy for a later call (lazy).
+static void nan_after_launch(const at::Tensor& scores, const at::Tensor& flag) {
+  if (nan_check_sync()) {
+    if (flag.item<int>() != 0) {
+      flag.zero_();
+      TORCH_CHECK(false, "modsplit: scores contain NaN");
+    }
+    return;
+  }
+  if (capturing()) return;  // the replays set the flag; the next eager call copies it
+  auto stream = current_stream();
+  std::lock_guard<std::mutex> lock(nan_mutex);
+  NanState& st = nan_states[scores.get_device()];
+  C10_CUDA_CHECK(cudaMemcpyAsync(st.host.data_ptr<int>(), flag.data_ptr<int>(), sizeof(int),
+                                 cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaEventRecord(st.copied, stream));
+  st.pending = true;
+}
+
 template <typename scalar_t>
 static void topk_select(const at::Tensor& scores, int64_t layers, int64_t rows, int64_t R,
                         int64_t n_keep, at::Tensor& out) {
@@ -229,7 +308,7 @@ static void topk_select(const at::Tensor& scores, int64_t layers, int64_t rows, 
   auto hist = at::zeros({kPasses, layers, kDigits}, opts);
   auto prefix = at::zeros({layers}, opts);
   auto remaining = at::full({layers}, n_keep, opts);
-  auto nan_flag = at::zeros({1}, scores.options().dtype(at::kInt));
+  auto nan_flag = nan_flag_for(scores);
   auto* prefix_p = reinterpret_cast<unsigned long long*>(prefix.data_ptr<int64_t>());
   auto* remaining_p = reinterpret_cast<long long*>(remaining.data_ptr<int64_t>());
 
@@ -261,7 +340,7 @@ static void topk_select(const at::Tensor& scores, int64_t layers, int64_t rows, 
       raw, n, R, words, total_words, prefix_p, remaining_p,
       reinterpret_cast<const long long*>(before.data_ptr<int64_t>()), out.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(nan_flag.item<int>() == 0, "modsplit: scores contain NaN");
+  nan_after_launch(scores, nan_flag);
 }
 
 // scores [L, O, ...] (lead_dims = 1) or [O, ...] (lead_dims = 0) -> int32 [L?, O, ceil(R/32)].
