@@ -10,6 +10,7 @@ from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
 from modsplit.decompose_config import SCHEDULES, DecomposeConfig
 from modsplit.errors import CheckpointError
+from modsplit.score_update import CoTrainSGD, stem_coefficient
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
 
@@ -68,27 +69,56 @@ def _epoch_record(sums: dict, steps: int, alpha: float) -> dict:
             "stem": stem.mean().item(), "module_acc": acc}
 
 
+def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors):
+    """One co-training step of all K modules on the batch (x, y) (already on the device):
+    forward, class-weighted CE + stemming loss (Eq. 1), backward, optimizer step. With a
+    CoTrainSGD optimizer (decompose's choice for p = 1) the stemming term is left out of the
+    autograd graph and added by its fused step (same arithmetic, same scores).
+    Returns (out float [K, B, 2] detached, positive bool [K, B], ce float [K], stem float [K])."""
+    scores = net.score_parameters()
+    per_module = sum(s[0].numel() for s in scores)
+    fused = isinstance(opt, CoTrainSGD)
+    positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
+    out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
+    w_pos, w_neg = weights
+    ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
+                         reduction="none").view_as(positive)
+    ce = (torch.where(positive, w_pos[:, None], w_neg[:, None]) * ce).mean(1)  # [K]
+    stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None and not fused
+            else torch.zeros_like(ce))
+    loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if not fused or anchors is None:
+        opt.step()
+    else:
+        sums = opt.step([a.unsqueeze(0) for a in anchors],
+                        stem_coefficient(alpha, per_module, scores[0].dtype))
+        stem = (sums / per_module).to(ce.dtype)
+    return out.detach(), positive, ce.detach(), stem.detach()
+
+
+def make_optimizer(net, grafts, cfg: DecomposeConfig):
+    """decompose's optimizer: SGD over the scores (lr) and the grafts (graft_lr). For p = 1 and
+    momentum > 0, CoTrainSGD (fused score update, same arithmetic); else torch.optim.SGD."""
+    scores, others = net.score_parameters(), list(grafts.parameters())
+    if cfg.p == 1 and cfg.momentum > 0:
+        return CoTrainSGD(scores, others, cfg.lr, cfg.graft_lr, cfg.momentum, cfg.nesterov,
+                          cfg.weight_decay)
+    return torch.optim.SGD([{"params": scores, "lr": cfg.lr},
+                            {"params": others, "lr": cfg.graft_lr}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
 def _run_epoch(net, grafts, opt, batches, classes, weights, alpha, p, anchors, device, bar,
                sums, step, on_step):
     """Train all K modules together on `batches` (the epoch's batches after the first `step`
     ones), adding to the per-module `sums`; on_step(step) runs after every optimizer step.
     Returns the number of batches of the epoch trained so far."""
-    scores = net.score_parameters()
-    per_module = sum(s[0].numel() for s in scores)
-    w_pos, w_neg = weights
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
-        out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
-        ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
-                             reduction="none").view_as(positive)
-        ce = (torch.where(positive, w_pos[:, None], w_neg[:, None]) * ce).mean(1)  # [K]
-        stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None
-                else torch.zeros_like(ce))
-        loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        out, positive, ce, stem = train_step(net, grafts, opt, x.to(device), y.to(device),
+                                             classes, weights, alpha, p, anchors)
         with torch.no_grad():
             said = out[..., 0] > out[..., 1]
             sums["hits"] += torch.stack([(said & positive).sum(1), (~said & ~positive).sum(1)], 1)
@@ -245,10 +275,7 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
         _keep_modules(net, shard.local)
     net = net.to(device).eval()
     grafts = Grafts.init_for(local, num_classes).to(device, _float_dtype(model))
-    opt = torch.optim.SGD([{"params": net.score_parameters(), "lr": lr},
-                           {"params": grafts.parameters(), "lr": graft_lr}],
-                          lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
+    opt = make_optimizer(net, grafts, cfg)
     layers = net.masked_layers()
     total = sum(m.weight.numel() for m in layers.values())
     config = cfg.resume_key(num_classes)
