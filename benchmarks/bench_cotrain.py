@@ -289,7 +289,7 @@ class LoopSide:
             positive = y == self.classes[k]
             ce = F.cross_entropy(out, (~positive).long(), reduction="none")
             ce = (torch.where(positive, w_pos[k], w_neg[k]) * ce).mean()
-            stem = sum((sk - a[k]).abs().sum() for sk, a in zip(s, self.anchors)) / per_module
+            stem = sum((sk - a).abs().sum() for sk, a in zip(s, self.anchors)) / per_module
             opt.zero_grad(set_to_none=True)
             (ce + ALPHA * stem).backward()
             opt.step()
@@ -319,8 +319,7 @@ def build_sides(name, steps, with_loop, compiled=True):
     model, batches, weights = workload(name, steps)
     net = convert(model, K, DENSITY, seed=0)
     scores = [s.detach() for s in net.score_parameters()]
-    anchors = [s.mean(0, keepdim=True).expand_as(s).clone() + 0.01 * torch.randn_like(s)
-               for s in scores]
+    anchors = [s.mean(0) + 0.01 * torch.randn_like(s[0]) for s in scores]  # S_avg-like, [*W.shape]
     grafts = Grafts.init_for(range(K), 10)
     classes = torch.arange(K)
     impl = fastest_sgd_impl(scores)
