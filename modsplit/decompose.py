@@ -10,6 +10,7 @@ from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
 from modsplit.decompose_config import SCHEDULES, DecomposeConfig
 from modsplit.errors import CheckpointError
+from modsplit.functional import raw_score_grad
 from modsplit.score_update import CoTrainSGD, stem_coefficient
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
@@ -134,15 +135,16 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     per_module = sum(s[0].numel() for s in scores)
     fused = isinstance(opt, CoTrainSGD)
     w_pos, w_neg = weights
-    if rows is None:
-        positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
-        out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
-        w = torch.where(positive, w_pos[:, None], w_neg[:, None])
-        seen = torch.ones_like(positive)
-    else:
-        idx, w, positive = (t.to(x.device) for t in rows)
-        out = grafts(net.forward_per_module(x[idx]))  # [K, m, 2]
-        seen = w > 0
+    with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself
+        if rows is None:
+            positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
+            out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
+            w = torch.where(positive, w_pos[:, None], w_neg[:, None])
+            seen = torch.ones_like(positive)
+        else:
+            idx, w, positive = (t.to(x.device) for t in rows)
+            out = grafts(net.forward_per_module(x[idx]))  # [K, m, 2]
+            seen = w > 0
     ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
                          reduction="none").view_as(positive)
     ce = (w * ce).sum(1) / x.shape[0]  # [K]
@@ -151,11 +153,13 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if not fused or anchors is None:
+    if not fused:
         opt.step()
+    elif anchors is None:
+        opt.step(raw_grad=True)
     else:
         sums = opt.step([a.unsqueeze(0) for a in anchors],
-                        stem_coefficient(alpha, per_module, scores[0].dtype))
+                        stem_coefficient(alpha, per_module, scores[0].dtype), raw_grad=True)
         stem = (sums / per_module).to(ce.dtype)
     return out.detach(), positive, ce.detach(), stem.detach(), seen
 

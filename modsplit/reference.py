@@ -127,15 +127,17 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
 
 
 def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
-                      stem_coef, nesterov, init_buffer):
+                      stem_coef, nesterov, init_buffer, sign_grad):
     """The co-training score update, in place, with torch.optim.SGD's own tensor ops
-    (single-tensor path, dampening 0): the gradient is grad + sgn(S - A) * stem_coef (what
+    (single-tensor path, dampening 0): the gradient is g + sgn(S - A) * stem_coef, with
+    g = grad * sgn(S) when sign_grad (grad is then the masked ops' score gradient before the
+    straight-through sgn(S), as modsplit.functional.raw_score_grad leaves it), else grad (what
     autograd accumulates for the stemming term alpha/(L*M*N) * sum |S - A| with p = 1), then
     weight decay, momentum (the buffer is set to the gradient when init_buffer), Nesterov and
     the step S -= lr * g. scores, momentum_buffer (updated in place), grad, anchor (or None):
     float [K, ...], one shape. Returns float64 [K], the sums of |S - A| over the old scores
     per module (zeros without anchor)."""
-    g = grad
+    g = grad * scores.sign() if sign_grad else grad
     stem = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
     if anchor is not None:
         d = scores - anchor

@@ -22,20 +22,22 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
-                      stem_coef, nesterov, init_buffer):
+                      stem_coef, nesterov, init_buffer, sign_grad=False):
     """One fused score update, in place (see the module docstring and
     reference.cotrain_sgd_step_ for the arithmetic).
 
     scores, momentum_buffer: float [K, ...], contiguous, updated in place; grad: float [K, ...]
     of the same shape and dtype; anchor: None, or the same as grad or [1, ...] (shared). stem_coef: the stemming term's gradient weight
     alpha / (L*M*N) (0 without anchor). init_buffer: the buffer holds no momentum yet (it is set
-    to the gradient, as torch.optim.SGD's first step does). Returns float64 [K], per module the
+    to the gradient, as torch.optim.SGD's first step does). sign_grad: grad is the masked ops'
+    score gradient before the straight-through sgn(S) (functional.raw_score_grad), which the
+    pass multiplies in. Returns float64 [K], per module the
     sum of |S - A| over the old scores (zeros without anchor).
     Runs the C++ kernel for float32 / float64 CPU tensors under the "auto" and "cpu" backends,
     else the pure-PyTorch twin (torch_backend.cotrain_sgd_step_).
     """
     args = (float(lr), float(momentum), float(weight_decay), float(stem_coef), bool(nesterov),
-            bool(init_buffer))
+            bool(init_buffer), bool(sign_grad))
     if not (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES
             and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu")):
         return torch_backend.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, *args)
@@ -68,12 +70,13 @@ class CoTrainSGD(torch.optim.SGD):
                          lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     @torch.no_grad()
-    def step(self, anchors=None, stem_coef: float = 0.0):
+    def step(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False):
         """Update every parameter from its .grad. anchors: None, or one float tensor per score
         tensor (the stemming anchor S_avg, [K, ...] or [1, ...]), whose term
         stem_coef * sum |S - A| is added to the scores' gradients here. Returns float64 [K]:
         per module, the sum of |S - A| over all score tensors before the update (None
-        without anchors)."""
+        without anchors). raw_grad: the scores' .grad was left before the straight-through
+        sgn(S) (the forward ran under functional.raw_score_grad()); the step multiplies it in."""
         group, stem = self.param_groups[0], None
         if anchors is not None and len(anchors) != len(group["params"]):
             raise ValueError(f"modsplit: anchors must hold one tensor per score tensor "
@@ -91,7 +94,7 @@ class CoTrainSGD(torch.optim.SGD):
             sums = cotrain_sgd_step_(p, buf, p.grad, anchor, group["lr"],
                                      group["momentum"], group["weight_decay"],
                                      stem_coef if anchor is not None else 0.0,
-                                     group["nesterov"], init)
+                                     group["nesterov"], init, raw_grad)
             p.grad = None  # done: the base step below skips it
             if anchor is not None:
                 stem = sums if stem is None else stem + sums

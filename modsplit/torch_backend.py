@@ -251,7 +251,7 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
 # ---- co-training score update -------------------------------------------------------------------
 
 def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
-                      stem_coef, nesterov, init_buffer):
+                      stem_coef, nesterov, init_buffer, sign_grad):
     """modsplit.score_update's fused SGD step, as torch.optim.SGD's own tensor ops (the
     reference, reference.cotrain_sgd_step_, after the same argument checks as the kernels)."""
     _check_float("scores", scores)
@@ -271,4 +271,4 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
            f"scores must be a non-empty [K, ...] bank, got {list(scores.shape)}")
     _check(not nesterov or momentum > 0, f"nesterov needs momentum > 0, got {momentum}")
     return ref.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum,
-                                 weight_decay, stem_coef, nesterov, init_buffer)
+                                 weight_decay, stem_coef, nesterov, init_buffer, sign_grad)

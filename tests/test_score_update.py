@@ -39,7 +39,9 @@ def _autograd_sgd(scores, anchors, grads, alpha, steps, lr=0.1, momentum=0.9, ne
 
 
 def _fused_sgd(scores, anchors, grads, alpha, steps, lr=0.1, momentum=0.9, nesterov=True,
-               weight_decay=5e-4):
+               weight_decay=5e-4, raw=False):
+    """CoTrainSGD on the same gradients; raw: it is handed dCE/dS / sgn(S) (the masked ops'
+    gradient before the straight-through factor, where sgn(S) != 0) and multiplies sgn(S) in."""
     ps = [torch.nn.Parameter(s.clone()) for s in scores]
     opt = CoTrainSGD(ps, [], lr, lr, momentum, nesterov, weight_decay)
     per_module = sum(s[0].numel() for s in scores)
@@ -47,8 +49,8 @@ def _fused_sgd(scores, anchors, grads, alpha, steps, lr=0.1, momentum=0.9, neste
     stems = []
     for t in range(steps):
         for p, g in zip(ps, grads):
-            p.grad = g[t].clone()
-        stems.append(opt.step(anchors, coef) / per_module)
+            p.grad = g[t] * p.detach().sign() if raw else g[t].clone()
+        stems.append(opt.step(anchors, coef, raw_grad=raw) / per_module)
     return [p.detach() for p in ps], stems
 
 
@@ -64,10 +66,10 @@ def test_matches_sgd_and_autograd_bit_for_bit(shape, dtype, name):
     grads = [[torch.randn(s.shape, generator=g).to(dtype) * 0.1 for _ in range(4)]
              for s in scores]
     grads[0][1].view(-1)[::3] = 0  # zero gradients (dead units)
-    for alpha in (0.0, 2.0):
+    for alpha, raw in ((0.0, False), (2.0, False), (2.0, True)):
         with backend.use(name):
             want, want_stem = _autograd_sgd(scores, anchors, grads, alpha, 4)
-            got, got_stem = _fused_sgd(scores, anchors, grads, alpha, 4)
+            got, got_stem = _fused_sgd(scores, anchors, grads, alpha, 4, raw=raw)
         for a, b in zip(want, got):
             assert torch.equal(a, b), (a - b).abs().max()
         for a, b in zip(want_stem, got_stem):
@@ -94,25 +96,28 @@ def test_kernel_matches_reference_on_non_contiguous_grad():
     anchor = torch.randn(1, 40, 50, generator=g)
     buf = torch.randn(3, 40, 50, generator=g)
     s2, buf2 = s.clone(), buf.clone()
-    got = torch.ops.modsplit.cotrain_sgd_step_(s, buf, grad, anchor, 0.05, 0.9, 1e-3, 0.01,
-                                               True, False)
-    want = reference.cotrain_sgd_step_(s2, buf2, grad, anchor, 0.05, 0.9, 1e-3, 0.01, True, False)
-    assert torch.equal(s, s2) and torch.equal(buf, buf2)
-    torch.testing.assert_close(got, want)
+    for sign_grad in (False, True):
+        got = torch.ops.modsplit.cotrain_sgd_step_(s, buf, grad, anchor, 0.05, 0.9, 1e-3, 0.01,
+                                                   True, False, sign_grad)
+        want = reference.cotrain_sgd_step_(s2, buf2, grad, anchor, 0.05, 0.9, 1e-3, 0.01, True,
+                                           False, sign_grad)
+        assert torch.equal(s, s2) and torch.equal(buf, buf2)
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bad_arguments_name_the_argument(name):
     s, buf = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    hp = (0.1, 0.9, 0.0, 0.0, True, False, False)  # lr, momentum, wd, coef, nesterov, init, sign
     with backend.use(name):
         with pytest.raises((RuntimeError, ValueError), match="grad"):
-            cotrain_sgd_step_(s, buf, torch.zeros(2, 3, 5), None, 0.1, 0.9, 0.0, 0.0, True, False)
+            cotrain_sgd_step_(s, buf, torch.zeros(2, 3, 5), None, *hp)
         with pytest.raises((RuntimeError, ValueError), match="momentum_buffer"):
-            cotrain_sgd_step_(s, buf.double(), s, None, 0.1, 0.9, 0.0, 0.0, True, False)
+            cotrain_sgd_step_(s, buf.double(), s, None, *hp)
         with pytest.raises((RuntimeError, ValueError), match="anchor"):
-            cotrain_sgd_step_(s, buf, s, torch.zeros(2, 3, 3), 0.1, 0.9, 0.0, 0.0, True, False)
+            cotrain_sgd_step_(s, buf, s, torch.zeros(2, 3, 3), *hp)
         with pytest.raises((RuntimeError, ValueError), match="nesterov"):
-            cotrain_sgd_step_(s, buf, s, None, 0.1, 0.0, 0.0, 0.0, True, False)
+            cotrain_sgd_step_(s, buf, s, None, 0.1, 0.0, *hp[2:])
     with pytest.raises(ValueError, match="momentum"):
         CoTrainSGD([torch.nn.Parameter(s)], [], 0.1, 0.1, 0.0, False, 0.0)
     with pytest.raises(ValueError, match="anchors"):

@@ -2,7 +2,9 @@
 // score bank, bit for bit the arithmetic of torch.optim.SGD (single-tensor path, dampening 0) on
 // the gradient autograd would have accumulated:
 //
-//   g   = grad                                   (dL_CE/dS, the straight-through gradient)
+//   g   = sign_grad ? grad * sgn(S) : grad       (dL_CE/dS, the straight-through gradient;
+//                                                 sign_grad: grad is dL/d|S|, as the masked
+//                                                 ops' backward gives it before sgn(S))
 //   d   = S - A;  g = g + sgn(d) * stem_coef     (stemming term, when an anchor A is given)
 //   g   = g + weight_decay * S                   (grad.add(param, alpha=wd): one FMA)
 //   buf = init ? g : buf * momentum + g          (buf.mul_(m) rounded, then add_(g))
@@ -38,7 +40,7 @@ T sgn(T v) {
 template <typename T>
 void update(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_stride, double* stem,
             int64_t modules, int64_t n, double lr, double momentum, double weight_decay, double stem_coef,
-            bool nesterov, bool init) {
+            bool nesterov, bool init, bool sign_grad) {
   const T neg_lr = static_cast<T>(-lr), mom = static_cast<T>(momentum);
   const T wd = static_cast<T>(weight_decay), coef = static_cast<T>(stem_coef);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -51,7 +53,7 @@ void update(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_stride,
       double total = 0.0;
       for (int64_t i = i0; i < i1; ++i) {
         const T si = s[i];
-        T g = grad[i];
+        T g = sign_grad ? grad[i] * sgn(si) : grad[i];
         if (a != nullptr) {
           const T d = si - a[i];
           total += std::abs(static_cast<double>(d));
@@ -91,7 +93,7 @@ void check_like(const at::Tensor& t, const at::Tensor& scores, const char* name)
 at::Tensor cotrain_sgd_step_cpu(at::Tensor& scores, at::Tensor& momentum_buffer,
                                 const at::Tensor& grad, const c10::optional<at::Tensor>& anchor,
                                 double lr, double momentum, double weight_decay, double stem_coef,
-                                bool nesterov, bool init_buffer) {
+                                bool nesterov, bool init_buffer, bool sign_grad) {
   const auto dtype = scores.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "modsplit: scores must be float32 or float64 for the CPU kernel, got ", dtype);
@@ -125,7 +127,8 @@ at::Tensor cotrain_sgd_step_cpu(at::Tensor& scores, at::Tensor& momentum_buffer,
                      g.const_data_ptr<scalar_t>(),
                      anchor ? a.const_data_ptr<scalar_t>() : nullptr,
                      anchor && a.size(0) == 1 ? 0 : n, stem.data_ptr<double>(),
-                     modules, n, lr, momentum, weight_decay, stem_coef, nesterov, init_buffer);
+                     modules, n, lr, momentum, weight_decay, stem_coef, nesterov, init_buffer,
+                     sign_grad);
   });
   return stem;
 }

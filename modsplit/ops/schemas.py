@@ -34,7 +34,8 @@ SCHEMAS = {
     # gradient in one pass, in place; returns float64 [K] sums of |S - A| (zeros without anchor).
     "cotrain_sgd_step_": ("(Tensor(a!) scores, Tensor(b!) momentum_buffer, Tensor grad, "
                           "Tensor? anchor, float lr, float momentum, float weight_decay, "
-                          "float stem_coef, bool nesterov, bool init_buffer) -> Tensor"),
+                          "float stem_coef, bool nesterov, bool init_buffer, bool sign_grad) "
+                          "-> Tensor"),
 }
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
