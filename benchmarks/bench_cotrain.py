@@ -233,7 +233,7 @@ class ModsplitSide:
         self.opt = make_optimizer(self.net, self.grafts, cfg)
 
     def step(self, x, y):
-        out, _, ce, stem = train_step(self.net, self.grafts, self.opt, x, y, self.classes,
+        out, _, ce, stem, _ = train_step(self.net, self.grafts, self.opt, x, y, self.classes,
                                       self.weights, ALPHA, P, self.anchors)
         return out, ce, stem
 

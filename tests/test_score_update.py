@@ -102,7 +102,7 @@ def test_kernel_matches_reference_on_non_contiguous_grad():
         want = reference.cotrain_sgd_step_(s2, buf2, grad, anchor, 0.05, 0.9, 1e-3, 0.01, True,
                                            False, sign_grad)
         assert torch.equal(s, s2) and torch.equal(buf, buf2)
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)  # |S - A| sums: float lanes
 
 
 @pytest.mark.parametrize("name", BACKENDS)
