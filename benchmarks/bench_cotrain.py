@@ -25,6 +25,7 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
                         implementations, chosen per run), the same loss;
   batched compiled      the same forward + loss under torch.compile, and the optimizer step
                         compiled too (torch.compile(opt.step));
+  modsplit, sampled     (extra row with --ratio r) decompose's step with sampled negatives;
   per-module loop       (extra row, FC1 only) K separate edge-popup models with a sort-based
                         GetSubnet and one optimizer each.
 Before timing, one step of every side from the same scores and grafts is checked to give the same
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modsplit import DecomposeConfig, Grafts, convert  # noqa: E402
-from modsplit.decompose import make_optimizer, train_step  # noqa: E402
+from modsplit.decompose import make_optimizer, sample_rows, train_step  # noqa: E402
 from modsplit.reference import keep_count  # noqa: E402
 
 K, DENSITY, BATCH, ALPHA, P = 10, 0.1, 32, 1.0, 1.0
@@ -77,7 +78,7 @@ def workload(name, steps, seed=0):
                for i in range(steps)]
     counts = torch.bincount(y, minlength=10).float()
     n = counts.sum()
-    return model, batches, ((n / (2 * counts)), (n / (2 * (n - counts))))
+    return model, batches, ((n / (2 * counts)), (n / (2 * (n - counts)))), counts
 
 
 def _weighted_ce(out, positive, weights):
@@ -223,18 +224,27 @@ class BatchedSide:
 
 
 class ModsplitSide:
-    """decompose's own step on a converted network."""
+    """decompose's own step on a converted network; ratio: sampled negatives (neg_ratio) with
+    decompose's inclusion probabilities min(1, B n_c / n)."""
 
-    def __init__(self, model, net, grafts, classes, weights, anchors):
+    def __init__(self, model, net, grafts, classes, weights, anchors, ratio=None, counts=None):
         self.net, self.grafts = copy.deepcopy(net), copy.deepcopy(grafts)
         self.classes, self.weights, self.anchors = classes, weights, anchors
+        self.ratio, self.steps = ratio, 0
+        if ratio is not None:
+            self.inclusion = (BATCH * counts / counts.sum()).clamp(max=1).float()
         cfg = DecomposeConfig.build(None, K, lr=LR, graft_lr=GRAFT_LR, momentum=MOMENTUM,
                                     weight_decay=WD, alpha=ALPHA, p=P, density=DENSITY)
         self.opt = make_optimizer(self.net, self.grafts, cfg)
 
     def step(self, x, y):
+        rows = None
+        if self.ratio is not None:
+            gen = torch.Generator().manual_seed(self.steps)
+            rows = sample_rows(y, self.classes, self.weights, self.ratio, self.inclusion, gen)
+        self.steps += 1
         out, _, ce, stem, _ = train_step(self.net, self.grafts, self.opt, x, y, self.classes,
-                                      self.weights, ALPHA, P, self.anchors)
+                                         self.weights, ALPHA, P, self.anchors, rows)
         return out, ce, stem
 
     def masks(self):
@@ -315,8 +325,8 @@ def check_first_step(sides, batch, atol=1e-5):
                                      f"(max |diff| {(a - b).abs().max().item():.3g})")
 
 
-def build_sides(name, steps, with_loop, compiled=True):
-    model, batches, weights = workload(name, steps)
+def build_sides(name, steps, with_loop, compiled=True, ratio=None):
+    model, batches, weights, counts = workload(name, steps)
     net = convert(model, K, DENSITY, seed=0)
     scores = [s.detach() for s in net.score_parameters()]
     anchors = [s.mean(0) + 0.01 * torch.randn_like(s[0]) for s in scores]  # S_avg-like, [*W.shape]
@@ -329,14 +339,18 @@ def build_sides(name, steps, with_loop, compiled=True):
     if compiled:
         sides["batched compiled"] = BatchedSide(model, scores, grafts, classes, weights,
                                                 anchors, True, impl)
+    if ratio is not None:
+        sides[f"modsplit, sampled negatives r={ratio:g}"] = ModsplitSide(
+            model, net, grafts, classes, weights, anchors, ratio, counts)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl
 
 
-def run(name, rounds, steps, with_loop):
-    sides, batches, impl = build_sides(name, steps, with_loop)
-    check_first_step({k: v for k, v in sides.items() if k != "per-module loop"}, batches[0])
+def run(name, rounds, steps, with_loop, ratio=None):
+    sides, batches, impl = build_sides(name, steps, with_loop, ratio=ratio)
+    check_first_step({k: v for k, v in sides.items() if k in ("modsplit", "batched eager",
+                                                                "batched compiled")}, batches[0])
     times = {k: [] for k in sides}
     for r in range(rounds + 1):  # round 0 is the warm-up of every side
         for side_name, side in sides.items():
@@ -366,11 +380,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
     ap.add_argument("--no-loop", action="store_true", help="skip the per-module loop row")
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="also time modsplit with sampled negatives (neg_ratio) r")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--json", help="write the results there")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {"machine": machine(), "results": []}
     for name in (["fc1", "conv"] if args.workload == "all" else [args.workload]):
-        res = run(name, args.rounds, args.steps, name == "fc1" and not args.no_loop)
+        res = run(name, args.rounds, args.steps, name == "fc1" and not args.no_loop, args.ratio)
         results["results"].append(res)
         print(f"\n{name}: K={K}, batch {BATCH}, density {DENSITY}, baseline = {res['baseline']} "
               f"(SGD {res['sgd_impl'] or 'default'}); {machine()}")
