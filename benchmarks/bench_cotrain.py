@@ -88,7 +88,7 @@ def _weighted_ce(out, positive, weights):
     return (torch.where(positive, w_pos[:, None], w_neg[:, None]) * ce).mean(1)
 
 
-# ---- the batched pure-PyTorch version -------------------------------------------------------------
+# ---- the batched pure-PyTorch version -----------------------------------------------------------
 
 def _flat_layers(model):
     """The leaf modules of a (nested) nn.Sequential, in order."""
@@ -114,7 +114,8 @@ class Batched(nn.Module):
 
     def __init__(self, model, scores, density):
         super().__init__()
-        self.layers, self.density = _flat_layers(copy.deepcopy(model).requires_grad_(False)), density
+        self.layers = _flat_layers(copy.deepcopy(model).requires_grad_(False))
+        self.density = density
         self.scores = nn.ParameterList([nn.Parameter(s.detach().clone()) for s in scores])
         for i, m in enumerate(self.layers):  # BatchNorm statistics repeated for the K modules
             if isinstance(m, nn.BatchNorm2d):
@@ -253,7 +254,7 @@ class ModsplitSide:
                 for m in self.net.masked_layers().values()]
 
 
-# ---- the per-module loop (extra row) --------------------------------------------------------------
+# ---- the per-module loop (extra row) ------------------------------------------------------------
 
 class _SortSubnet(torch.autograd.Function):
     """Edge-popup's GetSubnet: 1 for the top `density` share of |scores| (full sort), else 0;
@@ -305,7 +306,7 @@ class LoopSide:
             opt.step()
 
 
-# ---- driver ---------------------------------------------------------------------------------------
+# ---- driver -------------------------------------------------------------------------------------
 
 def check_first_step(sides, batch, atol=1e-5):
     """Every side computes the same masks and the same loss terms on the first step."""

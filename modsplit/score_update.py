@@ -27,7 +27,8 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
     reference.cotrain_sgd_step_ for the arithmetic).
 
     scores, momentum_buffer: float [K, ...], contiguous, updated in place; grad: float [K, ...]
-    of the same shape and dtype; anchor: None, or the same as grad or [1, ...] (shared). stem_coef: the stemming term's gradient weight
+    of the same shape and dtype; anchor: None, or the same as grad or [1, ...] (shared).
+    stem_coef: the stemming term's gradient weight
     alpha / (L*M*N) (0 without anchor). init_buffer: the buffer holds no momentum yet (it is set
     to the gradient, as torch.optim.SGD's first step does). sign_grad: grad is the masked ops'
     score gradient before the straight-through sgn(S) (functional.raw_score_grad), which the

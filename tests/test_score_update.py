@@ -60,7 +60,8 @@ def _fused_sgd(scores, anchors, grads, alpha, steps, lr=0.1, momentum=0.9, neste
 def test_matches_sgd_and_autograd_bit_for_bit(shape, dtype, name):
     g = torch.Generator().manual_seed(sum(shape))
     k = shape[0]
-    scores = [torch.randn(shape, generator=g).to(dtype), torch.randn(k, 3, 2, generator=g).to(dtype)]
+    scores = [torch.randn(shape, generator=g).to(dtype),
+              torch.randn(k, 3, 2, generator=g).to(dtype)]
     # anchors: shared [1, ...] and one equal to the scores somewhere (sgn(0) = 0, ties)
     anchors = [scores[0].mean(0, keepdim=True), scores[1][:1].clone()]
     grads = [[torch.randn(s.shape, generator=g).to(dtype) * 0.1 for _ in range(4)]

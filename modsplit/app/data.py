@@ -36,9 +36,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 DATA_ENV = "MODSPLIT_DATA"
-DATASETS = ("digits", "mnist", "mnist2", "fmnist", "cifar10", "cifar100", "svhn", "imagefolder:<path>")
+DATASETS = ("digits", "mnist", "mnist2", "fmnist", "cifar10", "cifar100", "svhn",
+            "imagefolder:<path>")
 
-_NUM_CLASSES = {"digits": 10, "mnist": 10, "mnist2": 100, "fmnist": 10, "cifar10": 10, "cifar100": 100,
+_NUM_CLASSES = {"digits": 10, "mnist": 10, "mnist2": 100, "fmnist": 10, "cifar10": 10,
+                "cifar100": 100,
                 "svhn": 10}
 
 # Per-channel training-set statistics on a 0-1 scale.
