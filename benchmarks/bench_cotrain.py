@@ -9,6 +9,8 @@ class-weighted CE + stemming term alpha 1, p 1 against a fixed anchor, as in epo
   fc1   FC1 (784-49-10) on MNIST, K = 10
   conv  small_vgg(3, 10, width 16) (4 conv 3x3 + BN, 16/32 channels, GAP, Linear) on CIFAR-10,
         K = 10
+  fc2, fc3, fc4   FC2-FC4 on MNIST, K = 10; mnist2  mnist2_fc(hidden 64) on two-digit MNIST,
+        K = 100 (for the sampled-negatives row: --ratio r)
 
 Sides, all timed on the same pre-drawn batches, interleaved round by round in this process
 (same threads, one warm-up round each, min and median of the per-step time over the rounds):
@@ -56,16 +58,26 @@ LR, GRAFT_LR, MOMENTUM, WD = 0.1, 0.01, 0.9, 5e-4
 
 # ---- workloads ----------------------------------------------------------------------------------
 
+# Workloads: name -> number of classes = K (the conv net is "conv").
+WORKLOADS = {"fc1": 10, "fc2": 10, "fc3": 10, "fc4": 10, "mnist2": 100, "conv": 10}
+
+
 def workload(name, steps, seed=0):
-    """(model (eval), batches [(x, y)] * steps, class weights (w_pos [K], w_neg [K]))."""
+    """(model (eval), batches [(x, y)] * steps, class weights (w_pos [K], w_neg [K]), class
+    counts [K])."""
     from modsplit.app.data import load_dataset
-    from modsplit.app.models import FC1, small_vgg
+    from modsplit.app.models import FC1, FC2, FC3, FC4, mnist2_fc, small_vgg
     from modsplit.app.train import train_classifier
     torch.manual_seed(seed)
-    if name == "fc1":
+    fcs = {"fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4}
+    if name in fcs:
         data = load_dataset("mnist", "train", limit=2000)
-        model = train_classifier(FC1(784, 10), data, epochs=2, lr=0.05, batch_size=32, seed=seed,
-                                 progress=False)
+        model = train_classifier(fcs[name](784, 10), data, epochs=2, lr=0.05, batch_size=32,
+                                 seed=seed, progress=False)
+    elif name == "mnist2":
+        data = load_dataset("mnist2", "train", limit=4000)
+        model = train_classifier(mnist2_fc(hidden=64), data, epochs=1, lr=0.05, batch_size=32,
+                                 seed=seed, progress=False)
     else:
         data = load_dataset("cifar10", "train", limit=2000)
         model = train_classifier(small_vgg(3, 10, 16), data, epochs=1, lr=0.05, batch_size=32,
@@ -76,7 +88,7 @@ def workload(name, steps, seed=0):
     order = torch.randperm(len(y), generator=g)
     batches = [(x[order[i * BATCH:(i + 1) * BATCH]], y[order[i * BATCH:(i + 1) * BATCH]])
                for i in range(steps)]
-    counts = torch.bincount(y, minlength=10).float()
+    counts = torch.bincount(y, minlength=K).float()
     n = counts.sum()
     return model, batches, ((n / (2 * counts)), (n / (2 * (n - counts)))), counts
 
@@ -331,7 +343,7 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None):
     net = convert(model, K, DENSITY, seed=0)
     scores = [s.detach() for s in net.score_parameters()]
     anchors = [s.mean(0) + 0.01 * torch.randn_like(s[0]) for s in scores]  # S_avg-like, [*W.shape]
-    grafts = Grafts.init_for(range(K), 10)
+    grafts = Grafts.init_for(range(K), K)
     classes = torch.arange(K)
     impl = fastest_sgd_impl(scores)
     sides = {"modsplit": ModsplitSide(model, net, grafts, classes, weights, anchors),
@@ -349,6 +361,8 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None):
 
 
 def run(name, rounds, steps, with_loop, ratio=None):
+    global K
+    K = WORKLOADS[name]
     sides, batches, impl = build_sides(name, steps, with_loop, ratio=ratio)
     check_first_step({k: v for k, v in sides.items() if k in ("modsplit", "batched eager",
                                                                 "batched compiled")}, batches[0])
@@ -377,7 +391,8 @@ def machine():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="all", choices=["fc1", "conv", "all"])
+    ap.add_argument("--workload", default="all", help="fc1, fc2, fc3, fc4, mnist2, conv, "
+                    "a comma-separated list, or all (= fc1,conv)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
     ap.add_argument("--no-loop", action="store_true", help="skip the per-module loop row")
@@ -389,7 +404,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"machine": machine(), "results": []}
-    for name in (["fc1", "conv"] if args.workload == "all" else [args.workload]):
+    for name in (["fc1", "conv"] if args.workload == "all" else args.workload.split(",")):
         res = run(name, args.rounds, args.steps, name == "fc1" and not args.no_loop, args.ratio)
         results["results"].append(res)
         print(f"\n{name}: K={K}, batch {BATCH}, density {DENSITY}, baseline = {res['baseline']} "

@@ -116,7 +116,11 @@ def main(argv=None):
     base_set, val_set = _split(mnist, args.base, args.val)
     decomp_set = TensorDataset(*(t[:args.decomp] for t in base_set.tensors))
     models = {}
+    need = ("fc1", "fc2", "fc3", "fc4") if "mnist" in workloads else ("fc1",) if args.ratio is None \
+        else ()
     for name, factory in (("fc1", FC1), ("fc2", FC2), ("fc3", FC3), ("fc4", FC4)):
+        if name not in need:
+            continue
         torch.manual_seed(args.seed)
         models[name] = train_classifier(factory(), base_set, epochs=args.base_epochs,
                                         seed=args.seed, progress=False)
