@@ -50,6 +50,12 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
     return stem
 
 
+if _extension.has_kernels("cuda"):
+    # A CUDA build registers a kernel of every op (tests/test_cuda_build.py); this op's CUDA
+    # kernel is its torch twin (elementwise ATen ops, already one kernel launch each).
+    torch.library.impl("modsplit::cotrain_sgd_step_", "CUDA")(torch_backend.cotrain_sgd_step_)
+
+
 def stem_coefficient(alpha: float, per_module: int, dtype: torch.dtype) -> float:
     """The stemming term's gradient weight alpha / per_module, rounded as autograd rounds it
     for loss = sum_k (CE_k + alpha * total_k / per_module): alpha in `dtype`, then divided."""
