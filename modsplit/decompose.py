@@ -147,7 +147,7 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
             seen = w > 0
     ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
                          reduction="none").view_as(positive)
-    ce = (w * ce).sum(1) / x.shape[0]  # [K]
+    ce = (w * ce).mean(1) if rows is None else (w * ce).sum(1) / x.shape[0]  # [K]
     stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None and not fused
             else torch.zeros_like(ce))
     loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
