@@ -59,6 +59,16 @@ class MultiModuleNet(nn.Module):
             for m in layers:
                 m.active = previous
 
+    def forward_per_module(self, x):
+        """x [K, B, ...] (module k's own batch) -> [K, B, ...]: every module runs on its own rows
+        (decompose's sampled negatives), with no copy of a shared batch."""
+        k = self.n_modules if self.active is None else len(self.active)
+        if x.dim() < 2 or x.shape[0] != k:
+            raise ValueError(f"modsplit: forward_per_module expects x [K={k}, B, ...], got shape "
+                             f"{tuple(x.shape)}")
+        y = self.net(x.reshape(k * x.shape[1], *x.shape[2:]))
+        return y.reshape(k, x.shape[1], *y.shape[1:])
+
     def forward(self, x):
         k = self.n_modules if self.active is None else len(self.active)
         b = x.shape[0]

@@ -10,6 +10,8 @@ from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
 from modsplit.decompose_config import SCHEDULES, DecomposeConfig
 from modsplit.errors import CheckpointError
+from modsplit.functional import raw_score_grad
+from modsplit.score_update import CoTrainSGD, stem_coefficient
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
 
@@ -68,31 +70,139 @@ def _epoch_record(sums: dict, steps: int, alpha: float) -> dict:
             "stem": stem.mean().item(), "module_acc": acc}
 
 
-def _run_epoch(net, grafts, opt, batches, classes, weights, alpha, p, anchors, device, bar,
-               sums, step, on_step):
-    """Train all K modules together on `batches` (the epoch's batches after the first `step`
-    ones), adding to the per-module `sums`; on_step(step) runs after every optimizer step.
-    Returns the number of batches of the epoch trained so far."""
+def sample_rows(y, classes, weights, ratio: float, inclusion, gen, local=None):
+    """Sampled negatives: the rows of the batch each module trains on, and their loss weights.
+
+    y int64 [B] (the batch's labels); classes int64 [n] (every module's class, all ranks');
+    weights (w_pos [n], w_neg [n]) the class-balance weights; ratio r > 0; inclusion float [n]
+    (q_k, below); gen the step's torch.Generator (CPU; the draws are the same on every rank);
+    local: indices of this rank's modules (None: all). Returns (idx int64 [K, m] batch rows,
+    weight float [K, m], positive bool [K, m]) for the K local modules, rows padded to the
+    largest module's count m with weight 0.
+
+    Module k sees its n_k positives of the batch and s_k = max(1, round(r n_k)) negatives drawn
+    uniformly with replacement from the batch's B - n_k negatives, each weighing
+    w_neg (B - n_k) / s_k; when the batch has no positive of class k, the module takes
+    s_k = max(1, round(r)) negatives with probability q_k (else no row), weighing
+    w_neg B / (s_k q_k). Given the batch, the expectation over the draws of
+    (1/B) sum_rows weight * CE is (1/B) [sum_pos w_pos CE + sum_neg w_neg CE], the full
+    class-balanced loss of decompose: the estimator is unbiased, and so is its gradient.
+    """
+    b = y.shape[0]
+    pos = y.unsqueeze(0) == classes.unsqueeze(1)  # [n, B]
+    n_pos = pos.sum(1)
+    n_neg = b - n_pos
+    r = float(ratio)
+    take = torch.where(n_pos > 0, (r * n_pos).round().clamp(min=1),
+                       torch.full_like(n_pos, max(1, round(r)))).long()
+    u = torch.rand(len(classes), int(take.max()), generator=gen)
+    keep = torch.rand(len(classes), generator=gen) < inclusion
+    take = torch.where((n_pos > 0) | keep, take, torch.zeros_like(take))
+    q = torch.where(n_pos > 0, torch.ones_like(inclusion), inclusion)
+    if local is not None:
+        idx_local = torch.as_tensor(local, dtype=torch.long)
+        pos, n_pos, n_neg, take, u, q = (t[idx_local] for t in (pos, n_pos, n_neg, take, u, q))
+        w_pos, w_neg = (w[idx_local] for w in weights)
+    else:
+        w_pos, w_neg = weights
+    order = torch.argsort(pos.to(torch.int8), dim=1, stable=True)  # negatives, then positives
+    negatives = order.gather(1, (u * n_neg.unsqueeze(1)).long().clamp(max=b - 1))
+    positives = order.flip(1)  # positives first (in reverse index order)
+    m = max(int((n_pos + take).max()), 1)
+    t = torch.arange(m).unsqueeze(0)
+    is_pos = t < n_pos.unsqueeze(1)
+    is_neg = ~is_pos & (t < (n_pos + take).unsqueeze(1))
+    idx = torch.where(is_pos, positives.gather(1, t.clamp(max=b - 1).expand_as(is_pos)),
+                      torch.where(is_neg, negatives.gather(
+                          1, (t - n_pos.unsqueeze(1)).clamp(0, negatives.shape[1] - 1)), 0))
+    w_sampled = w_neg.cpu() * n_neg / (take.clamp(min=1) * q)
+    weight = torch.where(is_pos, w_pos.cpu().unsqueeze(1),
+                         torch.where(is_neg, w_sampled.unsqueeze(1), torch.zeros(())))
+    return idx, weight.float(), is_pos
+
+
+def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows=None):
+    """One co-training step of all K modules on the batch (x, y) (already on the device):
+    forward, class-weighted CE + stemming loss (Eq. 1), backward, optimizer step. With a
+    CoTrainSGD optimizer (decompose's choice for p = 1) the stemming term is left out of the
+    autograd graph and added by its fused step (same arithmetic, same scores).
+    rows: None (every module sees the whole batch), or sample_rows()'s (idx [K, m], weight
+    [K, m], positive [K, m]): module k runs on x[idx[k]] and its CE is
+    sum(weight[k] * CE) / B (sampled negatives).
+    Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
+    seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
     scores = net.score_parameters()
     per_module = sum(s[0].numel() for s in scores)
+    fused = isinstance(opt, CoTrainSGD)
     w_pos, w_neg = weights
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
-        out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
-        ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
-                             reduction="none").view_as(positive)
-        ce = (torch.where(positive, w_pos[:, None], w_neg[:, None]) * ce).mean(1)  # [K]
-        stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None
-                else torch.zeros_like(ce))
-        loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself
+        if rows is None:
+            positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
+            out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
+            w = torch.where(positive, w_pos[:, None], w_neg[:, None])
+            seen = torch.ones_like(positive)
+        else:
+            idx, w, positive = (t.to(x.device) for t in rows)
+            out = grafts(net.forward_per_module(x[idx]))  # [K, m, 2]
+            seen = w > 0
+    ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
+                         reduction="none").view_as(positive)
+    ce = (w * ce).mean(1) if rows is None else (w * ce).sum(1) / x.shape[0]  # [K]
+    stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None and not fused
+            else torch.zeros_like(ce))
+    loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if not fused:
         opt.step()
+    elif anchors is None:
+        opt.step(raw_grad=True)
+    else:
+        sums = opt.step([a.unsqueeze(0) for a in anchors],
+                        stem_coefficient(alpha, per_module, scores[0].dtype), raw_grad=True)
+        stem = (sums / per_module).to(ce.dtype)
+    return out.detach(), positive, ce.detach(), stem.detach(), seen
+
+
+def make_optimizer(net, grafts, cfg: DecomposeConfig):
+    """decompose's optimizer: SGD over the scores (lr) and the grafts (graft_lr). For p = 1 and
+    momentum > 0, CoTrainSGD (fused score update, same arithmetic); else torch.optim.SGD."""
+    scores, others = net.score_parameters(), list(grafts.parameters())
+    if cfg.p == 1 and cfg.momentum > 0:
+        return CoTrainSGD(scores, others, cfg.lr, cfg.graft_lr, cfg.momentum, cfg.nesterov,
+                          cfg.weight_decay)
+    return torch.optim.SGD([{"params": scores, "lr": cfg.lr},
+                            {"params": others, "lr": cfg.graft_lr}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def _step_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of the negatives drawn at `step` (0-based) of `epoch`: resume-safe."""
+    return (_epoch_seed(seed, epoch) * 1_000_033 + int(step)) % (2 ** 63)
+
+
+def _run_epoch(net, grafts, opt, batches, classes, weights, alpha, p, anchors, device, bar,
+               sums, step, on_step, sampling=None):
+    """Train all K modules together on `batches` (the epoch's batches after the first `step`
+    ones), adding to the per-module `sums`; on_step(step) runs after every optimizer step.
+    sampling: None, or (ratio, inclusion, all classes, all weights, local indices, seed, epoch)
+    for sampled negatives (sample_rows). Returns the number of batches of the epoch trained
+    so far."""
+    for x, y in batches:
+        rows = None
+        if sampling is not None:
+            ratio, inclusion, all_classes, all_weights, local, seed, epoch = sampling
+            gen = torch.Generator().manual_seed(_step_seed(seed, epoch, step))
+            rows = sample_rows(y.cpu(), all_classes, all_weights, ratio, inclusion, gen, local)
+        out, positive, ce, stem, seen = train_step(
+            net, grafts, opt, x.to(device), y.to(device), classes, weights, alpha, p, anchors,
+            rows)
         with torch.no_grad():
             said = out[..., 0] > out[..., 1]
-            sums["hits"] += torch.stack([(said & positive).sum(1), (~said & ~positive).sum(1)], 1)
-            sums["seen"] += torch.stack([positive.sum(1), (~positive).sum(1)], 1)
+            pos, neg = positive & seen, ~positive & seen
+            sums["hits"] += torch.stack([(said & pos).sum(1), (~said & neg).sum(1)], 1)
+            sums["seen"] += torch.stack([pos.sum(1), neg.sum(1)], 1)
             sums["ce"] += ce.double()
             sums["stem"] += stem.double()
         step += 1
@@ -189,6 +299,13 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
     frequencies), so each module's CE_k estimates the loss on a 1:1 balanced set; with
     balance=False every example weighs 1 (the modules then estimate P(c | x) itself).
 
+    Sampled negatives (neg_ratio=r, default None = the loss above): module k trains on its
+    positives in the batch plus about r negatives per positive drawn from the batch, weighted
+    so that its CE_k is an unbiased estimate of the full class-balanced CE_k (the estimator is
+    in sample_rows' docstring); the per-step work is about (1 + r) B rows instead of K B. The
+    draws are seeded by (seed, epoch, step), identical on every rank, so a resumed or sharded
+    run draws the same negatives. module_acc then counts the rows each module saw.
+
     Optimiser: SGD with Nesterov momentum, scores at `lr` and grafts at `graft_lr` (two
     parameter groups), both with `weight_decay` (defaults lr 0.1, momentum 0.9, weight decay
     5e-4; use batch size 32 in the loader; docs/RESULTS.md lists where the defaults differ from
@@ -235,18 +352,22 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
     if check_memory:
         _check_memory(model, train_loader, len(local), cfg.momentum)
     class_ids = torch.tensor(local, device=device)
-    weights = tuple(w.to(device) for w in _balance_weights(
-        _label_counts(train_loader, num_classes), class_ids.cpu(), cfg.balance))
+    counts = _label_counts(train_loader, num_classes)
+    weights = tuple(w.to(device) for w in _balance_weights(counts, class_ids.cpu(), cfg.balance))
+    sampling = None
+    if cfg.neg_ratio is not None:  # sampled negatives: the draws cover all ranks' modules
+        all_classes = torch.tensor(classes)
+        batch = getattr(train_loader, "batch_size", None) or 32
+        inclusion = (batch * counts[all_classes].double() / counts.sum()).clamp(max=1).float()
+        sampling = (cfg.neg_ratio, inclusion, all_classes,
+                    _balance_weights(counts, all_classes, cfg.balance), shard.local, seed)
     net = convert(model, len(local) if cfg.shared_init else len(classes), density,
                   shared_init=cfg.shared_init, seed=seed)
     if net.n_modules != len(local):  # independent draws: module k gets the draw k of all
         _keep_modules(net, shard.local)
     net = net.to(device).eval()
     grafts = Grafts.init_for(local, num_classes).to(device, _float_dtype(model))
-    opt = torch.optim.SGD([{"params": net.score_parameters(), "lr": lr},
-                           {"params": grafts.parameters(), "lr": graft_lr}],
-                          lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
+    opt = make_optimizer(net, grafts, cfg)
     layers = net.masked_layers()
     total = sum(m.weight.numel() for m in layers.values())
     config = cfg.resume_key(num_classes)
@@ -287,7 +408,8 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
             with tqdm(desc=f"decompose {epoch}/{epochs}", disable=not progress, initial=skip,
                       leave=False) as bar:
                 steps = _run_epoch(net, grafts, opt, batches, class_ids, weights, alpha, p,
-                                   anchors, device, bar, sums, skip, on_step)
+                                   anchors, device, bar, sums, skip, on_step,
+                                   sampling and (*sampling, epoch))
             if not steps:
                 raise ValueError("modsplit: the training loader yielded no batch")
             record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],

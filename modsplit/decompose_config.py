@@ -33,6 +33,11 @@ class DecomposeConfig:
     lr_schedule  "cosine" (default) or "constant"
     balance      class-weighted cross-entropy (1:1 positive/negative) instead of plain
     classes      class ids to build modules for (None: all)
+    neg_ratio    None (default: every module trains on the whole batch, the paper's loss), or r > 0:
+                 sampled negatives, each module trains on its positives in the batch plus
+                 about r negatives per positive, reweighted so that its loss is an unbiased
+                 estimate of the full class-balanced loss (decompose.sample_rows); the work per
+                 step is about (1 + r) B rows instead of K B
     """
     density: float = _field(0.1)
     alpha: float = _field(1.0)
@@ -48,6 +53,7 @@ class DecomposeConfig:
     lr_schedule: str = _field("cosine")
     balance: bool = _field(True)
     classes: Optional[Tuple[int, ...]] = _field(None)
+    neg_ratio: Optional[float] = _field(None)
 
     @classmethod
     def build(cls, config, num_classes: int, **settings) -> "DecomposeConfig":
@@ -82,6 +88,11 @@ class DecomposeConfig:
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"modsplit: lr_schedule must be one of {sorted(SCHEDULES)}, got "
                              f"{self.lr_schedule!r}")
+        if self.neg_ratio is not None and not (isinstance(self.neg_ratio, (int, float))
+                                               and math.isfinite(self.neg_ratio)
+                                               and self.neg_ratio > 0):
+            raise ValueError(f"modsplit: neg_ratio must be None or a finite number > 0, got "
+                             f"{self.neg_ratio!r}")
         if self.alpha < 0 or self.p <= 0:
             raise ValueError(f"modsplit: alpha must be >= 0 and p > 0, got alpha {self.alpha}, "
                              f"p {self.p}")

@@ -4,10 +4,29 @@ The mask is M = topk(|S|); the forward uses W*M; the backward sends grad_S = dL/
 (GetSubnet passes the gradient straight through, |S| multiplies it by sign(S)). The packed mask is
 passed in so that callers compute it once per step with multi_topk_mask.
 """
+import contextlib
+
 import torch
 
 from modsplit.backend import ops_for
 from modsplit.ops.conv import _pair
+
+
+_RAW = [False]  # raw_score_grad() in force: backward leaves grad_S before sgn(S)
+
+
+@contextlib.contextmanager
+def raw_score_grad(enabled: bool = True):
+    """Within the block, the masked layers' forwards record that their backward returns the
+    score gradient WITHOUT the straight-through factor sgn(S), i.e. dL/d(W*M) * W. For an
+    optimizer that multiplies sgn(S) in itself (score_update.CoTrainSGD with raw_grad=True):
+    one pass over the scores less per layer and step."""
+    previous = _RAW[0]
+    _RAW[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _RAW[0] = previous
 
 
 def _check_scores(scores, weight, packed):
@@ -24,7 +43,7 @@ class _MultiMaskedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, scores, packed, bias, shared_input):
         _check_scores(scores, weight, packed)
         ctx.save_for_backward(x, weight, scores, packed)
-        ctx.shared_input = shared_input
+        ctx.shared_input, ctx.raw = shared_input, _RAW[0]
         ctx.ops = ops_for(x)  # the backward runs on the forward's backend
         return ctx.ops.multi_masked_linear(x, weight, packed, bias, shared_input)
 
@@ -34,7 +53,7 @@ class _MultiMaskedLinear(torch.autograd.Function):
         need_x, _, need_s, _, need_b, _ = ctx.needs_input_grad
         gx, gs, gb = ctx.ops.multi_masked_linear_backward(
             grad_out.contiguous(), x, weight, packed, ctx.shared_input, [need_x, need_s, need_b])
-        if gs is not None:
+        if gs is not None and not ctx.raw:
             gs = gs * scores.sign()
         return gx, None, gs, None, gb, None
 
@@ -44,7 +63,7 @@ class _MultiMaskedConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, scores, packed, bias, stride, padding, dilation, groups):
         _check_scores(scores, weight, packed)
         ctx.save_for_backward(x, weight, scores, packed)
-        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.conv_args, ctx.raw = (stride, padding, dilation, groups), _RAW[0]
         ctx.ops = ops_for(x)  # the backward runs on the forward's backend
         return ctx.ops.multi_masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups)
 
@@ -54,7 +73,7 @@ class _MultiMaskedConv2d(torch.autograd.Function):
         need_x, _, need_s, _, need_b = ctx.needs_input_grad[:5]
         gx, gs, gb = ctx.ops.multi_masked_conv2d_backward(
             grad_out.contiguous(), x, weight, packed, *ctx.conv_args, [need_x, need_s, need_b])
-        if gs is not None:
+        if gs is not None and not ctx.raw:
             gs = gs * scores.sign()
         return gx, None, gs, None, gb, None, None, None, None
 

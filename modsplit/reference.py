@@ -124,3 +124,31 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
     gx = torch.stack([p[0] for p in parts])
     return (gx.sum(0) if shared else gx, torch.stack([p[1] for p in parts]),
             torch.stack([p[2] for p in parts]).sum(0))
+
+
+def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
+                      stem_coef, nesterov, init_buffer, sign_grad):
+    """The co-training score update, in place, with torch.optim.SGD's own tensor ops
+    (single-tensor path, dampening 0): the gradient is g + sgn(S - A) * stem_coef, with
+    g = grad * sgn(S) when sign_grad (grad is then the masked ops' score gradient before the
+    straight-through sgn(S), as modsplit.functional.raw_score_grad leaves it), else grad (what
+    autograd accumulates for the stemming term alpha/(L*M*N) * sum |S - A| with p = 1), then
+    weight decay, momentum (the buffer is set to the gradient when init_buffer), Nesterov and
+    the step S -= lr * g. scores, momentum_buffer (updated in place), grad, anchor (or None):
+    float [K, ...], one shape. Returns float64 [K], the sums of |S - A| over the old scores
+    per module (zeros without anchor)."""
+    g = grad * scores.sign() if sign_grad else grad
+    stem = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
+    if anchor is not None:
+        d = scores - anchor
+        stem = d.abs().flatten(1).sum(1, dtype=torch.float64)
+        g = g + d.sgn() * stem_coef
+    if weight_decay != 0:
+        g = g.add(scores, alpha=weight_decay)
+    if init_buffer:
+        momentum_buffer.copy_(g)
+    else:
+        momentum_buffer.mul_(momentum).add_(g)
+    g = g.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    scores.add_(g, alpha=-lr)
+    return stem

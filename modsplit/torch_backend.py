@@ -332,3 +332,29 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
     grad_bias [O]); None where output_mask is False."""
     return conv_backward_expanded(grad_out, x, weight, packed, stride, padding, dilation, groups,
                                   output_mask)
+
+
+# ---- co-training score update -------------------------------------------------------------------
+
+def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
+                      stem_coef, nesterov, init_buffer, sign_grad):
+    """modsplit.score_update's fused SGD step, as torch.optim.SGD's own tensor ops (the
+    reference, reference.cotrain_sgd_step_, after the same argument checks as the kernels)."""
+    _check_float("scores", scores)
+    for name, t in (("momentum_buffer", momentum_buffer), ("grad", grad), ("anchor", anchor)):
+        if t is None and name == "anchor":
+            continue
+        shape_ok = isinstance(t, torch.Tensor) and (
+            t.shape == scores.shape or (name == "anchor" and t.dim() == scores.dim()
+                                        and t.shape[0] == 1 and t.shape[1:] == scores.shape[1:]))
+        _check(shape_ok and
+               t.dtype == scores.dtype and t.device == scores.device,
+               f"{name} must be a {scores.dtype} tensor of shape {list(scores.shape)}"
+               f"{' (or a leading dim of 1)' if name == 'anchor' else ''} on "
+               f"{scores.device}, got {t.dtype if isinstance(t, torch.Tensor) else type(t)} "
+               f"{list(t.shape) if isinstance(t, torch.Tensor) else ''}")
+    _check(scores.dim() >= 2 and scores.numel() > 0,
+           f"scores must be a non-empty [K, ...] bank, got {list(scores.shape)}")
+    _check(not nesterov or momentum > 0, f"nesterov needs momentum > 0, got {momentum}")
+    return ref.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum,
+                                 weight_decay, stem_coef, nesterov, init_buffer, sign_grad)

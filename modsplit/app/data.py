@@ -9,6 +9,9 @@ name           x shape            values / source
 digits         [N, 1, 8, 8]       [0, 1]; scikit-learn's bundled 8x8 digits (no files),
                                   deterministic stratified 80/20 split (seed 0)
 mnist          [N, 1, 28, 28]     [0, 1]; IDX .gz files
+mnist2         [N, 1, 28, 56]     [0, 1]; two-digit MNIST, 100 classes, from the MNIST files
+                                  (two real digits side by side, label 10a + b; see
+                                  two_digit_mnist)
 fmnist         [N, 1, 28, 28]     [0, 1]; IDX .gz files (Debian: dataset-fashion-mnist)
 cifar10        [N, 3, 32, 32]     per-channel standardised; CIFAR-10 binary version (.bin)
                                   or the python version through torchvision
@@ -33,9 +36,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 DATA_ENV = "MODSPLIT_DATA"
-DATASETS = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "svhn", "imagefolder:<path>")
+DATASETS = ("digits", "mnist", "mnist2", "fmnist", "cifar10", "cifar100", "svhn",
+            "imagefolder:<path>")
 
-_NUM_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100,
+_NUM_CLASSES = {"digits": 10, "mnist": 10, "mnist2": 100, "fmnist": 10, "cifar10": 10,
+                "cifar100": 100,
                 "svhn": 10}
 
 # Per-channel training-set statistics on a 0-1 scale.
@@ -96,6 +101,9 @@ def load_dataset(name, split="train", data_dir=None, limit=None):
         x, y = _load_digits(split, limit)
     elif name in ("mnist", "fmnist"):
         x, y = _load_idx(name, split, data_dir, limit)
+    elif name == "mnist2":
+        x, y = two_digit_mnist(*_load_idx("mnist", split, data_dir, None), split)
+        x, y = x[:limit], y[:limit]
     elif name == "cifar10":
         x, y = _load_cifar10(split, data_dir, limit)
     elif name in ("cifar100", "svhn"):
@@ -171,6 +179,23 @@ def read_idx(path):
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape} but holds {arr.size} bytes")
     return arr.reshape(shape)
+
+
+# Seeds of the pairing permutations of two-digit MNIST, one per split.
+_MNIST2_SEEDS = {"train": 20_141, "test": 20_142}
+
+
+def two_digit_mnist(x, y, split):
+    """Two-digit MNIST from the MNIST images x float32 [N, 1, 28, 28] and labels y int64 [N] of
+    one split: example i puts image i (left, tens digit a) beside image pi(i) (right, units
+    digit b), x [N, 1, 28, 56], label 10 a + b (100 classes, about N/100 examples each), where
+    pi is a fixed random permutation of the split (torch.randperm under a seed per split, so
+    the dataset is a function of the MNIST files alone). Every image is used once on each side;
+    train and test never share an image."""
+    if split not in _MNIST2_SEEDS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    pi = torch.randperm(len(y), generator=torch.Generator().manual_seed(_MNIST2_SEEDS[split]))
+    return torch.cat([x, x[pi]], dim=3), 10 * y + y[pi]
 
 
 def _load_idx(name, split, data_dir, limit):

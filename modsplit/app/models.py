@@ -5,6 +5,7 @@ All models map float32 images [B, C, H, W] to float32 logits [B, num_classes].
 - ``fc`` / ``FC1``..``FC4``: Pan & Rajan (2020)'s fully connected nets, 49 ReLU units per hidden
   layer. An ``nn.Sequential`` of Flatten, [Linear, ReLU] x n, Linear, so the Linear layers are
   named "1", "3", ..., "2n+1".
+- ``mnist2_fc``: an FC net for two-digit MNIST (28x56 inputs, 100 classes).
 - ``vgg16``: VGG16 with BatchNorm and a dropout classifier, for 32x32 inputs (CIFAR-10).
 - ``resnet50``: torchvision's ResNet50 with a 3x3 stride-1 stem and no max-pool (32x32, SVHN).
 - ``wide_resnet28_10``: WRN-28-10 (Zagoruyko & Komodakis 2016), pre-activation (CIFAR-100).
@@ -44,6 +45,12 @@ def FC3(in_features=784, num_classes=10, hidden=49):
 def FC4(in_features=784, num_classes=10, hidden=49):
     """Four hidden layers of 49 units."""
     return fc(4, in_features, hidden, num_classes)
+
+
+def mnist2_fc(hidden_layers=1, hidden=128, num_classes=100):
+    """FC net for two-digit MNIST (data.two_digit_mnist, [B, 1, 28, 56], 100 classes): Flatten
+    -> [Linear(., hidden) -> ReLU] x hidden_layers -> Linear(hidden, 100)."""
+    return fc(hidden_layers, 28 * 56, hidden, num_classes)
 
 
 def _conv_bn_relu(cin, cout):
@@ -177,7 +184,8 @@ def wide_resnet28_10(num_classes=100, dropout=0.3):
     return WideResNet(28, 10, num_classes, dropout)
 
 
-_REGISTRY = {"fc": fc, "fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4, "vgg16": vgg16,
+_REGISTRY = {"fc": fc, "fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4, "mnist2_fc": mnist2_fc,
+             "vgg16": vgg16,
              "small_vgg": small_vgg, "small_resnet": small_resnet, "resnet50": resnet50,
              "wide_resnet": WideResNet, "wide_resnet28_10": wide_resnet28_10}
 

@@ -30,6 +30,12 @@ SCHEMAS = {
                             "-> Tensor"),
     "multi_masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
                                      f"{_ARGS}, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
+    # Co-training score update (modsplit.score_update): SGD-Nesterov + weight decay + stemming
+    # gradient in one pass, in place; returns float64 [K] sums of |S - A| (zeros without anchor).
+    "cotrain_sgd_step_": ("(Tensor(a!) scores, Tensor(b!) momentum_buffer, Tensor grad, "
+                          "Tensor? anchor, float lr, float momentum, float weight_decay, "
+                          "float stem_coef, bool nesterov, bool init_buffer, bool sign_grad) "
+                          "-> Tensor"),
 }
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)

@@ -1,0 +1,179 @@
+"""Sampled negatives vs full co-training: time per epoch, JI and recomposed accuracy.
+
+Run: python benchmarks/exp_sampled_negatives.py --out docs/runs/sampled_negatives [--quick]
+
+Per workload, one process, same base model, same seed, same data order, one after the other:
+  full      decompose(..., neg_ratio=None)   (the paper's loss: every module sees the batch)
+  sampled   decompose(..., neg_ratio=r)
+Reported: wall seconds per epoch (decompose's total time / epochs), JI (metrics.jaccard_index)
+and recomposed accuracy of all classes on the test split (metrics.recomposed_accuracy).
+
+r is chosen first on validation data carved from the training split (its last --val examples,
+never used for decomposition or base training): MNIST FC1, candidates --ratios; the smallest r
+whose validation recomposed accuracy is within 0.5 point and JI within 0.03 of full
+co-training's on the same validation data is used for every workload (the largest candidate if
+none is).
+
+Workloads (Table 1 settings: density 0.1, alpha 2, p 1, lr 0.1 cosine, batch 32, SGD Nesterov;
+base models per the "paper" protocol, train_classifier's defaults), scaled down to fit a shared
+2-core CPU: --decomp examples for decomposition, --epochs epochs, base models trained for
+--base-epochs epochs on the --base examples:
+  mnist  FC1-FC4 (K = 10);  mnist2  mnist2_fc (1 hidden layer of 64, base lr 0.05, K = 100);
+  cifar10  small_vgg width 16 (base lr 0.05, K = 10); mnist2 and cifar10 decompose for
+  epochs - 1 epochs, cifar10 on --decomp / 5 examples.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from modsplit import decompose, metrics  # noqa: E402
+from modsplit.app.data import load_dataset  # noqa: E402
+from modsplit.app.models import FC1, FC2, FC3, FC4, mnist2_fc, small_vgg  # noqa: E402
+from modsplit.app.train import evaluate, train_classifier  # noqa: E402
+
+SETTINGS = dict(density=0.1, alpha=2.0, p=1, lr=0.1, lr_schedule="cosine")
+
+
+def _split(ds, n_first, n_last):
+    x, y = ds.tensors
+    return TensorDataset(x[:n_first], y[:n_first]), TensorDataset(x[-n_last:], y[-n_last:])
+
+
+def _decompose(model, data, k, epochs, seed, ratio):
+    loader = DataLoader(data, batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    bank = decompose(model, loader, k, epochs=epochs, seed=seed, progress=False,
+                     neg_ratio=ratio, **SETTINGS)
+    return bank, time.perf_counter() - t0
+
+
+def _quality(bank, test, k):
+    return {"ji": metrics.jaccard_index(bank),
+            "acc": metrics.recomposed_accuracy(bank, test, range(k))}
+
+
+def compare(name, model, data, test, k, epochs, seed, ratio, log):
+    out = {"workload": name, "k": k, "decomp_examples": len(data), "epochs": epochs,
+           "seed": seed, "ratio": ratio, "base_test_acc": evaluate(model, test)}
+    for mode, r in (("full", None), ("sampled", ratio)):
+        bank, secs = _decompose(model, data, k, epochs, seed, r)
+        out[mode] = {"seconds": secs, "seconds_per_epoch": secs / epochs,
+                     **_quality(bank, test, k), "history": bank.history}
+        log(f"{name} {mode}: {secs / epochs:.1f} s/epoch, JI {out[mode]['ji']:.3f}, "
+            f"acc {out[mode]['acc']:.4f}")
+    out["speedup_per_epoch"] = out["full"]["seconds_per_epoch"] / out["sampled"][
+        "seconds_per_epoch"]
+    out["ji_diff"] = out["sampled"]["ji"] - out["full"]["ji"]
+    out["acc_diff_points"] = 100 * (out["sampled"]["acc"] - out["full"]["acc"])
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/runs/sampled_negatives")
+    ap.add_argument("--workloads", default="mnist,mnist2,cifar10")
+    ap.add_argument("--ratios", default="1,3")
+    ap.add_argument("--ratio", type=float, default=None, help="skip the validation choice")
+    ap.add_argument("--decomp", type=int, default=10000)
+    ap.add_argument("--base", type=int, default=20000)
+    ap.add_argument("--val", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--base-epochs", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    log_path = os.path.join(args.out, "log.txt")
+
+    def log(msg):
+        line = f"[{time.time() - start:7.1f}s] {msg}"
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared VM), torch "
+                          f"{torch.__version__}, {args.threads} torch thread(s)",
+               "args": vars(args), "settings": SETTINGS, "runs": []}
+
+    def save():
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    workloads = args.workloads.split(",")
+    mnist = load_dataset("mnist", "train")
+    mnist_test = load_dataset("mnist", "test")
+    base_set, val_set = _split(mnist, args.base, args.val)
+    decomp_set = TensorDataset(*(t[:args.decomp] for t in base_set.tensors))
+    models = {}
+    need = ("fc1", "fc2", "fc3", "fc4") if "mnist" in workloads else ("fc1",) if args.ratio is None \
+        else ()
+    for name, factory in (("fc1", FC1), ("fc2", FC2), ("fc3", FC3), ("fc4", FC4)):
+        if name not in need:
+            continue
+        torch.manual_seed(args.seed)
+        models[name] = train_classifier(factory(), base_set, epochs=args.base_epochs,
+                                        seed=args.seed, progress=False)
+        log(f"base {name}: test acc {evaluate(models[name], mnist_test):.4f}")
+    ratio = args.ratio
+    if ratio is None:  # choose r on validation data (FC1), never on test
+        cands = [float(r) for r in args.ratios.split(",")]
+        val_runs = {}
+        bank, _ = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, None)
+        full_q = _quality(bank, val_set, 10)
+        for r in cands:
+            bank, secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, r)
+            val_runs[r] = {**_quality(bank, val_set, 10), "seconds": secs}
+            log(f"validation r={r}: {val_runs[r]} (full {full_q})")
+        ok = [r for r in cands if abs(val_runs[r]["ji"] - full_q["ji"]) <= 0.03
+              and 100 * (full_q["acc"] - val_runs[r]["acc"]) <= 0.5]
+        ratio = min(ok) if ok else max(cands)
+        results["ratio_choice"] = {"full": full_q, "candidates": {str(r): v for r, v in
+                                                                  val_runs.items()},
+                                   "chosen": ratio}
+        save()
+    log(f"r = {ratio}")
+    if "mnist" in workloads:
+        for name in ("fc1", "fc2", "fc3", "fc4"):
+            results["runs"].append(compare(f"mnist {name}", models[name], decomp_set,
+                                           mnist_test, 10, args.epochs, args.seed, ratio, log))
+            save()
+    if "mnist2" in workloads:
+        train2, test2 = load_dataset("mnist2", "train"), load_dataset("mnist2", "test")
+        base2 = TensorDataset(*(t[:args.base] for t in train2.tensors))
+        torch.manual_seed(args.seed)
+        model2 = train_classifier(mnist2_fc(hidden=64), base2, epochs=args.base_epochs,
+                                  lr=0.05, seed=args.seed, progress=False)
+        log(f"base mnist2_fc: test acc {evaluate(model2, test2):.4f}")
+        decomp2 = TensorDataset(*(t[:args.decomp] for t in base2.tensors))
+        results["runs"].append(compare("mnist2 mnist2_fc(64)", model2, decomp2, test2, 100,
+                                       max(1, args.epochs - 1), args.seed, ratio, log))
+        save()
+    if "cifar10" in workloads:
+        train3, test3 = load_dataset("cifar10", "train"), load_dataset("cifar10", "test")
+        base3 = TensorDataset(*(t[:args.base // 2] for t in train3.tensors))
+        torch.manual_seed(args.seed)
+        model3 = train_classifier(small_vgg(3, 10, 16), base3, epochs=max(1, args.base_epochs - 2),
+                                  lr=0.05, seed=args.seed, progress=False)
+        log(f"base small_vgg: test acc {evaluate(model3, test3):.4f}")
+        decomp3 = TensorDataset(*(t[:args.decomp // 5] for t in base3.tensors))
+        results["runs"].append(compare("cifar10 small_vgg(16)", model3, decomp3, test3, 10,
+                                       max(1, args.epochs - 1), args.seed, ratio, log))
+        save()
+    results["wall_seconds"] = time.time() - start
+    save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

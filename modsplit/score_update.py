@@ -1,0 +1,109 @@
+"""CoTrainSGD: decompose()'s optimiser, with the score bank's update fused into one pass.
+
+torch.optim.SGD spends five tensor ops per score tensor on a step (weight decay, momentum
+decay, momentum add, Nesterov, the step itself), and autograd three more on the stemming term
+(S - A, |.| and its sum forward; sgn, the product by its weight and the accumulation into the
+gradient backward), each a pass over a [K, *W.shape] bank with a fresh allocation.
+CoTrainSGD.step does all of it in one pass per score tensor (the op cotrain_sgd_step_: a C++
+kernel on the CPU, torch.optim.SGD's own tensor ops elsewhere) and returns the stemming term's
+value, so the training step leaves that term out of the autograd graph.
+
+The arithmetic is torch.optim.SGD's (single-tensor path, dampening 0) on the gradient autograd
+would have accumulated for Eq. 1 with p = 1: a run with CoTrainSGD gives the same scores, bit for
+bit, as one with torch.optim.SGD (tests/test_score_update.py). The momentum buffers live in
+opt.state[p]["momentum_buffer"], as torch.optim.SGD's, so checkpoints are the same.
+"""
+import torch
+
+from modsplit import _extension, torch_backend
+from modsplit.backend import get_backend
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
+                      stem_coef, nesterov, init_buffer, sign_grad=False):
+    """One fused score update, in place (see the module docstring and
+    reference.cotrain_sgd_step_ for the arithmetic).
+
+    scores, momentum_buffer: float [K, ...], contiguous, updated in place; grad: float [K, ...]
+    of the same shape and dtype; anchor: None, or the same as grad or [1, ...] (shared).
+    stem_coef: the stemming term's gradient weight
+    alpha / (L*M*N) (0 without anchor). init_buffer: the buffer holds no momentum yet (it is set
+    to the gradient, as torch.optim.SGD's first step does). sign_grad: grad is the masked ops'
+    score gradient before the straight-through sgn(S) (functional.raw_score_grad), which the
+    pass multiplies in. Returns float64 [K], per module the
+    sum of |S - A| over the old scores (zeros without anchor).
+    Runs the C++ kernel for float32 / float64 CPU tensors under the "auto" and "cpu" backends,
+    else the pure-PyTorch twin (torch_backend.cotrain_sgd_step_).
+    """
+    args = (float(lr), float(momentum), float(weight_decay), float(stem_coef), bool(nesterov),
+            bool(init_buffer), bool(sign_grad))
+    if not (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES
+            and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu")):
+        return torch_backend.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, *args)
+    stem = torch.ops.modsplit.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, *args)
+    # The kernel writes through raw pointers: bump the version counters as an in-place ATen op
+    # would (MaskedLinear's mask cache is keyed on the scores' version).
+    torch.autograd.graph.increment_version(scores)
+    torch.autograd.graph.increment_version(momentum_buffer)
+    return stem
+
+
+if _extension.has_kernels("cuda"):
+    # A CUDA build registers a kernel of every op (tests/test_cuda_build.py); this op's CUDA
+    # kernel is its torch twin (elementwise ATen ops, already one kernel launch each).
+    torch.library.impl("modsplit::cotrain_sgd_step_", "CUDA")(torch_backend.cotrain_sgd_step_)
+
+
+def stem_coefficient(alpha: float, per_module: int, dtype: torch.dtype) -> float:
+    """The stemming term's gradient weight alpha / per_module, rounded as autograd rounds it
+    for loss = sum_k (CE_k + alpha * total_k / per_module): alpha in `dtype`, then divided."""
+    return (torch.full((), alpha, dtype=dtype) / per_module).item()
+
+
+class CoTrainSGD(torch.optim.SGD):
+    """torch.optim.SGD over two parameter groups, the score banks (group 0: float [K, ...]
+    tensors) and the rest (group 1, e.g. the grafts), whose step() updates the scores with
+    cotrain_sgd_step_ and adds the stemming term's gradient there. Needs momentum > 0 and
+    dampening 0 (decompose's settings)."""
+
+    def __init__(self, scores, others, lr: float, other_lr: float, momentum: float,
+                 nesterov: bool, weight_decay: float):
+        if not momentum > 0:
+            raise ValueError(f"modsplit: CoTrainSGD needs momentum > 0, got {momentum}")
+        super().__init__([{"params": list(scores), "lr": lr},
+                          {"params": list(others), "lr": other_lr}],
+                         lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def step(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False):
+        """Update every parameter from its .grad. anchors: None, or one float tensor per score
+        tensor (the stemming anchor S_avg, [K, ...] or [1, ...]), whose term
+        stem_coef * sum |S - A| is added to the scores' gradients here. Returns float64 [K]:
+        per module, the sum of |S - A| over all score tensors before the update (None
+        without anchors). raw_grad: the scores' .grad was left before the straight-through
+        sgn(S) (the forward ran under functional.raw_score_grad()); the step multiplies it in."""
+        group, stem = self.param_groups[0], None
+        if anchors is not None and len(anchors) != len(group["params"]):
+            raise ValueError(f"modsplit: anchors must hold one tensor per score tensor "
+                             f"({len(group['params'])}), got {len(anchors)}")
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            init = buf is None
+            if init:
+                buf = state["momentum_buffer"] = torch.empty_like(
+                    p, memory_format=torch.contiguous_format)
+            anchor = None if anchors is None else anchors[i]
+            sums = cotrain_sgd_step_(p, buf, p.grad, anchor, group["lr"],
+                                     group["momentum"], group["weight_decay"],
+                                     stem_coef if anchor is not None else 0.0,
+                                     group["nesterov"], init, raw_grad)
+            p.grad = None  # done: the base step below skips it
+            if anchor is not None:
+                stem = sums if stem is None else stem + sums
+        super().step()
+        return stem
