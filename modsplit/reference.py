@@ -124,3 +124,39 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
     gx = torch.stack([p[0] for p in parts])
     return (gx.sum(0) if shared else gx, torch.stack([p[1] for p in parts]),
             torch.stack([p[2] for p in parts]).sum(0))
+
+
+def csr_to_dense(row_ptr, col_idx, values, cols: int) -> torch.Tensor:
+    """CSR of K modules (row_ptr int64 [K, O+1] offsets into col_idx int32 [nnz] and values [nnz])
+    -> dense weights [K, O, cols] (entries outside the CSR are 0; repeated columns add up)."""
+    k, o = row_ptr.shape[0], row_ptr.shape[1] - 1
+    dense = torch.zeros(k * o * cols, dtype=values.dtype, device=values.device)
+    lengths = (row_ptr[:, 1:] - row_ptr[:, :-1]).reshape(-1)
+    rows = torch.repeat_interleave(torch.arange(k * o, device=values.device), lengths)
+    first = torch.repeat_interleave(row_ptr[:, :-1].reshape(-1), lengths)
+    before = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    entries = first + torch.arange(first.numel(), device=values.device) - before
+    flat = rows * cols + col_idx[entries].long()
+    dense.index_add_(0, flat, values[entries])
+    return dense.reshape(k, o, cols)
+
+
+def sparse_linear(x, row_ptr, col_idx, values, bias=None, relu=False):
+    """K modules' linear layers from CSR (csr_to_dense): x [S, B, I] (S = 1: shared by every
+    module, or S = K), bias [K, O] or None -> y [K, B, O] = x_k W_k^T + b_k, ReLU'd if relu."""
+    w = csr_to_dense(row_ptr, col_idx, values, x.shape[-1])
+    y = torch.matmul(x, w.transpose(1, 2))
+    y = y if bias is None else y + bias.unsqueeze(1)
+    return y.relu() if relu else y
+
+
+def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, padding, relu=False):
+    """K modules' convolutions (groups 1, dilation 1) from CSR over the flat [C, kh, kw] columns:
+    x [S, B, C, H, W] (S = 1 or K), bias [K, O] or None -> [K, B, O, Ho, Wo], ReLU'd if relu."""
+    k, c = row_ptr.shape[0], x.shape[2]
+    w = csr_to_dense(row_ptr, col_idx, values, c * kernel_size[0] * kernel_size[1])
+    w = w.reshape(k, -1, c, *kernel_size)
+    xs = [x[0]] * k if x.shape[0] == 1 else list(x)
+    y = torch.stack([F.conv2d(xk, wk, None if bias is None else bias[i], stride, padding)
+                     for i, (xk, wk) in enumerate(zip(xs, w))])
+    return y.relu() if relu else y

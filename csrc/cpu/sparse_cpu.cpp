@@ -1,0 +1,233 @@
+// sparse_linear / sparse_conv2d on the CPU: K modules' weights held as CSR over their kept
+// entries only (a compact composed model, modsplit.compact), so the cost is ~ kept weights x batch
+// with no W*M pass and no masked-out weight read.
+//
+// CSR: row_ptr int64 [K, O+1] holds offsets into the shared col_idx int32 [nnz] / values [nnz]
+// (module k's row o is entries row_ptr[k, o] .. row_ptr[k, o+1]-1). Linear columns index the
+// input features; conv columns index c*kh*kw + i*kw + j of the [O, C, kh, kw] weight.
+// Inputs x [S, B, ...] with S = 1 (every module reads the same input) or S = K.
+//  * sparse_linear, batch < kTransposeRows: per (module, row) gathered dot products;
+//    otherwise x is transposed to [S, I, B] once and each kept weight is one axpy over the batch.
+//  * sparse_conv2d: direct convolution over kept weights: every kept (c, i, j, v) adds v times
+//    the shifted input plane c to the output plane, row by row (contiguous, vectorisable).
+// Bias [K, O] and a ReLU are fused. float32 and float64.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../checks.h"
+
+namespace modsplit {
+namespace {
+
+constexpr int64_t kTransposeRows = 8;
+constexpr int64_t kParallelWork = int64_t(1) << 15;  // multiply-adds per task, at least
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(work_per_item, 1));
+}
+
+// Checks shared by both ops; returns (K, O).
+std::pair<int64_t, int64_t> check_csr(const at::Tensor& x, const at::Tensor& row_ptr,
+                                      const at::Tensor& col_idx, const at::Tensor& values,
+                                      const c10::optional<at::Tensor>& bias, int64_t cols) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "modsplit: x must be float32 or float64, got ", x.scalar_type());
+  check_same_dtype(values, x, "values", "x");
+  check_same_device(values, x, "values", "x");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 2 && row_ptr.size(1) >= 1,
+              "modsplit: row_ptr must be int64 [K, O+1], got ", row_ptr.scalar_type(), " ",
+              row_ptr.sizes());
+  TORCH_CHECK(col_idx.scalar_type() == at::kInt && col_idx.dim() == 1,
+              "modsplit: col_idx must be int32 [nnz], got ", col_idx.scalar_type(), " ",
+              col_idx.sizes());
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == col_idx.size(0),
+              "modsplit: values must be [nnz=", col_idx.size(0), "], got ", values.sizes());
+  const int64_t K = row_ptr.size(0), O = row_ptr.size(1) - 1, nnz = col_idx.size(0);
+  TORCH_CHECK(x.size(0) == 1 || x.size(0) == K, "modsplit: x must hold 1 (shared) or K=", K,
+              " module inputs in dim 0, got shape ", x.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({K, O}), "modsplit: bias must be [K=", K,
+                ", O=", O, "], got ", bias->sizes());
+    check_same_dtype(*bias, x, "bias", "x");
+  }
+  auto rp = row_ptr.contiguous();
+  const int64_t* r = rp.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t* row = r + k * (O + 1);
+    for (int64_t o = 0; o < O; ++o) {
+      TORCH_CHECK(row[o] >= 0 && row[o] <= row[o + 1] && row[o + 1] <= nnz,
+                  "modsplit: row_ptr must be non-decreasing offsets in [0, nnz=", nnz, "]");
+    }
+  }
+  if (nnz) {
+    auto mm = at::aminmax(col_idx);
+    const int64_t lo = std::get<0>(mm).item<int>(), hi = std::get<1>(mm).item<int>();
+    TORCH_CHECK(lo >= 0 && hi < cols, "modsplit: col_idx must lie in [0, ", cols, "), got [", lo,
+                ", ", hi, "]");
+  }
+  return {K, O};
+}
+
+template <typename T>
+void relu_inplace(T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = y[i] > T(0) ? y[i] : T(0);
+}
+
+template <typename T>
+void linear_dots(const T* x, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
+                 T* y, int64_t K, int64_t O, int64_t S, int64_t B, int64_t I, bool relu) {
+  at::parallel_for(0, K * O, grain_for(B * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t ko = begin; ko < end; ++ko) {
+      const int64_t k = ko / O, o = ko % O;
+      const int64_t p0 = rp[k * (O + 1) + o], p1 = rp[k * (O + 1) + o + 1];
+      const T* xk = x + (S == 1 ? 0 : k) * B * I;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* xb = xk + b * I;
+        T acc = bias ? bias[ko] : T(0);
+        for (int64_t p = p0; p < p1; ++p) acc += v[p] * xb[ci[p]];
+        y[(k * B + b) * O + o] = relu && acc < T(0) ? T(0) : acc;
+      }
+    }
+  });
+}
+
+template <typename T>
+void linear_axpys(const T* xt, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
+                  T* yt, int64_t K, int64_t O, int64_t S, int64_t B, int64_t I, bool relu) {
+  at::parallel_for(0, K * O, grain_for(B * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t ko = begin; ko < end; ++ko) {
+      const int64_t k = ko / O, o = ko % O;
+      const int64_t p0 = rp[k * (O + 1) + o], p1 = rp[k * (O + 1) + o + 1];
+      const T* xk = xt + (S == 1 ? 0 : k) * I * B;
+      T* __restrict__ yr = yt + ko * B;
+      const T b0 = bias ? bias[ko] : T(0);
+      for (int64_t b = 0; b < B; ++b) yr[b] = b0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const T w = v[p];
+        const T* __restrict__ xr = xk + int64_t(ci[p]) * B;
+        for (int64_t b = 0; b < B; ++b) yr[b] += w * xr[b];
+      }
+      if (relu) relu_inplace(yr, B);
+    }
+  });
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, const at::Tensor& values,
+                             const c10::optional<at::Tensor>& bias, bool relu) {
+  TORCH_CHECK(x.dim() == 3, "modsplit: x must be [S, B, in_features] (S = 1 or K), got shape ",
+              x.sizes());
+  const int64_t S = x.size(0), B = x.size(1), I = x.size(2);
+  auto [K, O] = check_csr(x, row_ptr, col_idx, values, bias, I);
+  auto rp = row_ptr.contiguous();
+  auto ci = col_idx.contiguous();
+  auto v = values.contiguous();
+  auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto out = at::empty({K, B, O}, x.options());
+  if (B == 0 || O == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
+    const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+    if (B < kTransposeRows) {
+      auto xc = x.contiguous();
+      linear_dots<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
+                            ci.data_ptr<int32_t>(), v.data_ptr<scalar_t>(), bp,
+                            out.data_ptr<scalar_t>(), K, O, S, B, I, relu);
+    } else {
+      auto xt = x.transpose(1, 2).contiguous();  // [S, I, B]
+      auto yt = at::empty({K, O, B}, x.options());
+      linear_axpys<scalar_t>(xt.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
+                             ci.data_ptr<int32_t>(), v.data_ptr<scalar_t>(), bp,
+                             yt.data_ptr<scalar_t>(), K, O, S, B, I, relu);
+      out.copy_(yt.transpose(1, 2));
+    }
+  });
+  return out;
+}
+
+struct ConvShape {
+  int64_t S, B, C, H, W, O, Ho, Wo, kh, kw, sh, sw, ph, pw;
+};
+
+template <typename T>
+void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
+                 T* y, int64_t K, const ConvShape& s, bool relu) {
+  const int64_t plane = s.Ho * s.Wo, in_plane = s.H * s.W, taps = s.kh * s.kw;
+  const int64_t avg_nnz = std::max<int64_t>(1, rp[K * (s.O + 1) - 1] / std::max<int64_t>(K * s.O, 1));
+  at::parallel_for(0, K * s.B * s.O, grain_for(plane * avg_nnz), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t o = item % s.O, b = (item / s.O) % s.B, k = item / (s.O * s.B);
+      const T* xb = x + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * in_plane;
+      T* __restrict__ yp = y + item * plane;
+      const T b0 = bias ? bias[k * s.O + o] : T(0);
+      for (int64_t q = 0; q < plane; ++q) yp[q] = b0;
+      const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
+        const T w = v[p];
+        // output rows/cols whose tap (i, j) lands inside the input
+        const int64_t oh0 = std::max<int64_t>(0, (s.ph - i + s.sh - 1) / s.sh);
+        const int64_t oh1 = std::min<int64_t>(s.Ho, (s.H - 1 + s.ph - i) / s.sh + 1);
+        const int64_t ow0 = std::max<int64_t>(0, (s.pw - j + s.sw - 1) / s.sw);
+        const int64_t ow1 = std::min<int64_t>(s.Wo, (s.W - 1 + s.pw - j) / s.sw + 1);
+        if (s.H - 1 + s.ph - i < 0 || s.W - 1 + s.pw - j < 0) continue;
+        const T* xc = xb + c * in_plane;
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const T* __restrict__ xr = xc + (oh * s.sh - s.ph + i) * s.W + (j - s.pw);
+          T* __restrict__ yr = yp + oh * s.Wo;
+          if (s.sw == 1) {
+            for (int64_t ow = ow0; ow < ow1; ++ow) yr[ow] += w * xr[ow];
+          } else {
+            for (int64_t ow = ow0; ow < ow1; ++ow) yr[ow] += w * xr[ow * s.sw];
+          }
+        }
+      }
+      if (relu) relu_inplace(yp, plane);
+    }
+  });
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, const at::Tensor& values,
+                             const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding, bool relu) {
+  TORCH_CHECK(x.dim() == 5, "modsplit: x must be [S, B, C, H, W] (S = 1 or K), got shape ",
+              x.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1,
+              "modsplit: kernel_size must be two positive ints, got ", kernel_size);
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1,
+              "modsplit: stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "modsplit: padding must be two non-negative ints, got ", padding);
+  ConvShape s{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), 0, 0, 0,
+              kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
+  s.Ho = (s.H + 2 * s.ph - s.kh) / s.sh + 1;
+  s.Wo = (s.W + 2 * s.pw - s.kw) / s.sw + 1;
+  TORCH_CHECK(s.H + 2 * s.ph >= s.kh && s.W + 2 * s.pw >= s.kw, "modsplit: x of shape ",
+              x.sizes(), " is smaller than kernel_size ", kernel_size, " with padding ", padding);
+  auto [K, O] = check_csr(x, row_ptr, col_idx, values, bias, s.C * s.kh * s.kw);
+  s.O = O;
+  auto rp = row_ptr.contiguous();
+  auto ci = col_idx.contiguous();
+  auto v = values.contiguous();
+  auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto out = at::empty({K, s.B, O, s.Ho, s.Wo}, x.options());
+  if (out.numel() == 0) return out;
+  auto xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
+    conv_planes<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+                          v.data_ptr<scalar_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+                          out.data_ptr<scalar_t>(), K, s, relu);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace modsplit
+
+TORCH_LIBRARY_IMPL(modsplit, CPU, m) {
+  m.impl("sparse_linear", &modsplit::sparse_linear_cpu);
+  m.impl("sparse_conv2d", &modsplit::sparse_conv2d_cpu);
+}

@@ -1,0 +1,43 @@
+"""sparse_linear and sparse_conv2d: the CSR inference ops of a compact composed model
+(modsplit.compact). Fake impls and Python wrappers; no autograd (inference only).
+
+A backend without these ops (Triton) runs them on the "torch" backend.
+"""
+import torch
+
+from modsplit import torch_backend
+from modsplit.backend import ops_for
+
+
+def _ns(x):
+    ns = ops_for(x)
+    return ns if hasattr(ns, "sparse_linear") else torch_backend
+
+
+def sparse_linear(x, row_ptr, col_idx, values, bias=None, relu=False):
+    """K modules' linear layers held as CSR. x float [S, B, I] (S = 1: one input shared by every
+    module, or S = K), row_ptr int64 [K, O+1] (offsets into col_idx / values), col_idx int32
+    [nnz] (input feature of each kept weight), values [nnz] (x's dtype), bias [K, O] or None
+    -> y [K, B, O] = x_k W_k^T + b_k, with ReLU applied when relu=True."""
+    return _ns(x).sparse_linear(x, row_ptr, col_idx, values, bias, relu)
+
+
+def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, padding, relu=False):
+    """K modules' convolutions (groups 1, dilation 1, zero padding) held as CSR over the flat
+    (c, i, j) columns of an [O, C, kh, kw] weight. x float [S, B, C, H, W] (S = 1 or K), bias
+    [K, O] or None -> [K, B, O, Ho, Wo], with ReLU applied when relu=True."""
+    return _ns(x).sparse_conv2d(x, row_ptr, col_idx, values, bias, list(kernel_size),
+                                list(stride), list(padding), relu)
+
+
+@torch.library.register_fake("modsplit::sparse_linear")
+def _sparse_linear_fake(x, row_ptr, col_idx, values, bias=None, relu=False):
+    return x.new_empty((row_ptr.shape[0], x.shape[1], row_ptr.shape[1] - 1))
+
+
+@torch.library.register_fake("modsplit::sparse_conv2d")
+def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, kernel_size, stride, padding,
+                        relu=False):
+    ho = (x.shape[3] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    wo = (x.shape[4] + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    return x.new_empty((row_ptr.shape[0], x.shape[1], row_ptr.shape[1] - 1, ho, wo))
