@@ -1,17 +1,24 @@
 """sparse_linear and sparse_conv2d: the CSR inference ops of a compact composed model
 (modsplit.compact). Fake impls and Python wrappers; no autograd (inference only).
 
-A backend without these ops (Triton) runs them on the "torch" backend.
+Only the CPU has compiled kernels of these ops; elsewhere (CUDA, Triton, no modsplit._C) they run
+on the "torch" backend.
 """
 import torch
 
 from modsplit import torch_backend
 from modsplit.backend import ops_for
 
+_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
 
 def _ns(x):
     ns = ops_for(x)
-    return ns if hasattr(ns, "sparse_linear") else torch_backend
+    key = _KEYS.get(x.device.type)
+    if ns is torch.ops.modsplit and key is not None and \
+            torch._C._dispatch_has_kernel_for_dispatch_key("modsplit::sparse_linear", key):
+        return ns
+    return torch_backend
 
 
 def sparse_linear(x, row_ptr, col_idx, values, bias=None, relu=False):
