@@ -14,7 +14,8 @@ What a compact model (and its file) holds:
 Prepared once, when the model is built or loaded: each layer's CSR or dense module weights; eval
 BatchNorms folded into the conv / linear before them; ReLUs fused into the layer before them;
 the last Linear folded with the grafts into one row per module, so that a module's positive
-confidence softmax(graft)[0] is sigmoid(z0 - z1). The layers before the first masked one run
+confidence softmax(graft)[0] is sigmoid(z0 - z1); runs of sparse Linear layers run as one
+sparse_linear_chain call. The layers before the first masked one run
 once on the batch; the first masked layer reads it for all K modules (no copies).
 Predictions equal the composed model's up to float rounding (near-ties may differ).
 """
@@ -25,7 +26,7 @@ import torch.nn as nn
 from modsplit import files
 from modsplit import reference as ref
 from modsplit.compact_graph import CompactFormatError, from_json, to_json, trace
-from modsplit.compact_layers import CompactConv2d, CompactLinear
+from modsplit.compact_layers import CompactConv2d, CompactLinear, CompactLinearChain
 from modsplit.compact_prune import prune_channels
 from modsplit.convert import repeat_folded
 from modsplit.errors import BankFileError
@@ -34,7 +35,6 @@ from modsplit.voting import ClassVoter
 
 KIND = "modsplit.CompactModel"
 COMPACT_VERSION = 1
-_RELUS = (nn.ReLU,)
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
 
 
@@ -104,8 +104,6 @@ def _fold_batchnorms(gm):
 
 
 def _is_relu(gm, node):
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _RELUS)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS and len(node.args) == 1
     return node.op == "call_method" and node.target == "relu"
@@ -123,9 +121,31 @@ def _fuse_relus(gm):
             gm.graph.erase_node(u)
 
 
+def _inline_simple_modules(gm):
+    """Flatten / ReLU modules -> tensor methods, Identity removed (fewer module calls)."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Identity):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            continue
+        if isinstance(m, nn.Flatten):
+            call = ("flatten", (n.args[0], m.start_dim, m.end_dim))
+        elif type(m) is nn.ReLU:
+            call = ("relu", (n.args[0],))
+        else:
+            continue
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_method(call[0], call[1])
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+
+
 def _fuse_grafts(gm, graft_weight, graft_bias) -> bool:
-    """Fold the grafts into a last CompactLinear: module k's confidence is sigmoid of
-    h_k . (G_k[:, 0] - G_k[:, 1])^T W_k + c_k. True if done."""
+    """Fold the grafts into a last CompactLinear followed by a sigmoid: module k's confidence is
+    sigmoid(h_k . (G_k[:, 0] - G_k[:, 1])^T W_k + c_k). True if done."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     last = out.args[0]
     if not (isinstance(last, fx.Node) and last.op == "call_module" and _single_user(last) is out):
@@ -142,7 +162,65 @@ def _fuse_grafts(gm, graft_weight, graft_bias) -> bool:
     shift = (diff * bias).sum(1, keepdim=True) + (graft_bias[:, :1] - graft_bias[:, 1:]).to(
         w.dtype)
     layer.set_weights(row, shift)
+    with gm.graph.inserting_after(last):
+        conf = gm.graph.call_function(torch.sigmoid, (last,))
+    out.replace_input_with(last, conf)
     return True
+
+
+def _sparse_linear(gm, node):
+    if node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    return m if isinstance(m, CompactLinear) and m.dense is None else None
+
+
+def _chain_linears(gm):
+    """Runs of sparse CompactLinear nodes, each the only user of the previous one (and a sigmoid
+    after the last) -> one CompactLinearChain node each."""
+    count, removed = 0, set()
+    for n in list(gm.graph.nodes):
+        if n in removed or _sparse_linear(gm, n) is None:
+            continue
+        prev = n.args[0]
+        if isinstance(prev, fx.Node) and _sparse_linear(gm, prev) is not None and \
+                _single_user(prev) is n:
+            continue  # not the start of a run
+        run = [n]
+        while True:
+            u = _single_user(run[-1])
+            if u is None or _sparse_linear(gm, u) is None or u.args[0] is not run[-1]:
+                break
+            run.append(u)
+        if len(run) < 2:
+            continue
+        name = f"linear_chain_{count}"
+        count += 1
+        after = _single_user(run[-1])
+        sigmoid = after is not None and after.op == "call_function" and \
+            after.target is torch.sigmoid
+        gm.add_submodule(name, CompactLinearChain([gm.get_submodule(r.target) for r in run],
+                                                  sigmoid))
+        with gm.graph.inserting_before(run[0]):
+            new = gm.graph.call_module(name, (run[0].args[0],))
+        (after if sigmoid else run[-1]).replace_all_uses_with(new)
+        for r in ([after] if sigmoid else []) + list(reversed(run)):
+            gm.graph.erase_node(r)
+        removed.update(run)
+
+
+def _whole_chain(gm):
+    """The CompactLinearChain when the graph is input -> [flatten(1)] -> chain (shared input,
+    grafts folded, ending in the sigmoid) -> output, else None."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    if nodes and nodes[0].op == "call_method" and nodes[0].target == "flatten" and \
+            tuple(nodes[0].args[1:]) in ((1,), (1, -1)) and not nodes[0].kwargs:
+        nodes = nodes[1:]
+    if len(nodes) != 1 or nodes[0].op != "call_module":
+        return None
+    chain = gm.get_submodule(nodes[0].target)
+    ok = isinstance(chain, CompactLinearChain) and chain.sigmoid and chain.layers[0].shared
+    return chain if ok else None
 
 
 class CompactModel(ClassVoter):
@@ -163,13 +241,16 @@ class CompactModel(ClassVoter):
         self.register_buffer("graft_bias", gb)
         self.register_buffer("class_ids", torch.tensor(self.classes, dtype=torch.long))
         net = from_json(graph, {n: t for n, t in tensors.items() if not n.startswith("graft/")})
+        _inline_simple_modules(net)
         _fold_batchnorms(net)
         _fuse_relus(net)
         self.fused_grafts = _fuse_grafts(net, gw, gb)
+        _chain_linears(net)
         net.graph.eliminate_dead_code()
         net.delete_all_unused_submodules()
         net.recompile()
         self.net = net.eval()
+        self.__dict__["_whole_chain"] = _whole_chain(net)
         self.train(False)
 
     @classmethod
@@ -190,9 +271,12 @@ class CompactModel(ClassVoter):
 
     def forward(self, x):
         k, b = len(self.classes), x.shape[0]
-        out = self.net(x)
+        chain = self._whole_chain
+        if chain is not None:  # the whole network is one chain call
+            return chain._kernel(x.reshape(1, b, -1), *chain._args).view(k, b).T
+        out = self.net.forward(x)
         if self.fused_grafts:
-            return torch.sigmoid(out.reshape(k, b)).T
+            return out.reshape(k, b).T
         logits = out.reshape(k, b, -1)
         conf = torch.baddbmm(self.graft_bias.unsqueeze(1), logits, self.graft_weight)
         return conf.softmax(-1)[..., 0].T

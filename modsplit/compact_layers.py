@@ -15,12 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modsplit import ops
 from modsplit import reference as ref
+from modsplit.ops import sparse as sparse_ops
 
 # Kept share of a layer's weights above which the dense path (BLAS / oneDNN) is used; measured
 # crossovers in benchmarks/RESULTS.md ("Compact composed models").
 DENSE_ABOVE = {"linear": 0.35, "conv": 0.25}
+# Layers with fewer module weights (K * O * R) than this always take the sparse kernel: for them
+# the per-call overhead of BLAS / oneDNN plus separate bias and ReLU ops dominates.
+DENSE_MIN_WEIGHTS = 1 << 14
 
 
 class _CompactLayer(nn.Module):
@@ -78,11 +81,13 @@ class _CompactLayer(nn.Module):
         """Run-time structures (non-persistent buffers) for module weights w [K, O', ...] and
         bias [K, O'] or None: CSR (row_ptr int64 [K, O'+1], col_idx int32 [nnz], csr_values
         [nnz]) of the non-zero weights, or the dense w when more than DENSE_ABOVE[kind] of it
-        is non-zero. The stored tensors are unchanged."""
+        is non-zero (and w has at least DENSE_MIN_WEIGHTS entries). The stored tensors are
+        unchanged."""
         k, o = w.shape[0], w.shape[1]
         flat = w.reshape(k, o, -1)
         nz = flat != 0
-        dense = int(nz.sum()) > DENSE_ABOVE[self.kind] * flat.numel()
+        dense = (flat.numel() >= DENSE_MIN_WEIGHTS
+                 and int(nz.sum()) > DENSE_ABOVE[self.kind] * flat.numel())
         self.register_buffer("run_bias", None if bias is None else bias.contiguous(),
                              persistent=False)
         self.register_buffer("dense", w.contiguous() if dense else None, persistent=False)
@@ -94,6 +99,21 @@ class _CompactLayer(nn.Module):
             torch.int32), persistent=False)
         self.register_buffer("csr_values", None if dense else flat[nz].contiguous(),
                              persistent=False)
+        self._refresh()
+
+    def _refresh(self):
+        """Cache the run-time tensors and the sparse kernel (ops.sparse.kernel_for: picked from
+        the backend selected now and the layer's device) in plain attributes, so that a call does
+        no nn.Module attribute lookup."""
+        self.__dict__["_run"] = (self.dense, self.row_ptr, self.col_idx, self.csr_values,
+                                 self.run_bias)
+        self.__dict__["_kernel"] = sparse_ops.kernel_for(self.values.device, self.kind)
+
+    def _apply(self, fn, recurse=True):  # .to(device / dtype): refresh the cached tensors
+        out = super()._apply(fn, recurse)
+        if "_run" in self.__dict__:
+            self._refresh()
+        return out
 
     def _modules_input(self, x):
         """x [N, ...] -> [S, N/S, ...]: S = 1 when shared, else K (module-folded rows)."""
@@ -116,19 +136,17 @@ class CompactLinear(_CompactLayer):
     kind = "linear"
 
     def forward(self, x):
-        rest = x.shape[1:-1]
+        dense, row_ptr, col_idx, values, bias = self._run
         xs = self._modules_input(x)
         xs = xs.reshape(xs.shape[0], -1, x.shape[-1])
-        if self.dense is not None:
-            y = torch.matmul(xs, self.dense.transpose(1, 2))
-            if self.run_bias is not None:
-                y = y + self.run_bias.unsqueeze(1)
-            y = y.relu() if self.relu else y
+        if dense is None:
+            y = self._kernel(xs, row_ptr, col_idx, values, bias, self.relu)
         else:
-            y = ops.sparse_linear(xs, self.row_ptr, self.col_idx, self.csr_values, self.run_bias,
-                                  self.relu)
-        b = x.shape[0] if self.shared else x.shape[0] // self.n_modules
-        return y.reshape(self.n_modules * b, *rest, y.shape[-1])
+            y = torch.matmul(xs, dense.transpose(1, 2))
+            if bias is not None:
+                y = y + bias.unsqueeze(1)
+            y = y.relu() if self.relu else y
+        return y.reshape(-1, *x.shape[1:-1], y.shape[-1])
 
 
 class CompactConv2d(_CompactLayer):
@@ -143,21 +161,58 @@ class CompactConv2d(_CompactLayer):
         super().__init__(weight_shape, union_mask, values, module_masks, bias, shared)
 
     def forward(self, x):
+        dense, row_ptr, col_idx, values, bias = self._run
         xs = self._modules_input(x)
         k = self.n_modules
-        if self.dense is not None:
+        if dense is None:
+            y = self._kernel(xs, row_ptr, col_idx, values, bias, self.weight_shape[2:],
+                             self.stride, self.padding, self.relu)
+        else:
             s, b, c, h, w = xs.shape
-            o = self.weight_shape[0]
+            o = dense.shape[1]
             xg = xs.expand(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w)
-            bias = None if self.run_bias is None else self.run_bias.reshape(-1)
-            y = F.conv2d(xg, self.dense.reshape(k * o, c, *self.weight_shape[2:]), bias,
-                         self.stride, self.padding, 1, k)
+            y = F.conv2d(xg, dense.reshape(k * o, c, *dense.shape[3:]),
+                         None if bias is None else bias.reshape(-1), self.stride, self.padding,
+                         1, k)
             y = y.reshape(b, k, o, *y.shape[2:]).transpose(0, 1)
             y = y.relu() if self.relu else y
-        else:
-            y = ops.sparse_conv2d(xs, self.row_ptr, self.col_idx, self.csr_values, self.run_bias,
-                                  self.weight_shape[2:], self.stride, self.padding, self.relu)
         return y.reshape(k * y.shape[1], *y.shape[2:])
 
     def extra_repr(self):
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
+
+
+class CompactLinearChain(nn.Module):
+    """Sparse CompactLinear layers applied one after the other (each feeding only the next) in
+    one sparse_linear_chain call; with sigmoid=True a sigmoid follows the last one. Input as the
+    first layer's -> output as the last layer's."""
+
+    def __init__(self, layers, sigmoid=False):
+        super().__init__()
+        if not layers or any(not isinstance(m, CompactLinear) or m.dense is not None
+                             for m in layers):
+            raise ValueError("modsplit: a chain takes sparse CompactLinear layers")
+        self.layers = nn.ModuleList(layers)
+        self.sigmoid = bool(sigmoid)
+        self.__dict__["_first"] = layers[0]
+        self._refresh()
+
+    def _refresh(self):
+        acts = [int(m.relu) for m in self.layers]
+        acts[-1] = 2 if self.sigmoid else acts[-1]
+        packed = ref.pack_chain([(*m._run[1:], a) for m, a in zip(self.layers, acts)])
+        self.__dict__["_args"] = tuple(t.to(self.layers[0].values.device) for t in packed)
+        self.__dict__["_kernel"] = sparse_ops.kernel_for(self.layers[0].values.device, "chain")
+
+    def _apply(self, fn, recurse=True):  # the layers refresh first (children are applied first)
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
+
+    def forward(self, x):
+        xs = self._first._modules_input(x)
+        y = self._kernel(xs.reshape(xs.shape[0], -1, x.shape[-1]), *self._args)
+        return y.reshape(-1, *x.shape[1:-1], y.shape[-1])
+
+    def extra_repr(self):
+        return f"layers={len(self.layers)}, sigmoid={self.sigmoid}"

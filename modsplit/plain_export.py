@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modsplit import reference as ref
-from modsplit.compact_layers import CompactConv2d, CompactLinear
+from modsplit.compact_layers import CompactConv2d, CompactLinear, CompactLinearChain
 
 
 def _module_weights(layer):
@@ -105,17 +105,26 @@ class PlainSparseConv2d(_PlainSparse):
             -1, self.o, *y.shape[2:])
 
 
+def _plain(m):
+    if isinstance(m, CompactLinearChain):
+        layers = [PlainSparseLinear(layer) for layer in m.layers]
+        return nn.Sequential(*layers, *([nn.Sigmoid()] if m.sigmoid else []))
+    return (PlainSparseLinear if isinstance(m, CompactLinear) else PlainSparseConv2d)(m)
+
+
 class PlainComposed(nn.Module):
     """forward(x [B, ...]) -> (confidences float [B, K], predicted class ids int64 [B])."""
 
     def __init__(self, compact):
         super().__init__()
         self.net = copy.deepcopy(compact.net)
-        for name, m in list(self.net.named_modules()):
-            if isinstance(m, (CompactLinear, CompactConv2d)):
-                plain = (PlainSparseLinear if isinstance(m, CompactLinear) else PlainSparseConv2d)(m)
+        modules = list(self.net.named_modules())
+        chains = tuple(f"{n}." for n, m in modules if isinstance(m, CompactLinearChain))
+        for name, m in modules:
+            if isinstance(m, (CompactLinear, CompactConv2d, CompactLinearChain)) and \
+                    not name.startswith(chains):
                 parent, _, attr = name.rpartition(".")
-                setattr(self.net.get_submodule(parent) if parent else self.net, attr, plain)
+                setattr(self.net.get_submodule(parent) if parent else self.net, attr, _plain(m))
         self.fused_grafts = compact.fused_grafts
         self.register_buffer("graft_weight", compact.graft_weight.clone())
         self.register_buffer("graft_bias", compact.graft_bias.clone())
@@ -124,8 +133,8 @@ class PlainComposed(nn.Module):
     def forward(self, x):
         k, b = self.class_ids.shape[0], x.shape[0]
         out = self.net(x)
-        if self.fused_grafts:
-            conf = torch.sigmoid(out.reshape(k, b)).T
+        if self.fused_grafts:  # the graph ends in the sigmoid
+            conf = out.reshape(k, b).T
         else:
             g = torch.baddbmm(self.graft_bias.unsqueeze(1), out.reshape(k, b, -1),
                               self.graft_weight)

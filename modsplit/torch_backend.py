@@ -275,6 +275,18 @@ def sparse_linear(x, row_ptr, col_idx, values, bias=None, relu=False):
     return ref.sparse_linear(x, row_ptr, col_idx, values, bias, relu)
 
 
+def sparse_linear_chain(x, layout, row_ptr, col_idx, values, bias):
+    """sparse_linear layer after layer (packed by reference.pack_chain): x [S, B, I] ->
+    [K, B, O_last]."""
+    _check(layout.dtype == torch.int64 and layout.dim() == 2 and layout.shape[1] == 7
+           and layout.shape[0] >= 1, f"layout must be int64 [L>=1, 7], got {layout.dtype} "
+                                     f"{list(layout.shape)}")
+    for rp, ci, v, b, activation in ref.unpack_chain(layout, row_ptr, col_idx, values, bias):
+        x = sparse_linear(x, rp, ci, v, b, activation == 1)
+        x = x.sigmoid() if activation == 2 else x
+    return x
+
+
 def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, padding, relu=False):
     """x [S, B, C, H, W] -> [K, B, O, Ho, Wo]: dense [K, O, C, kh, kw] weights, one grouped
     convolution over the modules."""

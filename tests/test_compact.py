@@ -62,6 +62,7 @@ def test_dense_and_sparse_paths_agree(arch, monkeypatch):
     bank = make_bank(random_bn(get_model(arch, **ARCHS[arch])), density=0.2)
     composed = bank.compose([2, 1])
     x = torch.randn(9, 1, 8, 8)
+    monkeypatch.setattr(compact_layers, "DENSE_MIN_WEIGHTS", 0)
     for threshold in (0.0, 1.0):  # everything dense / everything sparse
         monkeypatch.setattr(compact_layers, "DENSE_ABOVE", {"linear": threshold,
                                                             "conv": threshold})

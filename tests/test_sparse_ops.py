@@ -158,3 +158,35 @@ def test_fake_impls_and_schemas():
     torch.library.opcheck(_ops.sparse_conv2d.default,
                           (torch.randn(2, 3, 2, 5, 6), row_ptr, col_idx, values, None, [3, 3],
                            [2, 1], [1, 0], False), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_linear_chain_matches_layers(impl, dtype):
+    for k, b, widths in [(1, 1, [5, 3]), (2, 3, [17, 9, 4, 1]), (3, 64, [100, 33, 2])]:
+        layers, want = [], torch.randn(1, b, widths[0], dtype=dtype)
+        x = want.clone()
+        for n, (i, o) in enumerate(zip(widths, widths[1:])):
+            row_ptr, col_idx, values, w = make_csr(k, o, i, 0.3, dtype)
+            bias = torch.randn(k, o, dtype=dtype) if n % 2 == 0 else None
+            activation = n % 3  # none, ReLU, sigmoid
+            layers.append((row_ptr, col_idx, values, bias, activation))
+            want = R.sparse_linear(want, row_ptr, col_idx, values, bias, activation == 1)
+            want = want.sigmoid() if activation == 2 else want
+        packed = R.pack_chain(layers)
+        assert_close(IMPLS[impl].sparse_linear_chain(x, *packed), want, dtype)
+        assert_close(ops.sparse_linear_chain(x, *packed), want, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_linear_chain_bad_layout(impl):
+    row_ptr, col_idx, values, _ = make_csr(2, 4, 6, 0.5, torch.float32)
+    layout, rp, ci, v, b = R.pack_chain([(row_ptr, col_idx, values, None, 1)])
+    x = torch.randn(1, 3, 6)
+    with pytest.raises((RuntimeError, ValueError), match="layout"):
+        IMPLS[impl].sparse_linear_chain(x, layout[:, :6], rp, ci, v, b)
+    if impl == "cpu":
+        bad = layout.clone()
+        bad[0, 4] += 1  # nnz past the entries
+        with pytest.raises(RuntimeError, match="layout row 0"):
+            _ops.sparse_linear_chain(x, bad, rp, ci, v, b)

@@ -36,6 +36,8 @@ SCHEMAS = {
     # compact (CSR) inference ops of modsplit.compact; no autograd
     "sparse_linear": ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias=None, "
                       "bool relu=False) -> Tensor"),
+    "sparse_linear_chain": ("(Tensor x, Tensor layout, Tensor row_ptr, Tensor col_idx, "
+                            "Tensor values, Tensor bias) -> Tensor"),
     "sparse_conv2d": ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
                       "int[2] kernel_size, int[2] stride, int[2] padding, bool relu=False) "
                       "-> Tensor"),
