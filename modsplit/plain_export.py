@@ -42,10 +42,11 @@ class _PlainSparse(nn.Module):
         union = nz.any(0).reshape(-1)
         positions = union.nonzero(as_tuple=True)[0]
         vals = w.reshape(k, -1)[:, positions]
-        same = bool(((vals == vals[:1]) | ~nz.reshape(k, -1)[:, positions]).all())
-        self.register_buffer("values", vals[:1].clone() if same else vals.clone())
-        self.register_buffer("positions", positions.to(torch.int32))
         keep = nz.reshape(k, -1)[:, positions]
+        union = vals.gather(0, keep.to(torch.int8).argmax(0, keepdim=True))  # a keeper's value
+        same = bool(((vals == union) | ~keep).all())
+        self.register_buffer("values", union.clone() if same else vals.clone())
+        self.register_buffer("positions", positions.to(torch.int32))
         self.register_buffer("bits", _pack_bytes(keep))
         self.register_buffer("pow2", torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8))
         self.register_buffer("bias", None if bias is None else bias.clone())
@@ -159,15 +160,25 @@ def export_pt2(compact, path, example):
     torch.export.load(path).module()(x) -> (confidences [B, K], class ids [B])."""
     program = torch.export.export(plain_module(compact), (example,),
                                   dynamic_shapes=_dynamic_batch(example))
+    for node in program.graph.nodes:  # source locations: most of the file, no use to run it
+        node.meta.pop("stack_trace", None)
     torch.export.save(program, path)
     return path
 
 
 def export_onnx(compact, path, example):
     """Write `compact` as an ONNX model (input "x", outputs "confidences" and "classes"), traced on
-    `example` [B>=2, ...]. Needs the onnx and onnxscript packages."""
+    `example` [B>=2, ...]. Needs the onnx and onnxscript packages. The exporter's graph optimiser
+    is off: it would fold the per-call weight rebuild into dense constants (a larger file)."""
     torch.onnx.export(plain_module(compact), (example,), path, dynamo=True,
                       input_names=["x"], output_names=["confidences", "classes"],
                       dynamic_shapes=_dynamic_batch(example), external_data=False,
-                      verbose=False)
+                      optimize=False, verbose=False)
+    import onnx  # the exporter needs it anyway
+
+    model = onnx.load(path)
+    for node in model.graph.node:  # source locations (stack traces): most of the file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, path)
     return path
