@@ -158,6 +158,7 @@ def _dynamic_batch(example):
 def export_pt2(compact, path, example):
     """Write `compact` as a torch.export ExportedProgram (.pt2) traced on `example` [B>=2, ...];
     torch.export.load(path).module()(x) -> (confidences [B, K], class ids [B])."""
+    example = example.detach().clone()  # the program stores it: not the storage of a view
     program = torch.export.export(plain_module(compact), (example,),
                                   dynamic_shapes=_dynamic_batch(example))
     for node in program.graph.nodes:  # source locations: most of the file, no use to run it
