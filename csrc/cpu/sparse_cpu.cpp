@@ -10,7 +10,8 @@
 //    otherwise x is transposed to [S, I, B] once (16 x 16 tiles) and each kept weight is one
 //    axpy over the batch into a row buffer.
 //  * sparse_conv2d: direct convolution over kept weights: every kept (c, i, j, v) adds v times
-//    the shifted input plane c to the output plane, row by row (contiguous, vectorisable).
+//    the shifted input plane c to the output plane: at stride 1 as one long axpy over the
+//    zero-padded input (conv_planes_stride1), otherwise row by row.
 //  * sparse_linear_chain: sparse_linear layer after layer in one call (no Python in between),
 //    each followed by nothing, a ReLU or a sigmoid.
 // Bias [K, O] and a ReLU are fused. float32 and float64.
@@ -263,6 +264,45 @@ void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, c
   });
 }
 
+// Stride 1: x is zero-padded once to [S, B, C, Hp, Wp]; the output plane is accumulated with
+// the padded row pitch Wp, so that every kept weight is ONE contiguous axpy over
+// (Ho-1)*Wp + Wo elements (rows joined) instead of Ho short ones; the Wp - Wo extra columns per
+// row are dropped when the plane is written out.
+template <typename T>
+void conv_planes_stride1(const T* xp, const int64_t* rp, const int32_t* ci, const T* v,
+                         const T* bias, T* y, int64_t K, const ConvShape& s, bool relu) {
+  const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw, in_plane = Hp * Wp;
+  const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * Wp + s.Wo, plane = s.Ho * s.Wo;
+  const int64_t avg_nnz = std::max<int64_t>(1, rp[K * (s.O + 1) - 1] / std::max<int64_t>(K * s.O, 1));
+  at::parallel_for(0, K * s.B * s.O, grain_for(span * avg_nnz), [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(span);
+    T* __restrict__ acc = buf.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t o = item % s.O, b = (item / s.O) % s.B, k = item / (s.O * s.B);
+      const T* xb = xp + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * in_plane;
+      const T b0 = bias ? bias[k * s.O + o] : T(0);
+      for (int64_t q = 0; q < span; ++q) acc[q] = b0;
+      const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
+        const T w = v[p];
+        const T* __restrict__ src = xb + c * in_plane + i * Wp + j;
+        for (int64_t q = 0; q < span; ++q) acc[q] += w * src[q];
+      }
+      T* yp = y + item * plane;
+      for (int64_t oh = 0; oh < s.Ho; ++oh) {
+        const T* row = acc + oh * Wp;
+        T* out = yp + oh * s.Wo;
+        if (relu) {
+          for (int64_t ow = 0; ow < s.Wo; ++ow) out[ow] = row[ow] > T(0) ? row[ow] : T(0);
+        } else {
+          std::copy(row, row + s.Wo, out);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const at::Tensor& values,
                              const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
@@ -289,6 +329,16 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({K, s.B, O, s.Ho, s.Wo}, x.options());
   if (out.numel() == 0) return out;
+  if (s.sh == 1 && s.sw == 1) {
+    auto xp = at::constant_pad_nd(x, {s.pw, s.pw, s.ph, s.ph}, 0).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
+      conv_planes_stride1<scalar_t>(
+          xp.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+          v.data_ptr<scalar_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+          out.data_ptr<scalar_t>(), K, s, relu);
+    });
+    return out;
+  }
   auto xc = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
     conv_planes<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
