@@ -45,8 +45,9 @@ def prepare(args, name, train_set):
     if os.path.exists(stem + ".pt"):
         model.load_state_dict(torch.load(stem + ".pt"))
     else:
-        train_classifier(model, train_set, epochs=args.train_epochs, lr=args.train_lr,
-                         progress=False)
+        limit = min(args.train_limit or len(train_set), len(train_set))
+        train_classifier(model, Subset(train_set, range(limit)), epochs=args.train_epochs,
+                         lr=args.train_lr, progress=False)
         torch.save(model.state_dict(), stem + ".pt")
     model.eval()
     if os.path.exists(stem + ".msb"):
@@ -116,7 +117,7 @@ def to_markdown(args, rows):
              f"Machine: {args.machine}; torch {torch.__version__}; {args.threads} thread(s); "
              f"median of {args.rounds} interleaved rounds.", "",
              f"Settings: base training {args.train_epochs} epochs (lr {args.train_lr}, batch 64, "
-             f"full training set); decomposition density {args.density}, alpha {args.alpha}, "
+             f"{args.train_limit or 'all'} training images); decomposition density {args.density}, alpha {args.alpha}, "
              f"{args.epochs} epochs, batch 32, first {args.decompose_limit} training images, "
              f"modules for classes {args.decompose_classes or 'all'}.", "",
              "| model | classes | RPs | base B | compact B (x base) | pt2 B (x) | onnx B (x) | "
@@ -153,9 +154,13 @@ def main():
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--decompose-limit", type=int, default=20000)
+    p.add_argument("--train-limit", type=int, default=None, help="train the base model on the "
+                   "first N training images (default all)")
     p.add_argument("--decompose-classes", default=None,
                    help="build modules for these classes only, e.g. 3,7 (default: all)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring")
+    p.add_argument("--train-threads", type=int, default=2,
+                   help="torch threads while training and decomposing")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cache", default="runs/bench-compose")
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
@@ -163,13 +168,14 @@ def main():
     args = p.parse_args()
     if args.decompose_classes:
         args.decompose_classes = tuple(int(c) for c in args.decompose_classes.split(","))
-    torch.set_num_threads(args.threads)
     classes = [int(c) for c in args.classes.split(",")]
     train_set, test_set = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            torch.set_num_threads(args.train_threads)
             model, bank = prepare(args, name, train_set)
+            torch.set_num_threads(args.threads)
             rows.append(measure(args, name, model, bank, classes, test_set, tmp))
             print(json.dumps({k: rows[-1][k] for k in ("model", "size_ratio", "latency_ratio",
                                                        "same_predictions_as_composed")}),

@@ -107,7 +107,8 @@ class _CompactLayer(nn.Module):
         no nn.Module attribute lookup."""
         self.__dict__["_run"] = (self.dense, self.row_ptr, self.col_idx, self.csr_values,
                                  self.run_bias)
-        self.__dict__["_kernel"] = sparse_ops.kernel_for(self.values.device, self.kind)
+        self.__dict__["_kernel"] = sparse_ops.kernel_for(self.values.device, self.kind,
+                                                         self.values.dtype)
 
     def _apply(self, fn, recurse=True):  # .to(device / dtype): refresh the cached tensors
         out = super()._apply(fn, recurse)
@@ -202,7 +203,8 @@ class CompactLinearChain(nn.Module):
         acts[-1] = 2 if self.sigmoid else acts[-1]
         packed = ref.pack_chain([(*m._run[1:], a) for m, a in zip(self.layers, acts)])
         self.__dict__["_args"] = tuple(t.to(self.layers[0].values.device) for t in packed)
-        self.__dict__["_kernel"] = sparse_ops.kernel_for(self.layers[0].values.device, "chain")
+        first = self.layers[0].values
+        self.__dict__["_kernel"] = sparse_ops.kernel_for(first.device, "chain", first.dtype)
 
     def _apply(self, fn, recurse=True):  # the layers refresh first (children are applied first)
         out = super()._apply(fn, recurse)

@@ -26,11 +26,14 @@ def _ns(x):
     return ns if ns is torch.ops.modsplit and _has_kernel(x.device.type) else torch_backend
 
 
-def kernel_for(device: torch.device, kind: str):
+def kernel_for(device: torch.device, kind: str, dtype: torch.dtype = torch.float32):
     """The function a compact layer calls, fixed once (at load or .to()): the compiled op
-    ("linear": sparse_linear, "conv": sparse_conv2d, "chain": sparse_linear_chain) when the backend selected now runs the
-    device on modsplit._C and it has these kernels, else the torch backend's twin."""
+    ("linear": sparse_linear, "conv": sparse_conv2d, "chain": sparse_linear_chain) when the
+    backend selected now runs the device on modsplit._C, it has these kernels and dtype is
+    float32 or float64; else the torch backend's twin (float16 / bfloat16 too)."""
     ns = _ns(torch.empty(0, device=device))
+    if dtype not in (torch.float32, torch.float64):
+        ns = torch_backend
     name = {"linear": "sparse_linear", "conv": "sparse_conv2d",
             "chain": "sparse_linear_chain"}[kind]
     return getattr(ns, name).default if ns is torch.ops.modsplit else getattr(ns, name)
