@@ -20,7 +20,7 @@ from modsplit.ops import sparse as sparse_ops
 
 # Kept share of a layer's weights above which the dense path (BLAS / oneDNN) is used; measured
 # crossovers in benchmarks/RESULTS.md ("Compact composed models").
-DENSE_ABOVE = {"linear": 0.35, "conv": 0.25}
+DENSE_ABOVE = {"linear": 0.3, "conv": 0.35}
 # Layers with fewer module weights (K * O * R) than this always take the sparse kernel: for them
 # the per-call overhead of BLAS / oneDNN plus separate bias and ReLU ops dominates.
 DENSE_MIN_WEIGHTS = 1 << 14
