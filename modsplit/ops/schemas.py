@@ -43,6 +43,9 @@ SCHEMAS = {
                       "-> Tensor"),
 }
 
+# Ops with compiled kernels on the CPU only (elsewhere modsplit.ops runs their torch-backend twins).
+CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d")
+
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():
     _LIBRARY.define(_name + _schema)
