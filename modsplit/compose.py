@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 
+from modsplit.compact import CompactModel
 from modsplit.export import export_composed
 from modsplit.metrics import union_count, union_mask
 from modsplit.voting import ClassVoter
@@ -58,3 +59,9 @@ class ComposedModel(ClassVoter):
         """A plain nn.Module (standard torch ops only) holding only the union subnetwork and
         giving the same predictions; see modsplit.export.export_composed."""
         return export_composed(self)
+
+    def compact(self) -> CompactModel:
+        """The compact form (modsplit.compact): the union of the chosen modules' weights as
+        values plus packed per-module masks, run on sparse or dense kernels with no W*M pass;
+        same predictions. save() / CompactModel.load() read and write its file."""
+        return CompactModel.from_composed(self)

@@ -126,6 +126,87 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
             torch.stack([p[2] for p in parts]).sum(0))
 
 
+def csr_to_dense(row_ptr, col_idx, values, cols: int) -> torch.Tensor:
+    """CSR of K modules (row_ptr int64 [K, O+1] offsets into col_idx int32 [nnz] and values [nnz])
+    -> dense weights [K, O, cols] (entries outside the CSR are 0; repeated columns add up)."""
+    k, o = row_ptr.shape[0], row_ptr.shape[1] - 1
+    dense = torch.zeros(k * o * cols, dtype=values.dtype, device=values.device)
+    lengths = (row_ptr[:, 1:] - row_ptr[:, :-1]).reshape(-1)
+    rows = torch.repeat_interleave(torch.arange(k * o, device=values.device), lengths)
+    first = torch.repeat_interleave(row_ptr[:, :-1].reshape(-1), lengths)
+    before = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    entries = first + torch.arange(first.numel(), device=values.device) - before
+    flat = rows * cols + col_idx[entries].long()
+    dense.index_add_(0, flat, values[entries])
+    return dense.reshape(k, o, cols)
+
+
+def sparse_linear(x, row_ptr, col_idx, values, bias=None, relu=False):
+    """K modules' linear layers from CSR (csr_to_dense): x [S, B, I] (S = 1: shared by every
+    module, or S = K), bias [K, O] or None -> y [K, B, O] = x_k W_k^T + b_k, ReLU'd if relu."""
+    w = csr_to_dense(row_ptr, col_idx, values, x.shape[-1])
+    y = torch.matmul(x, w.transpose(1, 2))
+    y = y if bias is None else y + bias.unsqueeze(1)
+    return y.relu() if relu else y
+
+
+def pack_chain(layers):
+    """[(row_ptr [K, O+1], col_idx, values, bias [K, O] or None, activation)] (row_ptr offsets
+    relative to each layer's own entries; activation 0 none, 1 ReLU, 2 sigmoid) -> (layout int64
+    [L, 7], row_ptr, col_idx, values, bias): the packed arguments of sparse_linear_chain (see
+    unpack_chain)."""
+    rows, rps, cis, vals, biases = [], [], [], [], []
+    rp_off = e_off = b_off = 0
+    for row_ptr, col_idx, values, bias, activation in layers:
+        k, o = row_ptr.shape[0], row_ptr.shape[1] - 1
+        rows.append([k, o, rp_off, e_off, col_idx.numel(), -1 if bias is None else b_off,
+                     int(activation)])
+        rps.append(row_ptr.reshape(-1))
+        cis.append(col_idx)
+        vals.append(values)
+        if bias is not None:
+            biases.append(bias.reshape(-1))
+            b_off += bias.numel()
+        rp_off += row_ptr.numel()
+        e_off += col_idx.numel()
+    dtype = vals[0].dtype
+    return (torch.tensor(rows, dtype=torch.long), torch.cat(rps), torch.cat(cis), torch.cat(vals),
+            torch.cat(biases) if biases else torch.zeros(0, dtype=dtype))
+
+
+def unpack_chain(layout, row_ptr, col_idx, values, bias):
+    """Inverse of pack_chain: layout row l = (K, O, row_ptr offset, entry offset, nnz, bias offset
+    or -1, activation) -> [(row_ptr [K, O+1], col_idx, values, bias or None, activation)]."""
+    layers = []
+    for k, o, rp_off, e_off, nnz, b_off, activation in layout.tolist():
+        layers.append((row_ptr[rp_off:rp_off + k * (o + 1)].reshape(k, o + 1),
+                       col_idx[e_off:e_off + nnz], values[e_off:e_off + nnz],
+                       None if b_off < 0 else bias[b_off:b_off + k * o].reshape(k, o),
+                       activation))
+    return layers
+
+
+def sparse_linear_chain(x, layout, row_ptr, col_idx, values, bias):
+    """sparse_linear layer after layer, each followed by its activation (layers packed by
+    pack_chain): x [S, B, I] -> [K, B, O_last]."""
+    for rp, ci, v, b, activation in unpack_chain(layout, row_ptr, col_idx, values, bias):
+        x = sparse_linear(x, rp, ci, v, b, activation == 1)
+        x = x.sigmoid() if activation == 2 else x
+    return x
+
+
+def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, padding, relu=False):
+    """K modules' convolutions (groups 1, dilation 1) from CSR over the flat [C, kh, kw] columns:
+    x [S, B, C, H, W] (S = 1 or K), bias [K, O] or None -> [K, B, O, Ho, Wo], ReLU'd if relu."""
+    k, c = row_ptr.shape[0], x.shape[2]
+    w = csr_to_dense(row_ptr, col_idx, values, c * kernel_size[0] * kernel_size[1])
+    w = w.reshape(k, -1, c, *kernel_size)
+    xs = [x[0]] * k if x.shape[0] == 1 else list(x)
+    y = torch.stack([F.conv2d(xk, wk, None if bias is None else bias[i], stride, padding)
+                     for i, (xk, wk) in enumerate(zip(xs, w))])
+    return y.relu() if relu else y
+
+
 def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
                       stem_coef, nesterov, init_buffer, sign_grad):
     """The co-training score update, in place, with torch.optim.SGD's own tensor ops

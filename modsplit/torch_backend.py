@@ -358,3 +358,56 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
     _check(not nesterov or momentum > 0, f"nesterov needs momentum > 0, got {momentum}")
     return ref.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum,
                                  weight_decay, stem_coef, nesterov, init_buffer, sign_grad)
+
+
+# ---- compact (CSR) inference ops ---------------------------------------------------------------
+
+def _check_csr(x, row_ptr, col_idx, values, bias, dims):
+    _check_float("x", x)
+    _check(x.dim() == dims, f"x must have {dims} dims ([S, B, ...], S = 1 or K), got "
+                            f"{list(x.shape)}")
+    _check(row_ptr.dtype == torch.int64 and row_ptr.dim() == 2,
+           f"row_ptr must be int64 [K, O+1], got {row_ptr.dtype} {list(row_ptr.shape)}")
+    _check(col_idx.dtype == torch.int32 and col_idx.dim() == 1,
+           f"col_idx must be int32 [nnz], got {col_idx.dtype} {list(col_idx.shape)}")
+    _check(values.dtype == x.dtype and tuple(values.shape) == tuple(col_idx.shape),
+           f"values must be {x.dtype} [{col_idx.numel()}], got {values.dtype} "
+           f"{list(values.shape)}")
+    k, o = row_ptr.shape[0], row_ptr.shape[1] - 1
+    _check(x.shape[0] in (1, k), f"x must hold 1 (shared) or K={k} module inputs in dim 0, got "
+                                 f"{list(x.shape)}")
+    _check(bias is None or (tuple(bias.shape) == (k, o) and bias.dtype == x.dtype),
+           f"bias must be {x.dtype} [K={k}, O={o}], got "
+           f"{None if bias is None else (bias.dtype, list(bias.shape))}")
+
+
+def sparse_linear(x, row_ptr, col_idx, values, bias=None, relu=False):
+    """x [S, B, I] -> [K, B, O]: the CSR weights expanded to dense [K, O, I], one batched GEMM."""
+    _check_csr(x, row_ptr, col_idx, values, bias, 3)
+    return ref.sparse_linear(x, row_ptr, col_idx, values, bias, relu)
+
+
+def sparse_linear_chain(x, layout, row_ptr, col_idx, values, bias):
+    """sparse_linear layer after layer (packed by reference.pack_chain): x [S, B, I] ->
+    [K, B, O_last]."""
+    _check(layout.dtype == torch.int64 and layout.dim() == 2 and layout.shape[1] == 7
+           and layout.shape[0] >= 1, f"layout must be int64 [L>=1, 7], got {layout.dtype} "
+                                     f"{list(layout.shape)}")
+    for rp, ci, v, b, activation in ref.unpack_chain(layout, row_ptr, col_idx, values, bias):
+        x = sparse_linear(x, rp, ci, v, b, activation == 1)
+        x = x.sigmoid() if activation == 2 else x
+    return x
+
+
+def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, padding, relu=False):
+    """x [S, B, C, H, W] -> [K, B, O, Ho, Wo]: dense [K, O, C, kh, kw] weights, one grouped
+    convolution over the modules."""
+    _check_csr(x, row_ptr, col_idx, values, bias, 5)
+    k, (s, b, c, h, w) = row_ptr.shape[0], x.shape
+    weight = ref.csr_to_dense(row_ptr, col_idx, values, c * kernel_size[0] * kernel_size[1])
+    o = weight.shape[1]
+    xs = x.expand(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w)
+    y = F.conv2d(xs, weight.reshape(k * o, c, *kernel_size),
+                 None if bias is None else bias.reshape(-1), stride, padding, 1, k)
+    y = y.reshape(b, k, o, *y.shape[2:]).transpose(0, 1)
+    return y.relu() if relu else y

@@ -35,7 +35,8 @@ def _trained_fc1(dtype=torch.float32):
 def test_public_names_are_the_users():
     assert set(modsplit.__all__) == {
         "__version__", "MaskedLinear", "MaskedConv2d", "MultiModuleNet", "convert", "decompose",
-        "DecomposeConfig", "Grafts", "ModuleBank", "ComposedModel", "metrics", "ops",
+        "DecomposeConfig", "Grafts", "ModuleBank", "ComposedModel", "CompactModel", "metrics",
+        "ops",
         "get_backend", "set_backend", "ModsplitError", "BankFileError", "CheckpointError",
         "ModsplitMemoryError", "BackendError"}
     assert all(hasattr(modsplit, n) for n in modsplit.__all__)
@@ -70,6 +71,12 @@ def test_low_precision_model_decomposes_composes_and_exports(dtype, tmp_path):
     assert accuracy > 0.7  # a real 2-class classifier, not noise
     plain = pair.export()
     assert torch.equal(plain.predict(x[:50]), pair.predict(x[:50]))
+    compact = pair.compact()  # the torch backend's sparse twins in this dtype
+    compact.save(tmp_path / "c.msc")
+    same = modsplit.CompactModel.load(tmp_path / "c.msc")
+    assert same(x[:50]).dtype == dtype
+    # another summation order in 8 (bf16) / 11 (fp16) mantissa bits: near-ties may flip
+    assert (same.predict(x[:50]) == pair.predict(x[:50])).float().mean() >= 0.9
     bank.save(tmp_path / "b.msb")
     again = modsplit.ModuleBank.load(tmp_path / "b.msb", model)
     assert again.grafts.weight.dtype == dtype

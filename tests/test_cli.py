@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from modsplit import ModuleBank
+from modsplit import CompactModel, ModuleBank
 from modsplit.app import cli, config, data, model_io
 from modsplit.metrics import recomposed_accuracy
 
@@ -90,15 +90,29 @@ def test_toml_config_and_flag_precedence(tmp_path):
     assert cfg["train"] == config.DEFAULTS["train"]
 
 
-def test_compose_exports_a_plain_model(runs, tmp_path):
-    pytest.importorskip("modsplit.export")
+def test_compose_writes_a_compact_model_with_its_report(runs, tmp_path, capsys):
     assert run("compose", "--config", runs / "dec" / "config.yaml", "--classes", "3,7",
                "--out", tmp_path) == 0
-    exported = torch.load(tmp_path / "composed.pt", weights_only=False)
+    compact = CompactModel.load(tmp_path / "composed.msc")
+    cfg = yaml.safe_load((runs / "dec" / "config.yaml").read_text())
+    bank = ModuleBank.load(cfg["bank"], model_io.load_file(cfg["model"]))
     x, _ = data.load_dataset("digits", "test", limit=40).tensors
-    assert set(exported.predict(x).tolist()) <= {3, 7}
+    assert torch.equal(compact.predict(x), bank.compose([3, 7]).predict(x))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["classes"] == [3, 7] and metrics["params"] < metrics["base_params"]
+    assert metrics["classes"] == [3, 7] and metrics["format"] == "compact"
+    assert metrics["bytes"] == os.path.getsize(tmp_path / "composed.msc")
+    assert set(metrics["latency_us"]["composed"]) == {"b1", "b64"}
+    assert "x the base model's state_dict" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_compose_writes_plain_files(runs, tmp_path, fmt):
+    assert run("compose", "--config", runs / "dec" / "config.yaml", "--classes", "0,1",
+               "--format", fmt, "--out", tmp_path, "--quiet") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["format"] == fmt and os.path.getsize(tmp_path / f"composed.{fmt}") == \
+        metrics["bytes"]
+    assert metrics["latency_ratio"]["b1"] > 0
 
 
 def test_evaluate_subsets(runs, tmp_path, capsys):

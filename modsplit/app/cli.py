@@ -129,11 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
          help="checkpoint each epoch into DIR; rerunning the command resumes from it")
     p.set_defaults(func=commands.run_decompose)
 
-    p = sub.add_parser("compose", help="recompose classes from a bank -> composed.pt")
+    p = sub.add_parser("compose", help="recompose classes from a bank -> composed.msc (compact), "
+                                       "composed.pt2 or composed.onnx")
     _common(p)
     _trained(p)
     _bank(p)
     _add(p, "--classes", "compose.classes", type=class_list, help="e.g. 3,7 or 0-4")
+    _add(p, "--format", "compose.format", choices=("compact", "pt2", "onnx"),
+         help="compact: modsplit's compact model (default); pt2 / onnx: plain files that load "
+              "without modsplit")
     p.set_defaults(func=commands.run_compose)
 
     for name, func, what in (("evaluate", commands.run_evaluate, "accuracy per module, per "

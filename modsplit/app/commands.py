@@ -4,7 +4,8 @@
 Output folder (every command writes config.yaml and metrics.json; besides):
   train      model.pt      the trained base model (modsplit model file, see model_io)
   decompose  bank.msb      the bank file (modsplit.files); plus the report's plots and report.md
-  compose    composed.pt   torch.save of the exported nn.Module (ComposedModel.export())
+  compose    composed.msc  the compact model (CompactModel.save; --format compact, the default),
+             composed.pt2 / composed.onnx  plain torch.export / ONNX files (--format pt2 / onnx)
   evaluate   (metrics only)
   report     plots and report.md (modsplit.app.report)
   demo       all of the above
@@ -20,13 +21,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from modsplit import distributed, metrics
-from modsplit.app import config, data, model_io, report
+from modsplit.app import compose_report, config, data, model_io, report
 from modsplit.bank import ModuleBank
 from modsplit.decompose import decompose as decompose_model
 from modsplit.app.train import evaluate as model_accuracy
 from modsplit.app.train import train_classifier
 
-BANK_FILE, MODEL_FILE, COMPOSED_FILE = "bank.msb", "model.pt", "composed.pt"
+BANK_FILE, MODEL_FILE = "bank.msb", "model.pt"
+COMPOSED_FILES = {"compact": "composed.msc", "pt2": "composed.pt2", "onnx": "composed.onnx"}
 
 
 def _say(quiet, msg):
@@ -181,21 +183,26 @@ def evaluate_bank(cfg, model, bank) -> dict:
             "matrix": [[_finite(v) for v in row] for row in matrix.tolist()], "subsets": rows}
 
 
-def compose_step(cfg, bank, out, quiet):
-    """Export the composition of cfg["compose"]["classes"] to composed.pt."""
-    classes = cfg["compose"]["classes"]
+def compose_step(cfg, model, bank, out, quiet):
+    """Write the composition of cfg["compose"]["classes"] in cfg["compose"]["format"] (compact,
+    pt2 or onnx) and report its accuracy, RPs, file size and latency at batch 1 and 64 against
+    the base model `model` (modsplit.app.compose_report)."""
+    classes, fmt = cfg["compose"]["classes"], cfg["compose"]["format"]
     _check_classes(classes, bank.classes, "the bank")
-    exported = bank.compose(classes).export()
-    path = os.path.join(out, COMPOSED_FILE)
-    torch.save(exported, path)
-    results = {"classes": classes, "file": os.path.abspath(path),
-               "accuracy": metrics.recomposed_accuracy(bank, _dataset(cfg, "test"), classes),
+    if fmt not in COMPOSED_FILES:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(COMPOSED_FILES)}")
+    test_set = _dataset(cfg, "test")
+    path = os.path.join(out, COMPOSED_FILES[fmt])
+    composed = bank.compose(classes)
+    loaded = compose_report.write_composed(composed, fmt, path, test_set.tensors[0][:2])
+    results = {"classes": classes, "format": fmt, "file": os.path.abspath(path),
+               "accuracy": metrics.recomposed_accuracy(bank, test_set, classes),
                "rps": metrics.remaining_params_ratio(bank, classes),
-               "params": exported.num_parameters(),
-               "base_params": sum(p.numel() for p in bank.net.net.parameters())}
+               "params": composed.num_parameters(),
+               "base_params": sum(p.numel() for p in bank.net.net.parameters()),
+               **compose_report.size_and_latency(model, path, loaded, test_set, classes)}
     _say(quiet, f"classes {classes}: accuracy {results['accuracy']:.4f}, RPs "
-                f"{results['rps']:.4f}, {results['params']} parameters (base model "
-                f"{results['base_params']}) -> {path}")
+                f"{results['rps']:.4f} -> {path}\n" + compose_report.summary(results))
     return results
 
 
@@ -229,8 +236,9 @@ def run_decompose(cfg, quiet):
 
 def run_compose(cfg, quiet):
     """`modsplit compose`."""
-    bank = load_bank(cfg, load_model(cfg))
-    _finish(cfg, cfg["out"], compose_step(cfg, bank, cfg["out"], quiet), quiet)
+    model = load_model(cfg)
+    bank = load_bank(cfg, model)
+    _finish(cfg, cfg["out"], compose_step(cfg, model, bank, cfg["out"], quiet), quiet)
     return 0
 
 
@@ -260,7 +268,7 @@ def run_demo(cfg, quiet):
     model, trained = train_step(cfg, out, quiet)
     bank = decompose_step(cfg, model, out, quiet)
     evaluation = evaluate_bank(cfg, model, bank)
-    composed = compose_step(cfg, bank, out, quiet)
+    composed = compose_step(cfg, model, bank, out, quiet)
     report.write_report(out, bank, evaluation)
     _print_evaluation(evaluation)
     _finish(cfg, out, {"train": trained, "history": bank.history, **evaluation,

@@ -46,7 +46,7 @@ DEFAULTS = {
         "classes": None,     # class ids to build modules for (None: all)
         "checkpoint_dir": None,  # checkpoint every epoch there; a rerun resumes from it
     },
-    "compose": {"classes": [3, 7]},
+    "compose": {"classes": [3, 7], "format": "compact"},
     "evaluate": {"subsets": None},  # lists of class ids; None: a few chosen from the bank
 }
 

@@ -4,6 +4,9 @@ They are defined from Python so that the ops exist (with fake impls, autograd an
 "torch" backend) whether or not the compiled extension modsplit._C was built: _C only registers
 kernels (TORCH_LIBRARY_IMPL(modsplit, CPU|CUDA) in csrc/cpu and csrc/cuda).
 
+CSR (sparse_linear, sparse_conv2d): row_ptr int64 [K, O+1] offsets into col_idx int32 [nnz] and
+values [nnz]; see modsplit.reference.sparse_linear.
+
 Masks: int32 [*, O, ceil(R/32)], bit j (LSB first) of word w keeps flat column 32*w + j.
 """
 import torch
@@ -30,6 +33,14 @@ SCHEMAS = {
                             "-> Tensor"),
     "multi_masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
                                      f"{_ARGS}, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
+    # compact (CSR) inference ops of modsplit.compact; no autograd
+    "sparse_linear": ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias=None, "
+                      "bool relu=False) -> Tensor"),
+    "sparse_linear_chain": ("(Tensor x, Tensor layout, Tensor row_ptr, Tensor col_idx, "
+                            "Tensor values, Tensor bias) -> Tensor"),
+    "sparse_conv2d": ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
+                      "int[2] kernel_size, int[2] stride, int[2] padding, bool relu=False) "
+                      "-> Tensor"),
     # Co-training score update (modsplit.score_update): SGD-Nesterov + weight decay + stemming
     # gradient in one pass, in place; returns float64 [K] sums of |S - A| (zeros without anchor).
     "cotrain_sgd_step_": ("(Tensor(a!) scores, Tensor(b!) momentum_buffer, Tensor grad, "
@@ -37,6 +48,9 @@ SCHEMAS = {
                           "float stem_coef, bool nesterov, bool init_buffer, bool sign_grad) "
                           "-> Tensor"),
 }
+
+# Ops with compiled kernels on the CPU only (elsewhere modsplit.ops runs their torch-backend twins).
+CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d")
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():
