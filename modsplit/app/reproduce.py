@@ -38,7 +38,9 @@ from modsplit import metrics, ops
 from modsplit.app.baselines import decompose_pan_rajan, value_set_jaccard
 from modsplit.app.data import load_dataset
 from modsplit.decompose import decompose
+from modsplit.decompose_config import DecomposeConfig
 from modsplit.app.models import FC1, FC2, FC3, FC4
+from modsplit.app.selection import VALIDATION_SIZE, select_candidate, split_validation
 from modsplit.app.train import evaluate, train_classifier
 
 MODELS = {"fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4}
@@ -169,8 +171,11 @@ class Run:
     """One command's context: data, settings record, output folder and base-model cache.
 
     args: the parsed arguments (dataset, epochs_base, epochs_decomp, limit, decomp_limit,
-    seed, out, threads, data_dir, base_protocol). The train set is the first `limit` examples
-    (all when None); the test set is always complete. Both are the inputs of --base-protocol
+    seed, out, threads, data_dir, base_protocol, select_on, validation_size). The train set is
+    the first `limit` examples (all when None); with select_on "validation" its last
+    validation_size examples (selection.split_validation) become the validation set `val`, used
+    to choose hyperparameters, and are left out of base training and decomposition (`val` is None
+    otherwise). The test set is always complete. All are the inputs of --base-protocol
     (protocol_inputs), so base training, both decompositions and every evaluation see them.
     """
 
@@ -180,24 +185,38 @@ class Run:
             torch.set_num_threads(args.threads)
         os.makedirs(args.out, exist_ok=True)
         self.protocol = getattr(args, "base_protocol", "paper")
+        self.device = torch.device(getattr(args, "device", "cpu"))
         self.train = protocol_inputs(
             load_dataset(args.dataset, "train", args.data_dir, args.limit), self.protocol)
+        self.val = None
+        if getattr(args, "select_on", "test") == "validation":
+            self.train, self.val = split_validation(self.train, self.validation_size())
         self.test = protocol_inputs(load_dataset(args.dataset, "test", args.data_dir),
                                     self.protocol)
-        self.base_accuracy, self.base_dead_units = {}, {}
+        self.base_accuracy, self.base_dead_units, self.base_val_accuracy = {}, {}, {}
+
+    def validation_size(self):
+        """--validation-size, or the dataset's default (selection.VALIDATION_SIZE)."""
+        return getattr(self.args, "validation_size", None) or VALIDATION_SIZE[self.args.dataset]
 
     def settings(self):
         """The settings and timing of this run, as a JSON-able dict."""
         a = self.args
         keys = ("dataset", "models", "epochs_base", "epochs_decomp", "limit", "decomp_limit",
                 "seed", "seeds", "methods", "alpha", "alphas", "density", "densities", "lr",
-                "lr_schedule", "balance", "batch_size")
+                "lr_schedule", "balance", "batch_size", "graft_lr", "select_on", "tolerance")
         record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
         record.update(command=self.command, base_protocol=self.protocol,
                       base_training=base_training_settings(self.protocol),
+                      decompose_config=self.decompose_config(a.alpha).to_dict(),
                       train_examples=len(self.train),
+                      validation_examples=0 if self.val is None else len(self.val),
+                      validation_split=None if self.val is None else
+                      f"last {len(self.val)} of the first {len(self.train) + len(self.val)} "
+                      "training examples",
                       decomp_examples=len(self.decomp_set()), test_examples=len(self.test),
                       base_test_accuracy=self.base_accuracy,
+                      base_validation_accuracy=self.base_val_accuracy,
                       base_dead_units=self.base_dead_units,
                       wall_time_s=round(time.time() - self.start, 1),
                       machine=f"{platform.node()} ({platform.machine()}, "
@@ -215,8 +234,9 @@ class Run:
         "<name>/s<seed>". Seeds torch's global RNG with the seed for the initial weights."""
         a = self.args
         seed = a.seed if seed is None else seed
+        limit = a.limit if self.val is None else len(self.train)  # the examples it trains on
         path = os.path.join(a.out, base_cache_name(a.dataset, name, self.protocol,
-                                                   a.epochs_base, a.limit, seed))
+                                                   a.epochs_base, limit, seed))
         torch.manual_seed(seed)
         model = MODELS[name](in_features=self.train.tensors[0][0].numel())
         if os.path.isfile(path):
@@ -227,6 +247,8 @@ class Run:
                              progress=False, **base_training_kwargs(self.protocol))
             torch.save(model.state_dict(), path)
         self.base_accuracy[f"{name}/s{seed}"] = evaluate(model, self.test)
+        if self.val is not None:
+            self.base_val_accuracy[f"{name}/s{seed}"] = evaluate(model, self.val)
         self.base_dead_units[f"{name}/s{seed}"] = dead_units(model, self.train)
         return model
 
@@ -235,22 +257,29 @@ class Run:
         n = self.args.decomp_limit
         return self.train if n is None or n >= len(self.train) else Subset(self.train, range(n))
 
-    def decompose(self, model, alpha, density=None, shared_init=True, epochs=None,
-                  eval_set=None, seed=None):
-        """Module stemming of `model` on the decomposition set (batch 32, shuffled by `seed`,
-        default --seed; scores drawn from it too); eval_set: evaluate the modules on it after
-        every epoch (decompose's eval_set)."""
+    def decompose_config(self, alpha, density=None, shared_init=True, epochs=None, seed=None):
+        """The DecomposeConfig of a decomposition with stemming weight `alpha`: --density,
+        --epochs-decomp, --lr, --graft-lr, --lr-schedule, --balance and --seed unless given
+        here, p = 1 and the rest decompose()'s defaults (Table 4's momentum and weight decay).
+        Its to_dict() is what the run records of every decomposition."""
         a = self.args
-        seed = a.seed if seed is None else seed
+        return DecomposeConfig(
+            density=a.density if density is None else density, alpha=alpha, p=1,
+            epochs=a.epochs_decomp if epochs is None else epochs, lr=a.lr,
+            graft_lr=getattr(a, "graft_lr", DecomposeConfig.graft_lr),
+            lr_schedule=a.lr_schedule, balance=a.balance, shared_init=shared_init,
+            seed=a.seed if seed is None else seed)
+
+    def decompose(self, model, config, eval_set=None):
+        """Module stemming of `model` on the decomposition set with `config` (a DecomposeConfig,
+        see decompose_config) in batches of --batch-size, shuffled by config.seed (the scores
+        are drawn from it too); eval_set: evaluate the modules on it after every epoch
+        (decompose's eval_set)."""
         data = self.decomp_set()
-        loader = DataLoader(data, batch_size=a.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
-        return decompose(model, _LabelledLoader(loader, _labels(data)), NUM_CLASSES,
-                         density=a.density if density is None else density, alpha=alpha, p=1,
-                         epochs=a.epochs_decomp if epochs is None else epochs, lr=a.lr,
-                         lr_schedule=a.lr_schedule, balance=a.balance,
-                         shared_init=shared_init, seed=seed, progress=False,
-                         eval_set=eval_set)
+        loader = DataLoader(data, batch_size=self.args.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(config.seed))
+        return decompose(model, _LabelledLoader(loader, _labels(data)), NUM_CLASSES, config,
+                         progress=False, eval_set=eval_set, device=self.device)
 
     def log(self, message):
         """Progress line on stderr with the elapsed time."""
@@ -261,7 +290,8 @@ class Run:
         settings = self.settings()
         text = (f"{markdown}\n\nSettings: " + ", ".join(
             f"{k}={v}" for k, v in settings.items()
-            if k not in ("argv", "base_test_accuracy", "base_dead_units"))
+            if k not in ("argv", "base_test_accuracy", "base_dead_units",
+                         "base_validation_accuracy"))
             + "\n\nBase test accuracy: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in settings["base_test_accuracy"].items())
             + "\n\nDead first-layer units (never active on the train set): " + ", ".join(
@@ -327,10 +357,13 @@ def _table1_runs(run, name, seed):
             f"{run.base_accuracy[f'{name}/s{seed}']:.4f}")
     out = {}
     if "stemming" in args.methods:
-        bank = run.decompose(model, args.alpha, seed=seed)
+        bank, config, selection = _stemming_for_table1(run, model, name, seed)
         out["stemming"] = {"ji": metrics.jaccard_index(bank),
                            "acc": metrics.recomposed_accuracy(bank, run.test, range(NUM_CLASSES)),
+                           "alpha": config.alpha, "decompose_config": config.to_dict(),
                            "history": bank.history}
+        if selection is not None:
+            out["stemming"]["selection"] = selection
         run.log(f"{name} seed {seed}: stemming {out['stemming']['ji']:.3f} JI, "
                 f"{out['stemming']['acc']:.4f} acc")
     for method in (m for m in BASELINES if m in args.methods):
@@ -343,6 +376,35 @@ def _table1_runs(run, name, seed):
                        "value_ji": value_set_jaccard(mods), "acc": mods.accuracy(run.test)}
         run.log(f"{name} seed {seed}: {method} {out[method]}")
     return out
+
+
+def _stemming_for_table1(run, model, name, seed):
+    """(bank, its DecomposeConfig, selection record or None) of Table 1's stemming cell.
+
+    --select-on test: one decomposition with --alpha. --select-on validation: one per candidate
+    of --alphas, and the bank kept is the one selection.select_candidate picks on the validation
+    set: highest mask JI among the candidates whose 10-class recomposed validation accuracy is
+    within --tolerance of the base model's validation accuracy. The record lists every
+    candidate's validation JI and accuracy; the test set is not looked at."""
+    args = run.args
+    if run.val is None:
+        config = run.decompose_config(args.alpha, seed=seed)
+        return run.decompose(model, config), config, None
+    base_val = run.base_val_accuracy[f"{name}/s{seed}"]
+    banks, candidates = [], []
+    for alpha in args.alphas:
+        config = run.decompose_config(alpha, seed=seed)
+        bank = run.decompose(model, config)
+        val_acc = metrics.recomposed_accuracy(bank, run.val, range(NUM_CLASSES))
+        banks.append((bank, config))
+        candidates.append({"alpha": alpha, "ji": metrics.jaccard_index(bank),
+                           "val_acc": val_acc, "acc_loss": base_val - val_acc})
+        run.log(f"{name} seed {seed} alpha {alpha}: validation JI {candidates[-1]['ji']:.3f}, "
+                f"acc {val_acc:.4f} (base {base_val:.4f})")
+    chosen, rule = select_candidate(candidates, "ji", {"acc": args.tolerance})
+    selection = {"chosen_alpha": args.alphas[chosen], "rule": rule,
+                 "base_val_acc": base_val, "candidates": candidates}
+    return (*banks[chosen], selection)
 
 
 def _mean_std(runs, key):
@@ -379,17 +441,22 @@ def run_table1(args):
                 summary[key], summary[f"{key}_std"] = _mean_std(runs, key)
             results[name][method] = summary
     what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    lines = [f"Table 1 ({args.dataset}, k = {args.density}, alpha = {args.alpha}, {what}): mask "
+    how = (f"alpha = {args.alpha}" if run.val is None else
+           f"alpha chosen per model and seed on the validation set from {args.alphas} "
+           f"(highest JI with recomposed accuracy within {100 * args.tolerance:g} points of the "
+           f"base model's)")
+    lines = [f"Table 1 ({args.dataset}, k = {args.density}, {how}, {what}): mask "
              "JI over edge positions, value-set JI (Pan & Rajan's published kind, baselines "
              "only) and 10-class recomposed test accuracy (%); the paper's numbers beside ours.",
-             "", "| method | model | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
-             "acc % (paper) |", "|---|---|---|---|---|---|---|"]
+             "", "| method | model | α | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
+             "acc % (paper) |", "|---|---|---|---|---|---|---|---|"]
     for method in (m for m in BASELINES + ("stemming",) if m in args.methods):
         for name in args.models:
             r = results[name][method]
             ji_p, acc_p = paper.get(method, {}).get(name, (None, None))
+            alphas = "/".join(f"{x['alpha']:g}" for x in r["runs"] if "alpha" in x) or "–"
             lines.append(
-                f"| {method} | {name.upper()} | {_cell(r['ji'], r['ji_std'], _num)} | "
+                f"| {method} | {name.upper()} | {alphas} | {_cell(r['ji'], r['ji_std'], _num)} | "
                 f"{'–' if ji_p is None else f'{ji_p:.2f}'} | "
                 f"{_cell(r['value_ji'], r['value_ji_std'], _num)} | "
                 f"{_cell(r['acc'], r['acc_std'], _pct)} | "
@@ -404,10 +471,12 @@ def run_table2(args):
     model = run.base_model(args.models[0])
     results = {}
     for shared, stem in itertools.product((False, True), (False, True)):
-        bank = run.decompose(model, args.alpha if stem else 0.0, shared_init=shared)
+        config = run.decompose_config(args.alpha if stem else 0.0, shared_init=shared)
+        bank = run.decompose(model, config)
         ratios = list(pair_rps(bank).values())
         results[f"shared={shared},stem={stem}"] = {
-            "shared_init": shared, "stemming": stem, "avg": sum(ratios) / len(ratios),
+            "shared_init": shared, "stemming": stem, "decompose_config": config.to_dict(),
+            "avg": sum(ratios) / len(ratios),
             "best": min(ratios), "worst": max(ratios), "pairs": len(ratios),
             "ji": metrics.jaccard_index(bank), "history": bank.history}
         run.log(f"shared {shared} stem {stem}: {results[f'shared={shared},stem={stem}']['avg']}")
@@ -433,10 +502,12 @@ def run_table5(args):
     for name in args.models:
         model = run.base_model(name)
         for alpha in args.alphas:
-            bank = run.decompose(model, alpha, eval_set=run.test)
+            config = run.decompose_config(alpha)
+            bank = run.decompose(model, config, eval_set=run.test)
             per_epoch = [r["eval_module_acc"] for r in bank.history]
             accs = [max(col) for col in zip(*per_epoch)]
             results[f"{name},{alpha}"] = {"model": name, "alpha": alpha, "module_acc": accs,
+                                         "decompose_config": config.to_dict(),
                                          "avg": sum(accs) / len(accs),
                                          "best_epoch": [col.index(max(col)) + 1
                                                         for col in zip(*per_epoch)],
@@ -469,10 +540,12 @@ def run_table6(args):
     model = run.base_model(args.models[0])
     results, lines = {}, []
     for k in args.densities:
-        bank = run.decompose(model, args.alpha, density=k)
+        config = run.decompose_config(args.alpha, density=k)
+        bank = run.decompose(model, config)
         m = metrics.module_class_matrix(bank, run.test)
         eye = torch.eye(NUM_CLASSES, dtype=torch.bool)
         results[str(k)] = {"density": k, "matrix": m.tolist(),
+                           "decompose_config": config.to_dict(),
                            "diagonal_mean": m[eye].mean().item(),
                            "off_diagonal_mean": m[~eye].mean().item()}
         paper = PAPER_TABLE6_DIAGONAL.get(k)
@@ -508,10 +581,12 @@ def run_figure3(args):
     for col, name in enumerate(args.models):
         model = run.base_model(name)
         for k, alpha in itertools.product(args.densities, args.alphas):
-            bank = run.decompose(model, alpha, density=k, eval_set=run.test)
+            config = run.decompose_config(alpha, density=k)
+            bank = run.decompose(model, config, eval_set=run.test)
             h = bank.history
             test_acc = [sum(r["eval_module_acc"]) / len(r["eval_module_acc"]) for r in h]
             results[f"{name},{k},{alpha}"] = {"model": name, "density": k, "alpha": alpha,
+                                             "decompose_config": config.to_dict(),
                                              "test_module_acc": test_acc, "history": h}
             epochs = [r["epoch"] for r in h]
             axes[0, col].plot(epochs, [r["rps_pair"] for r in h], marker=".",
@@ -546,7 +621,7 @@ COMMANDS = {"table1": run_table1, "table2": run_table2, "table5": run_table5,
 # Per-command defaults that differ from the shared ones.
 _DEFAULT_MODELS = {"table1": "fc1,fc2,fc3,fc4", "table2": "fc1", "table5": "fc1,fc2,fc3,fc4",
                    "table6": "fc1", "figure3": "fc1"}
-_DEFAULT_ALPHAS = {"table5": "0,0.05,0.1", "figure3": "0,0.1,1"}
+_DEFAULT_ALPHAS = {"table1": "1,2", "table5": "0,0.05,0.1", "figure3": "0,0.1,1"}
 _DEFAULT_DENSITIES = {"table6": "0.05,0.1,0.2", "figure3": "0.1"}
 
 
@@ -584,8 +659,22 @@ def _add_command(sub, command):
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="plain cross-entropy instead of the class-weighted (1:1) one")
     p.add_argument("--batch-size", type=int, default=32, help="decomposition batch size")
+    p.add_argument("--graft-lr", type=float, default=DecomposeConfig.graft_lr,
+                   help="learning rate of the grafting layers")
+    p.add_argument("--select-on", default="test", choices=("test", "validation"),
+                   help="'validation': carve a validation set from the training images (the "
+                        "last --validation-size of them; they are then left out of training) "
+                        "and choose alpha on it (table1: from --alphas); 'test': no split, "
+                        "alpha as given (the earlier runs)")
+    p.add_argument("--validation-size", type=int, default=None,
+                   help="validation images (default: 10000 for mnist/fmnist, 2000 for cifar10)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="with --select-on validation: largest validation accuracy loss against "
+                        "the base model (a fraction) a candidate may have to be chosen")
     if command in _DEFAULT_ALPHAS:
-        p.add_argument("--alphas", type=_floats, default=_floats(_DEFAULT_ALPHAS[command]))
+        p.add_argument("--alphas", type=_floats, default=_floats(_DEFAULT_ALPHAS[command]),
+                       help="alphas to run" + (" (the candidates of --select-on validation)"
+                                               if command == "table1" else ""))
     if command in _DEFAULT_DENSITIES:
         p.add_argument("--densities", type=_floats,
                        default=_floats(_DEFAULT_DENSITIES[command]))
