@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from modsplit import metrics, ops
 from modsplit.app.baselines import decompose_pan_rajan, value_set_jaccard
-from modsplit.app.data import load_dataset
+from modsplit.app.data import load_dataset, num_classes
 from modsplit.decompose import decompose
 from modsplit.decompose_config import DecomposeConfig
 from modsplit.app.models import FC1, FC2, FC3, FC4
@@ -191,7 +191,8 @@ class Run:
         self.val = None
         if getattr(args, "select_on", "test") == "validation":
             self.train, self.val = split_validation(self.train, self.validation_size())
-        self.test = protocol_inputs(load_dataset(args.dataset, "test", args.data_dir),
+        self.test = protocol_inputs(load_dataset(args.dataset, "test", args.data_dir,
+                                                 getattr(args, "test_limit", None)),
                                     self.protocol)
         self.base_accuracy, self.base_dead_units, self.base_val_accuracy = {}, {}, {}
 
@@ -278,7 +279,8 @@ class Run:
         data = self.decomp_set()
         loader = DataLoader(data, batch_size=self.args.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(config.seed))
-        return decompose(model, _LabelledLoader(loader, _labels(data)), NUM_CLASSES, config,
+        return decompose(model, _LabelledLoader(loader, _labels(data)),
+                         num_classes(self.args.dataset), config,
                          progress=False, eval_set=eval_set, device=self.device)
 
     def log(self, message):
@@ -615,13 +617,22 @@ def run_figure3(args):
     return run.save(name, "\n".join(lines), results)
 
 
+def run_figure4(args):
+    """Figure 4 on conv nets (CIFAR-10 at CPU scale, or a full-scale --recipe): RPs ratio and
+    module accuracy per epoch, recomposition accuracies and the anchors' units."""
+    from modsplit.app import figure4  # it builds on this module's Run
+
+    return figure4.run_figure4(args)
+
+
 COMMANDS = {"table1": run_table1, "table2": run_table2, "table5": run_table5,
-            "table6": run_table6, "figure3": run_figure3}
+            "table6": run_table6, "figure3": run_figure3, "figure4": run_figure4}
 
 # Per-command defaults that differ from the shared ones.
 _DEFAULT_MODELS = {"table1": "fc1,fc2,fc3,fc4", "table2": "fc1", "table5": "fc1,fc2,fc3,fc4",
-                   "table6": "fc1", "figure3": "fc1"}
-_DEFAULT_ALPHAS = {"table1": "1,2", "table5": "0,0.05,0.1", "figure3": "0,0.1,1"}
+                   "table6": "fc1", "figure3": "fc1", "figure4": "resnet20"}
+_DEFAULT_ALPHAS = {"table1": "1,2", "table5": "0,0.05,0.1", "figure3": "0,0.1,1",
+                   "figure4": "0,1,2"}
 _DEFAULT_DENSITIES = {"table6": "0.05,0.1,0.2", "figure3": "0.1"}
 
 
@@ -632,10 +643,15 @@ def _floats(text):
 def _add_command(sub, command):
     p = sub.add_parser(command, help=COMMANDS[command].__doc__.split("\n")[0].replace("%", "%%"),
                        description=COMMANDS[command].__doc__)
-    p.add_argument("--dataset", default="mnist", choices=("mnist", "fmnist", "digits"))
+    conv = command == "figure4"
+    p.add_argument("--dataset", default="cifar10" if conv else "mnist",
+                   choices=("cifar10", "cifar100", "svhn") if conv else ("mnist", "fmnist",
+                                                                       "digits"))
     p.add_argument("--models", default=_DEFAULT_MODELS[command],
                    type=lambda s: [m.strip().lower() for m in s.split(",")],
-                   help="comma-separated subset of fc1,fc2,fc3,fc4")
+                   help="comma-separated subset of " + (
+                       "resnet20,vgg16_quarter,vgg16,resnet50,wide_resnet28_10,small_vgg,"
+                       "small_resnet" if conv else "fc1,fc2,fc3,fc4"))
     p.add_argument("--epochs-base", type=int, default=20,
                    help="base training epochs (paper 100; Pan & Rajan 50)")
     p.add_argument("--base-protocol", default="paper", choices=BASE_PROTOCOLS,
@@ -668,9 +684,10 @@ def _add_command(sub, command):
                         "alpha as given (the earlier runs)")
     p.add_argument("--validation-size", type=int, default=None,
                    help="validation images (default: 10000 for mnist/fmnist, 2000 for cifar10)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="with --select-on validation: largest validation accuracy loss against "
-                        "the base model (a fraction) a candidate may have to be chosen")
+    p.add_argument("--tolerance", type=float, default=0.02 if conv else 0.01,
+                   help="with --select-on validation: largest (10-class) validation accuracy "
+                        "loss against the base model (a fraction) a candidate may have to be "
+                        "chosen")
     if command in _DEFAULT_ALPHAS:
         p.add_argument("--alphas", type=_floats, default=_floats(_DEFAULT_ALPHAS[command]),
                        help="alphas to run" + (" (the candidates of --select-on validation)"
@@ -684,6 +701,10 @@ def _add_command(sub, command):
         p.add_argument("--methods", default=",".join(BASELINES + ("stemming",)),
                        type=lambda s: [m.strip().lower() for m in s.split(",")],
                        help="comma-separated subset of ti-i,ti-sne,cm-rie,stemming")
+    if conv:
+        from modsplit.app.figure4 import add_figure4_arguments
+
+        add_figure4_arguments(p)
     p.add_argument("--out", default="reproduce_out", help="output and base-model cache folder")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the usual ones)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -691,9 +712,14 @@ def _add_command(sub, command):
 
 
 def _check_and_run(command, args):
-    bad = [m for m in args.models if m not in MODELS]
+    if command == "figure4":
+        from modsplit.app.figure4 import CONV_MODELS, apply_recipe
+
+        apply_recipe(args)
+    valid = CONV_MODELS if command == "figure4" else MODELS
+    bad = [m for m in args.models if m not in valid]
     if bad:
-        raise SystemExit(f"unknown models {bad}; valid: {', '.join(MODELS)}")
+        raise SystemExit(f"unknown models {bad}; valid: {', '.join(valid)}")
     bad = [m for m in getattr(args, "methods", ()) if m not in BASELINES + ("stemming",)]
     if bad:
         raise SystemExit(f"unknown methods {bad}; valid: {', '.join(BASELINES)}, stemming")
