@@ -318,7 +318,8 @@ def _select(run, results, name, seed):
     results[f"{name},s{seed},selection"]."""
     a = run.args
     keys = [f"{name},s{seed},{alpha:g}" for alpha in a.alphas]
-    candidates = [{"alpha": results[k]["alpha"], "neg_rps_pair": -results[k]["units"]["weights_pair"],
+    candidates = [{"alpha": results[k]["alpha"],
+                   "neg_rps_pair": -results[k]["units"]["weights_pair"],
                    "acc10_loss": results[k]["val"]["base_acc10"] - results[k]["val"]["acc10"],
                    "acc2_loss": results[k]["val"]["base_acc2"] - results[k]["val"]["acc2"]}
                   for k in keys]
