@@ -147,19 +147,21 @@ def test_recipe_first_steps(recipe, tmp_path, no_md5):
     dataset = figure4.RECIPES[recipe]["dataset"]
     _synthetic(str(tmp_path), dataset)
     out = str(tmp_path / "out")
-    argv = ["figure4", "--recipe", recipe, "--data-dir", str(tmp_path), "--limit", "4",
-            "--test-limit", "4", "--estimate-only", "--estimate-steps", "1",
-            "--estimate-modules", "1", "--threads", "1", "--out", out]
+    argv = ["figure4", "--recipe", recipe, "--data-dir", str(tmp_path), "--limit", "8",
+            "--validation-size", "4", "--test-limit", "4", "--estimate-only", "--estimate-steps",
+            "1", "--estimate-modules", "1", "--threads", "1", "--out", out]
     assert reproduce.main_reproduce(argv) == 0
     with open(os.path.join(out, f"figure4_estimate_{dataset}.json")) as f:
         data = json.load(f)
     s, (e,) = data["settings"], data["results"].values()
-    assert s["recipe"] == recipe and s["dataset"] == dataset
+    assert s["recipe"] == recipe and s["dataset"] == dataset and s["select_on"] == "validation"
+    assert s["train_examples"] == 4 and s["validation_examples"] == 4
+    assert s["seeds"] == [0, 1, 2, 3, 4]
     assert s["base_training"]["lr"] == figure4.RECIPES[recipe]["base_lr"]
     assert s["decompose_config"]["lr"] == figure4.RECIPES[recipe]["lr"]
     assert e["base_step_s"] > 0 and e["decomp_step_s"] > 0
     assert e["base_steps_per_epoch"] == 1 and e["decomp_steps_per_epoch"] == 1
-    assert e["base_epoch_s"] == pytest.approx(e["base_step_s"])
+    assert e["base_epoch_s"] == pytest.approx(e["base_step_s"]) and e["decomp_memory_gb"] > 0
 
 
 def test_recipe_without_files_says_how_to_get_them(tmp_path):
