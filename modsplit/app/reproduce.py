@@ -290,15 +290,20 @@ class Run:
     def save(self, name, markdown, results):
         """Print the Markdown report and write <out>/<name>.md and <out>/<name>.json."""
         settings = self.settings()
-        text = (f"{markdown}\n\nSettings: " + ", ".join(
+        parts = [markdown, "Settings: " + ", ".join(
             f"{k}={v}" for k, v in settings.items()
             if k not in ("argv", "base_test_accuracy", "base_dead_units",
-                         "base_validation_accuracy"))
-            + "\n\nBase test accuracy: " + ", ".join(
-                f"{k} {100 * v:.2f}%" for k, v in settings["base_test_accuracy"].items())
-            + "\n\nDead first-layer units (never active on the train set): " + ", ".join(
-                f"{k} {v}" for k, v in settings["base_dead_units"].items())
-            + f"\n\nCommand: `{settings['argv']}`\n")
+                         "base_validation_accuracy"))]
+        for key, title, fmt in (
+                ("base_test_accuracy", "Base test accuracy", lambda v: f"{100 * v:.2f}%"),
+                ("base_validation_accuracy", "Base validation accuracy",
+                 lambda v: f"{100 * v:.2f}%"),
+                ("base_dead_units", "Dead first-layer units (never active on the train set)",
+                 str)):
+            if settings[key]:
+                parts.append(f"{title}: " + ", ".join(f"{k} {fmt(v)}"
+                                                      for k, v in settings[key].items()))
+        text = "\n\n".join(parts) + f"\n\nCommand: `{settings['argv']}`\n"
         print(text)
         with open(os.path.join(self.args.out, f"{name}.md"), "w") as f:
             f.write(text)
