@@ -35,7 +35,7 @@ from modsplit import memory, metrics, ops
 from modsplit.app.data import mean_std, num_classes
 from modsplit.app.models import (resnet20, resnet50, small_resnet, small_vgg, vgg16,
                                  vgg16_quarter, wide_resnet28_10)
-from modsplit.app.reproduce import Run, _pct, base_cache_name
+from modsplit.app.runner import Run, _pct, base_cache_name
 from modsplit.app.selection import select_candidate, wilson_interval
 from modsplit.app.train import (evaluate, predict_logits, rand_augment, random_crop_flip,
                                 train_classifier)
