@@ -122,7 +122,8 @@ class Run:
         record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
         record.update(command=self.command, base_protocol=self.protocol,
                       base_training=base_training_settings(self.protocol),
-                      decompose_config=self.decompose_config(a.alpha).to_dict(),
+                      decompose_config=(self.decompose_config(a.alpha).to_dict()
+                                        if hasattr(a, "alpha") else None),
                       train_examples=len(self.train),
                       validation_examples=0 if self.val is None else len(self.val),
                       validation_split=None if self.val is None else
