@@ -57,3 +57,26 @@ def test_registry():
     assert isinstance(get_model("FC2")[3], nn.Linear)
     with pytest.raises(ValueError, match="fc1"):
         get_model("alexnet")
+
+
+def test_resnet20_is_he_et_al_cifar_resnet():
+    m = get_model("resnet20", num_classes=10).eval()
+    n_params = sum(p.numel() for p in m.parameters())
+    assert 0.26e6 < n_params < 0.28e6  # He et al. (2016), Table 6: 0.27M
+    blocks = [mod for mod in m.modules() if type(mod).__name__ == "BasicBlock"]
+    assert len(blocks) == 9 and [b.conv1.out_channels for b in blocks[::3]] == [16, 32, 64]
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg16_quarter_width_and_decomposable():
+    """1/4 width: 16..128 channels and a 128-unit classifier; its ReLUs are not in place after
+    Linear layers, so the masked twin (whose layers return views) trains."""
+    from modsplit.convert import convert
+
+    m = get_model("vgg16_quarter", num_classes=10).eval()
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    assert len(convs) == 13 and [c.out_channels for c in convs[::3]] == [16, 32, 64, 128, 128]
+    assert m[-1].in_features == 128 and m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    net = convert(m, 2, 0.1)
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(s.grad is not None for s in net.score_parameters())

@@ -83,6 +83,33 @@ def test_table1_over_seeds(out):
     assert f"{r['ji']:.3f} ± {r['ji_std']:.3f}" in md and "seeds [0, 1]" in md
 
 
+def test_table1_alpha_chosen_on_validation(out):
+    """--select-on validation: the last 1,000 of the 3,000 training images are held out, every
+    candidate alpha is scored on them, the chosen one follows the rule on the recorded scores,
+    and each decomposition's full DecomposeConfig is in the JSON."""
+    argv = ["table1", *TINY, "--models", "fc1", "--methods", "stemming", "--select-on",
+            "validation", "--validation-size", "1000", "--alphas", "0,2", "--epochs-decomp", "2",
+            "--out", out]
+    assert reproduce.main_reproduce(argv) == 0
+    with open(os.path.join(out, "table1_mnist.json")) as f:
+        data = json.load(f)
+    s, run = data["settings"], data["results"]["fc1"]["stemming"]["runs"][0]
+    assert s["select_on"] == "validation" and s["train_examples"] == 2000
+    assert s["validation_examples"] == 1000 and "last 1000" in s["validation_split"]
+    assert set(s["base_validation_accuracy"]) == {"fc1/s0"}
+    assert s["decompose_config"]["graft_lr"] == 0.01
+    sel = run["selection"]
+    assert [c["alpha"] for c in sel["candidates"]] == [0.0, 2.0]
+    assert sel["candidates"][1]["ji"] > sel["candidates"][0]["ji"]  # stemming from epoch 2
+    ok = [c for c in sel["candidates"] if c["acc_loss"] <= 0.01]
+    expect = (max(ok, key=lambda c: c["ji"]) if ok else
+              min(sel["candidates"], key=lambda c: c["acc_loss"]))
+    assert sel["chosen_alpha"] == expect["alpha"] == run["alpha"]
+    config = run["decompose_config"]
+    assert config["alpha"] == run["alpha"] and config["epochs"] == 2
+    assert run["ji"] == pytest.approx(expect["ji"])
+
+
 def test_base_protocol_pan_rajan(out):
     """--base-protocol pan-rajan: its own cache file, a model trained on inputs / 255 / 255 with
     Keras-style Adam from Glorot init, evaluated and decomposed on those inputs; `paper` keeps

@@ -133,6 +133,12 @@ def _missing(name, looked):
         f"{DATA_ENV} so that ${DATA_ENV}/{name} holds them.")
 
 
+def mean_std(name):
+    """The per-channel (mean, std) of ``name``'s standardisation (cifar10, cifar100, svhn), two
+    tuples of C floats on a 0-1 scale."""
+    return _MEAN_STD[name]
+
+
 def _standardise(x_uint8_nchw, name):
     """uint8 [N, C, H, W] -> float32 [N, C, H, W], (x/255 - mean) / std per channel."""
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _MEAN_STD[name])

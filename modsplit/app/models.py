@@ -6,7 +6,12 @@ All models map float32 images [B, C, H, W] to float32 logits [B, num_classes].
   layer. An ``nn.Sequential`` of Flatten, [Linear, ReLU] x n, Linear, so the Linear layers are
   named "1", "3", ..., "2n+1".
 - ``mnist2_fc``: an FC net for two-digit MNIST (28x56 inputs, 100 classes).
-- ``vgg16``: VGG16 with BatchNorm and a dropout classifier, for 32x32 inputs (CIFAR-10).
+- ``vgg16``: VGG16 with BatchNorm and a dropout classifier, for 32x32 inputs (CIFAR-10);
+  ``width`` scales every channel count (``vgg16(width=0.25)``: 16..128 channels, the CPU-scale
+  model of the CIFAR-10 Figure 4 runs).
+- ``resnet20``: the CIFAR ResNet-20 of He et al. (2016, section 4.2): 3x3 stem of 16 channels,
+  three stages of 3 BasicBlocks (16, 32, 64 channels), global average pool, Linear; 0.27M
+  parameters.
 - ``resnet50``: torchvision's ResNet50 with a 3x3 stride-1 stem and no max-pool (32x32, SVHN).
 - ``wide_resnet28_10``: WRN-28-10 (Zagoruyko & Komodakis 2016), pre-activation (CIFAR-100).
 - ``small_vgg``, ``small_resnet``: few-channel conv nets (BatchNorm, dropout / skip connections)
@@ -62,24 +67,30 @@ _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"
               512, 512, 512, "M")
 
 
-def vgg16(num_classes=10, batch_norm=True, in_channels=3, dropout=0.5):
-    """VGG16 for 32x32 inputs: 13 3x3 convs (+BatchNorm), 5 max-pools down to 1x1x512, then
-    Dropout -> Linear(512, 512) -> ReLU -> Dropout -> Linear(512, 512) -> ReLU ->
-    Linear(512, num_classes)."""
+def vgg16(num_classes=10, batch_norm=True, in_channels=3, dropout=0.5, width=1.0):
+    """VGG16 for 32x32 inputs: 13 3x3 convs (+BatchNorm), 5 max-pools down to 1x1xC, then
+    Dropout -> Linear(C, C) -> ReLU -> Dropout -> Linear(C, C) -> ReLU -> Linear(C, num_classes),
+    with C = 512 * width and every conv's channels scaled by ``width`` (1: the standard net)."""
     layers, cin = [], in_channels
     for v in _VGG16_CFG:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
         else:
+            v = max(1, round(v * width))
             layers += [nn.Conv2d(cin, v, 3, padding=1, bias=not batch_norm)]
             layers += [nn.BatchNorm2d(v)] if batch_norm else []
             layers.append(nn.ReLU(inplace=True))
             cin = v
     return nn.Sequential(
         nn.Sequential(*layers), nn.Flatten(),
-        nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(inplace=True),
-        nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(inplace=True),
-        nn.Linear(512, num_classes))
+        nn.Dropout(dropout), nn.Linear(cin, cin), nn.ReLU(),
+        nn.Dropout(dropout), nn.Linear(cin, cin), nn.ReLU(),
+        nn.Linear(cin, num_classes))
+
+
+def vgg16_quarter(num_classes=10):
+    """VGG16-BN at 1/4 width (16, 32, 64, 128, 128 channels; 0.94M parameters)."""
+    return vgg16(num_classes, width=0.25)
 
 
 def small_vgg(in_channels, num_classes, width=16, dropout=0.25):
@@ -121,6 +132,20 @@ def small_resnet(in_channels, num_classes, width=16):
         BasicBlock(width, width), BasicBlock(width, 2 * width, 2),
         BasicBlock(2 * width, 4 * width, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
+
+
+def resnet20(num_classes=10, in_channels=3):
+    """CIFAR ResNet-20 (He et al. 2016, 6n+2 layers with n = 3): conv3x3(16)-BN-ReLU, three
+    stages of 3 BasicBlocks of 16, 32, 64 channels (stride 1, 2, 2; projection shortcuts, i.e.
+    option B, where the shape changes), global average pool, Linear(64, num_classes).
+    [B, 3, 32, 32] -> [B, num_classes]."""
+    blocks, cin = [], 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    return nn.Sequential(*_conv_bn_relu(in_channels, 16), *blocks, nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, num_classes))
 
 
 def resnet50(num_classes=10):
@@ -185,7 +210,7 @@ def wide_resnet28_10(num_classes=100, dropout=0.3):
 
 
 _REGISTRY = {"fc": fc, "fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4, "mnist2_fc": mnist2_fc,
-             "vgg16": vgg16,
+             "vgg16": vgg16, "vgg16_quarter": vgg16_quarter, "resnet20": resnet20,
              "small_vgg": small_vgg, "small_resnet": small_resnet, "resnet50": resnet50,
              "wide_resnet": WideResNet, "wide_resnet28_10": wide_resnet28_10}
 

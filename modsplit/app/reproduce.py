@@ -22,28 +22,24 @@ trained with Adam (lr 1e-3, eps 1e-7, no weight decay), batch 32, for --epochs-b
 in their script). `paper` (default) is the seed paper's Table 3 training on [0, 1] inputs.
 """
 import argparse
-import inspect
 import itertools
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from modsplit import metrics, ops
-from modsplit.errors import ModsplitError
+from modsplit.app import figure4
 from modsplit.app.baselines import decompose_pan_rajan, value_set_jaccard
-from modsplit.app.data import load_dataset
-from modsplit.decompose import decompose
-from modsplit.app.models import FC1, FC2, FC3, FC4
-from modsplit.app.train import evaluate, train_classifier
+# The runner's shared steps, also reachable as reproduce.<name> (as before they moved there).
+from modsplit.app.runner import (BASE_PROTOCOLS, MODELS, Run, _pct, base_cache_name,
+                                 base_training_kwargs, base_training_settings, dead_units,
+                                 protocol_inputs)
+from modsplit.app.selection import select_candidate
+from modsplit.decompose_config import DecomposeConfig
+from modsplit.errors import ModsplitError
 
-MODELS = {"fc1": FC1, "fc2": FC2, "fc3": FC3, "fc4": FC4}
-BASE_PROTOCOLS = ("paper", "pan-rajan")
 BASELINES = ("ti-i", "ti-sne", "cm-rie")
 NUM_CLASSES = 10
 
@@ -106,197 +102,6 @@ PAPER_TABLE6_DIAGONAL = {
 PAPER_TABLE6_OFF_DIAGONAL = (43.7, 46.6)
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared steps
-
-def protocol_inputs(dataset, protocol):
-    """The images the base models of `protocol` see: `dataset` (TensorDataset of float32
-    [N, C, H, W] images in [0, 1] and int64 [N] labels) itself for "paper"; for "pan-rajan" a
-    new TensorDataset with the images divided by 255 once more (float32, in [0, 1/255]) and the
-    same labels, as Pan & Rajan's double scaling gives."""
-    if protocol == "paper":
-        return dataset
-    if protocol == "pan-rajan":
-        x, y = dataset.tensors
-        return TensorDataset(x / 255, y)
-    raise ValueError(f"unknown base protocol {protocol!r}; valid: {', '.join(BASE_PROTOCOLS)}")
-
-
-def base_training_kwargs(protocol):
-    """Keyword arguments of train_classifier (besides epochs and seed) for `protocol`: none for
-    "paper" (train_classifier's Table 3 defaults: SGD lr 0.01, Nesterov 0.9, weight decay 5e-4,
-    batch 64, PyTorch's default init); Keras-style Adam for "pan-rajan"."""
-    if protocol == "paper":
-        return {}
-    if protocol == "pan-rajan":
-        return dict(optimizer="adam", lr=1e-3, eps=1e-7, weight_decay=0.0, batch_size=32,
-                    init="glorot")
-    raise ValueError(f"unknown base protocol {protocol!r}; valid: {', '.join(BASE_PROTOCOLS)}")
-
-
-def base_training_settings(protocol):
-    """The base-training hyperparameters of `protocol` for the settings record: a JSON-able
-    dict of train_classifier's optimizer / init / batch arguments, base_training_kwargs over
-    train_classifier's defaults."""
-    defaults = inspect.signature(train_classifier).parameters
-    given = base_training_kwargs(protocol)
-    return {k: given.get(k, defaults[k].default)
-            for k in ("optimizer", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay",
-                      "batch_size", "init")}
-
-
-def base_cache_name(dataset, name, protocol, epochs, limit, seed):
-    """File name of a cached base model: today's `base_<dataset>_<name>_e<epochs>_n<limit>
-    _s<seed>.pt` for "paper" (so existing caches stay valid), with `_<protocol>` after the model
-    name otherwise. limit: an int or None (all)."""
-    tag = "" if protocol == "paper" else f"_{protocol}"
-    return (f"base_{dataset}_{name}{tag}_e{epochs}_n{'all' if limit is None else limit}"
-            f"_s{seed}.pt")
-
-
-@torch.no_grad()
-def dead_units(model, dataset, batch_size=4096):
-    """Number of units of the model's first Linear layer (an int) whose pre-activation is <= 0
-    on every example of `dataset` (images float32 [N, C, H, W]; inputs flattened to [N, I])."""
-    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-    alive = torch.zeros(first.out_features, dtype=torch.bool)
-    x = dataset.tensors[0]
-    for i in range(0, len(x), batch_size):
-        alive |= (first(x[i:i + batch_size].flatten(1)) > 0).any(0)
-    return int((~alive).sum())
-
-
-class Run:
-    """One command's context: data, settings record, output folder and base-model cache.
-
-    args: the parsed arguments (dataset, epochs_base, epochs_decomp, limit, decomp_limit,
-    seed, out, threads, data_dir, base_protocol). The train set is the first `limit` examples
-    (all when None); the test set is always complete. Both are the inputs of --base-protocol
-    (protocol_inputs), so base training, both decompositions and every evaluation see them.
-    """
-
-    def __init__(self, command, args):
-        self.command, self.args, self.start = command, args, time.time()
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        os.makedirs(args.out, exist_ok=True)
-        self.protocol = getattr(args, "base_protocol", "paper")
-        self.train = protocol_inputs(
-            load_dataset(args.dataset, "train", args.data_dir, args.limit), self.protocol)
-        self.test = protocol_inputs(load_dataset(args.dataset, "test", args.data_dir),
-                                    self.protocol)
-        self.base_accuracy, self.base_dead_units = {}, {}
-
-    def settings(self):
-        """The settings and timing of this run, as a JSON-able dict."""
-        a = self.args
-        keys = ("dataset", "models", "epochs_base", "epochs_decomp", "limit", "decomp_limit",
-                "seed", "seeds", "methods", "alpha", "alphas", "density", "densities", "lr",
-                "lr_schedule", "balance", "batch_size")
-        record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
-        record.update(command=self.command, base_protocol=self.protocol,
-                      base_training=base_training_settings(self.protocol),
-                      train_examples=len(self.train),
-                      decomp_examples=len(self.decomp_set()), test_examples=len(self.test),
-                      base_test_accuracy=self.base_accuracy,
-                      base_dead_units=self.base_dead_units,
-                      wall_time_s=round(time.time() - self.start, 1),
-                      machine=f"{platform.node()} ({platform.machine()}, "
-                              f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
-                              f"{torch.get_num_threads()} threads)",
-                      finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-                      argv=getattr(a, "command_line", None) or " ".join(sys.argv))
-        return record
-
-    def base_model(self, name, seed=None):
-        """Trained base model `name` (fc1..fc4) of `seed` (default --seed): loaded from the
-        cache file in --out when there (base_cache_name: one file per protocol), else trained on
-        the train set as --base-protocol says (base_training_kwargs) and saved. Records its test
-        accuracy and its number of dead first-layer units on the train set (dead_units) under
-        "<name>/s<seed>". Seeds torch's global RNG with the seed for the initial weights."""
-        a = self.args
-        seed = a.seed if seed is None else seed
-        path = os.path.join(a.out, base_cache_name(a.dataset, name, self.protocol,
-                                                   a.epochs_base, a.limit, seed))
-        torch.manual_seed(seed)
-        model = MODELS[name](in_features=self.train.tensors[0][0].numel())
-        if os.path.isfile(path):
-            model.load_state_dict(torch.load(path))
-            model.eval()
-        else:
-            train_classifier(model, self.train, epochs=a.epochs_base, seed=seed,
-                             progress=False, **base_training_kwargs(self.protocol))
-            torch.save(model.state_dict(), path)
-        self.base_accuracy[f"{name}/s{seed}"] = evaluate(model, self.test)
-        self.base_dead_units[f"{name}/s{seed}"] = dead_units(model, self.train)
-        return model
-
-    def decomp_set(self):
-        """The first `decomp_limit` train examples (the whole train set when None)."""
-        n = self.args.decomp_limit
-        return self.train if n is None or n >= len(self.train) else Subset(self.train, range(n))
-
-    def decompose(self, model, alpha, density=None, shared_init=True, epochs=None,
-                  eval_set=None, seed=None):
-        """Module stemming of `model` on the decomposition set (batch 32, shuffled by `seed`,
-        default --seed; scores drawn from it too); eval_set: evaluate the modules on it after
-        every epoch (decompose's eval_set)."""
-        a = self.args
-        seed = a.seed if seed is None else seed
-        data = self.decomp_set()
-        loader = DataLoader(data, batch_size=a.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
-        return decompose(model, _LabelledLoader(loader, _labels(data)), NUM_CLASSES,
-                         density=a.density if density is None else density, alpha=alpha, p=1,
-                         epochs=a.epochs_decomp if epochs is None else epochs, lr=a.lr,
-                         lr_schedule=a.lr_schedule, balance=a.balance,
-                         shared_init=shared_init, seed=seed, progress=False,
-                         eval_set=eval_set)
-
-    def log(self, message):
-        """Progress line on stderr with the elapsed time."""
-        print(f"[{time.time() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-    def save(self, name, markdown, results):
-        """Print the Markdown report and write <out>/<name>.md and <out>/<name>.json."""
-        settings = self.settings()
-        text = (f"{markdown}\n\nSettings: " + ", ".join(
-            f"{k}={v}" for k, v in settings.items()
-            if k not in ("argv", "base_test_accuracy", "base_dead_units"))
-            + "\n\nBase test accuracy: " + ", ".join(
-                f"{k} {100 * v:.2f}%" for k, v in settings["base_test_accuracy"].items())
-            + "\n\nDead first-layer units (never active on the train set): " + ", ".join(
-                f"{k} {v}" for k, v in settings["base_dead_units"].items())
-            + f"\n\nCommand: `{settings['argv']}`\n")
-        print(text)
-        with open(os.path.join(self.args.out, f"{name}.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(self.args.out, f"{name}.json"), "w") as f:
-            json.dump({"settings": settings, "results": results}, f, indent=1)
-        return {"settings": settings, "results": results}
-
-
-class _LabelledLoader:
-    """A DataLoader wrapper that also exposes the dataset's label tensor (as `dataset.targets`)
-    so that decompose() counts class frequencies without a pass over the data."""
-
-    def __init__(self, loader, labels):
-        self.loader, self.dataset = loader, argparse.Namespace(targets=labels)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
-
-
-def _labels(dataset):
-    """int64 [n] labels of a TensorDataset or of a Subset of one."""
-    if isinstance(dataset, Subset):
-        return dataset.dataset.tensors[1][list(dataset.indices)]
-    return dataset.tensors[1]
-
-
 def bool_mask_jaccard(masks):
     """Mean pairwise mask JI of {layer: bool [K, O, I]} masks (edge positions), computed by the
     same metric as the stemming banks' (metrics.mask_jaccard on packed masks)."""
@@ -307,10 +112,6 @@ def pair_rps(bank):
     """RPs ratio of every 2-class recomposition: {(i, j): ratio} over the 45 pairs."""
     return {pair: metrics.remaining_params_ratio(bank, pair)
             for pair in itertools.combinations(bank.classes, 2)}
-
-
-def _pct(v):
-    return "–" if v is None else f"{100 * v:.2f}"
 
 
 def _num(v):
@@ -328,10 +129,13 @@ def _table1_runs(run, name, seed):
             f"{run.base_accuracy[f'{name}/s{seed}']:.4f}")
     out = {}
     if "stemming" in args.methods:
-        bank = run.decompose(model, args.alpha, seed=seed)
+        bank, config, selection = _stemming_for_table1(run, model, name, seed)
         out["stemming"] = {"ji": metrics.jaccard_index(bank),
                            "acc": metrics.recomposed_accuracy(bank, run.test, range(NUM_CLASSES)),
+                           "alpha": config.alpha, "decompose_config": config.to_dict(),
                            "history": bank.history}
+        if selection is not None:
+            out["stemming"]["selection"] = selection
         run.log(f"{name} seed {seed}: stemming {out['stemming']['ji']:.3f} JI, "
                 f"{out['stemming']['acc']:.4f} acc")
     for method in (m for m in BASELINES if m in args.methods):
@@ -344,6 +148,35 @@ def _table1_runs(run, name, seed):
                        "value_ji": value_set_jaccard(mods), "acc": mods.accuracy(run.test)}
         run.log(f"{name} seed {seed}: {method} {out[method]}")
     return out
+
+
+def _stemming_for_table1(run, model, name, seed):
+    """(bank, its DecomposeConfig, selection record or None) of Table 1's stemming cell.
+
+    --select-on test: one decomposition with --alpha. --select-on validation: one per candidate
+    of --alphas, and the bank kept is the one selection.select_candidate picks on the validation
+    set: highest mask JI among the candidates whose 10-class recomposed validation accuracy is
+    within --tolerance of the base model's validation accuracy. The record lists every
+    candidate's validation JI and accuracy; the test set is not looked at."""
+    args = run.args
+    if run.val is None:
+        config = run.decompose_config(args.alpha, seed=seed)
+        return run.decompose(model, config), config, None
+    base_val = run.base_val_accuracy[f"{name}/s{seed}"]
+    banks, candidates = [], []
+    for alpha in args.alphas:
+        config = run.decompose_config(alpha, seed=seed)
+        bank = run.decompose(model, config)
+        val_acc = metrics.recomposed_accuracy(bank, run.val, range(NUM_CLASSES))
+        banks.append((bank, config))
+        candidates.append({"alpha": alpha, "ji": metrics.jaccard_index(bank),
+                           "val_acc": val_acc, "acc_loss": base_val - val_acc})
+        run.log(f"{name} seed {seed} alpha {alpha}: validation JI {candidates[-1]['ji']:.3f}, "
+                f"acc {val_acc:.4f} (base {base_val:.4f})")
+    chosen, rule = select_candidate(candidates, "ji", {"acc": args.tolerance})
+    selection = {"chosen_alpha": args.alphas[chosen], "rule": rule,
+                 "base_val_acc": base_val, "candidates": candidates}
+    return (*banks[chosen], selection)
 
 
 def _mean_std(runs, key):
@@ -380,17 +213,22 @@ def run_table1(args):
                 summary[key], summary[f"{key}_std"] = _mean_std(runs, key)
             results[name][method] = summary
     what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    lines = [f"Table 1 ({args.dataset}, k = {args.density}, alpha = {args.alpha}, {what}): mask "
+    how = (f"alpha = {args.alpha}" if run.val is None else
+           f"alpha chosen per model and seed on the validation set from {args.alphas} "
+           f"(highest JI with recomposed accuracy within {100 * args.tolerance:g} points of the "
+           f"base model's)")
+    lines = [f"Table 1 ({args.dataset}, k = {args.density}, {how}, {what}): mask "
              "JI over edge positions, value-set JI (Pan & Rajan's published kind, baselines "
              "only) and 10-class recomposed test accuracy (%); the paper's numbers beside ours.",
-             "", "| method | model | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
-             "acc % (paper) |", "|---|---|---|---|---|---|---|"]
+             "", "| method | model | α | JI (ours) | JI (paper) | value-set JI | acc % (ours) | "
+             "acc % (paper) |", "|---|---|---|---|---|---|---|---|"]
     for method in (m for m in BASELINES + ("stemming",) if m in args.methods):
         for name in args.models:
             r = results[name][method]
             ji_p, acc_p = paper.get(method, {}).get(name, (None, None))
+            alphas = "/".join(f"{x['alpha']:g}" for x in r["runs"] if "alpha" in x) or "–"
             lines.append(
-                f"| {method} | {name.upper()} | {_cell(r['ji'], r['ji_std'], _num)} | "
+                f"| {method} | {name.upper()} | {alphas} | {_cell(r['ji'], r['ji_std'], _num)} | "
                 f"{'–' if ji_p is None else f'{ji_p:.2f}'} | "
                 f"{_cell(r['value_ji'], r['value_ji_std'], _num)} | "
                 f"{_cell(r['acc'], r['acc_std'], _pct)} | "
@@ -405,10 +243,12 @@ def run_table2(args):
     model = run.base_model(args.models[0])
     results = {}
     for shared, stem in itertools.product((False, True), (False, True)):
-        bank = run.decompose(model, args.alpha if stem else 0.0, shared_init=shared)
+        config = run.decompose_config(args.alpha if stem else 0.0, shared_init=shared)
+        bank = run.decompose(model, config)
         ratios = list(pair_rps(bank).values())
         results[f"shared={shared},stem={stem}"] = {
-            "shared_init": shared, "stemming": stem, "avg": sum(ratios) / len(ratios),
+            "shared_init": shared, "stemming": stem, "decompose_config": config.to_dict(),
+            "avg": sum(ratios) / len(ratios),
             "best": min(ratios), "worst": max(ratios), "pairs": len(ratios),
             "ji": metrics.jaccard_index(bank), "history": bank.history}
         run.log(f"shared {shared} stem {stem}: {results[f'shared={shared},stem={stem}']['avg']}")
@@ -434,10 +274,12 @@ def run_table5(args):
     for name in args.models:
         model = run.base_model(name)
         for alpha in args.alphas:
-            bank = run.decompose(model, alpha, eval_set=run.test)
+            config = run.decompose_config(alpha)
+            bank = run.decompose(model, config, eval_set=run.test)
             per_epoch = [r["eval_module_acc"] for r in bank.history]
             accs = [max(col) for col in zip(*per_epoch)]
             results[f"{name},{alpha}"] = {"model": name, "alpha": alpha, "module_acc": accs,
+                                         "decompose_config": config.to_dict(),
                                          "avg": sum(accs) / len(accs),
                                          "best_epoch": [col.index(max(col)) + 1
                                                         for col in zip(*per_epoch)],
@@ -470,10 +312,12 @@ def run_table6(args):
     model = run.base_model(args.models[0])
     results, lines = {}, []
     for k in args.densities:
-        bank = run.decompose(model, args.alpha, density=k)
+        config = run.decompose_config(args.alpha, density=k)
+        bank = run.decompose(model, config)
         m = metrics.module_class_matrix(bank, run.test)
         eye = torch.eye(NUM_CLASSES, dtype=torch.bool)
         results[str(k)] = {"density": k, "matrix": m.tolist(),
+                           "decompose_config": config.to_dict(),
                            "diagonal_mean": m[eye].mean().item(),
                            "off_diagonal_mean": m[~eye].mean().item()}
         paper = PAPER_TABLE6_DIAGONAL.get(k)
@@ -509,10 +353,12 @@ def run_figure3(args):
     for col, name in enumerate(args.models):
         model = run.base_model(name)
         for k, alpha in itertools.product(args.densities, args.alphas):
-            bank = run.decompose(model, alpha, density=k, eval_set=run.test)
+            config = run.decompose_config(alpha, density=k)
+            bank = run.decompose(model, config, eval_set=run.test)
             h = bank.history
             test_acc = [sum(r["eval_module_acc"]) / len(r["eval_module_acc"]) for r in h]
             results[f"{name},{k},{alpha}"] = {"model": name, "density": k, "alpha": alpha,
+                                             "decompose_config": config.to_dict(),
                                              "test_module_acc": test_acc, "history": h}
             epochs = [r["epoch"] for r in h]
             axes[0, col].plot(epochs, [r["rps_pair"] for r in h], marker=".",
@@ -542,12 +388,13 @@ def run_figure3(args):
 
 
 COMMANDS = {"table1": run_table1, "table2": run_table2, "table5": run_table5,
-            "table6": run_table6, "figure3": run_figure3}
+            "table6": run_table6, "figure3": run_figure3, "figure4": figure4.run_figure4}
 
 # Per-command defaults that differ from the shared ones.
 _DEFAULT_MODELS = {"table1": "fc1,fc2,fc3,fc4", "table2": "fc1", "table5": "fc1,fc2,fc3,fc4",
-                   "table6": "fc1", "figure3": "fc1"}
-_DEFAULT_ALPHAS = {"table5": "0,0.05,0.1", "figure3": "0,0.1,1"}
+                   "table6": "fc1", "figure3": "fc1", "figure4": "resnet20"}
+_DEFAULT_ALPHAS = {"table1": "1,2", "table5": "0,0.05,0.1", "figure3": "0,0.1,1",
+                   "figure4": "0,1,2"}
 _DEFAULT_DENSITIES = {"table6": "0.05,0.1,0.2", "figure3": "0.1"}
 
 
@@ -558,10 +405,15 @@ def _floats(text):
 def _add_command(sub, command):
     p = sub.add_parser(command, help=COMMANDS[command].__doc__.split("\n")[0].replace("%", "%%"),
                        description=COMMANDS[command].__doc__)
-    p.add_argument("--dataset", default="mnist", choices=("mnist", "fmnist", "digits"))
+    conv = command == "figure4"
+    p.add_argument("--dataset", default="cifar10" if conv else "mnist",
+                   choices=("cifar10", "cifar100", "svhn") if conv else ("mnist", "fmnist",
+                                                                       "digits"))
     p.add_argument("--models", default=_DEFAULT_MODELS[command],
                    type=lambda s: [m.strip().lower() for m in s.split(",")],
-                   help="comma-separated subset of fc1,fc2,fc3,fc4")
+                   help="comma-separated subset of " + (
+                       "resnet20,vgg16_quarter,vgg16,resnet50,wide_resnet28_10,small_vgg,"
+                       "small_resnet" if conv else "fc1,fc2,fc3,fc4"))
     p.add_argument("--epochs-base", type=int, default=20,
                    help="base training epochs (paper 100; Pan & Rajan 50)")
     p.add_argument("--base-protocol", default="paper", choices=BASE_PROTOCOLS,
@@ -585,8 +437,23 @@ def _add_command(sub, command):
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="plain cross-entropy instead of the class-weighted (1:1) one")
     p.add_argument("--batch-size", type=int, default=32, help="decomposition batch size")
+    p.add_argument("--graft-lr", type=float, default=DecomposeConfig.graft_lr,
+                   help="learning rate of the grafting layers")
+    p.add_argument("--select-on", default="test", choices=("test", "validation"),
+                   help="'validation': carve a validation set from the training images (the "
+                        "last --validation-size of them; they are then left out of training) "
+                        "and choose alpha on it (table1: from --alphas); 'test': no split, "
+                        "alpha as given (the earlier runs)")
+    p.add_argument("--validation-size", type=int, default=None,
+                   help="validation images (default: 10000 for mnist/fmnist, 2000 for cifar10)")
+    p.add_argument("--tolerance", type=float, default=0.02 if conv else 0.01,
+                   help="with --select-on validation: largest (10-class) validation accuracy "
+                        "loss against the base model (a fraction) a candidate may have to be "
+                        "chosen")
     if command in _DEFAULT_ALPHAS:
-        p.add_argument("--alphas", type=_floats, default=_floats(_DEFAULT_ALPHAS[command]))
+        p.add_argument("--alphas", type=_floats, default=_floats(_DEFAULT_ALPHAS[command]),
+                       help="alphas to run" + (" (the candidates of --select-on validation)"
+                                               if command == "table1" else ""))
     if command in _DEFAULT_DENSITIES:
         p.add_argument("--densities", type=_floats,
                        default=_floats(_DEFAULT_DENSITIES[command]))
@@ -596,6 +463,8 @@ def _add_command(sub, command):
         p.add_argument("--methods", default=",".join(BASELINES + ("stemming",)),
                        type=lambda s: [m.strip().lower() for m in s.split(",")],
                        help="comma-separated subset of ti-i,ti-sne,cm-rie,stemming")
+    if conv:
+        figure4.add_figure4_arguments(p)
     p.add_argument("--out", default="reproduce_out", help="output and base-model cache folder")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the usual ones)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -603,9 +472,12 @@ def _add_command(sub, command):
 
 
 def _check_and_run(command, args):
-    bad = [m for m in args.models if m not in MODELS]
+    if command == "figure4":
+        figure4.apply_recipe(args)
+    valid = figure4.CONV_MODELS if command == "figure4" else MODELS
+    bad = [m for m in args.models if m not in valid]
     if bad:
-        raise ValueError(f"unknown models {bad}; valid: {', '.join(MODELS)}")
+        raise ValueError(f"unknown models {bad}; valid: {', '.join(valid)}")
     bad = [m for m in getattr(args, "methods", ()) if m not in BASELINES + ("stemming",)]
     if bad:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(BASELINES)}, stemming")

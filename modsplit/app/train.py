@@ -42,6 +42,25 @@ def random_crop_flip(x, padding=4):
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def rand_augment(mean, std, num_ops=2, magnitude=14):
+    """RandAugment (Cubuk et al. 2020; torchvision's, ``num_ops`` N, ``magnitude`` M) followed by
+    random_crop_flip, for standardised batches: returns a function float [B, C, H, W] ->
+    float [B, C, H, W]. Each image is mapped back to uint8 pixels with the per-channel ``mean``
+    and ``std`` (0-1 scale), augmented on its own (torch's global RNG), and standardised again."""
+    from torchvision.transforms import RandAugment
+
+    op = RandAugment(num_ops, magnitude)
+
+    def augment(x):
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+        pixels = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+        out = torch.stack([op(img) for img in pixels]).to(x.device).float() / 255
+        return random_crop_flip((out - m) / s)
+
+    return augment
+
+
 OPTIMIZERS = ("sgd", "adam")
 INITS = (None, "glorot")
 
