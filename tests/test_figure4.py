@@ -164,7 +164,9 @@ def test_recipe_first_steps(recipe, tmp_path, no_md5):
     assert e["base_epoch_s"] == pytest.approx(e["base_step_s"]) and e["decomp_memory_gb"] > 0
 
 
-def test_recipe_without_files_says_how_to_get_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="download=True"):
-        reproduce.main_reproduce(["figure4", "--recipe", "wrn28-10-cifar100", "--data-dir",
-                                  str(tmp_path), "--estimate-only", "--out", str(tmp_path)])
+def test_recipe_without_files_says_how_to_get_them(tmp_path, capsys):
+    code = reproduce.main_reproduce(["figure4", "--recipe", "wrn28-10-cifar100", "--data-dir",
+                                     str(tmp_path), "--estimate-only", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cifar100: dataset files not found" in err and "download=True" in err
