@@ -36,3 +36,19 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def digits_fc1():
+    """(FC1 trained 3 epochs on the digits training set, its first 320 examples)."""
+    from torch.utils.data import TensorDataset
+
+    from modsplit.app.data import load_dataset
+    from modsplit.app.models import FC1
+    from modsplit.app.train import train_classifier
+
+    train = load_dataset("digits", "train")
+    small = TensorDataset(*(t[:320] for t in train.tensors))
+    model = train_classifier(FC1(64, 10), train, epochs=3, lr=0.05, batch_size=32, seed=0,
+                             progress=False)
+    return model, small

@@ -2,12 +2,9 @@
 decompose() with it (determinism, resume, the default path untouched)."""
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from modsplit import DecomposeConfig, decompose
-from modsplit.app.data import load_dataset
-from modsplit.app.models import FC1
-from modsplit.app.train import train_classifier
 from modsplit.decompose import sample_rows
 
 
@@ -73,21 +70,12 @@ def test_bad_ratio_is_named():
         DecomposeConfig.build(None, 10, neg_ratio=float("nan"))
 
 
-@pytest.fixture(scope="module")
-def setup():
-    train = load_dataset("digits", "train")
-    small = TensorDataset(*(t[:320] for t in train.tensors))
-    model = train_classifier(FC1(64, 10), train, epochs=3, lr=0.05, batch_size=32, seed=0,
-                             progress=False)
-    return model, small
-
-
 def _loader(ds):
     return DataLoader(ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
-def test_decompose_with_sampled_negatives_is_deterministic_and_resumes(setup, tmp_path):
-    model, small = setup
+def test_decompose_with_sampled_negatives_is_deterministic_and_resumes(digits_fc1, tmp_path):
+    model, small = digits_fc1
     a = decompose(model, _loader(small), 10, epochs=2, neg_ratio=2.0, progress=False)
     b = decompose(model, _loader(small), 10, epochs=2, neg_ratio=2.0, progress=False)
     full = decompose(model, _loader(small), 10, epochs=2, progress=False)

@@ -4,13 +4,10 @@ import importlib
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import modsplit
 from modsplit import backend, decompose, reference
-from modsplit.app.data import load_dataset
-from modsplit.app.models import FC1
-from modsplit.app.train import train_classifier
 from modsplit.score_update import CoTrainSGD, cotrain_sgd_step_, stem_coefficient
 
 decompose_module = importlib.import_module("modsplit.decompose")
@@ -125,15 +122,6 @@ def test_bad_arguments_name_the_argument(name):
         p = torch.nn.Parameter(s.clone())
         p.grad = torch.zeros_like(s)
         CoTrainSGD([p], [], 0.1, 0.1, 0.9, True, 0.0).step([s, s], 0.1)
-
-
-@pytest.fixture(scope="module")
-def digits_fc1():
-    train = load_dataset("digits", "train")
-    small = TensorDataset(*(t[:320] for t in train.tensors))
-    model = train_classifier(FC1(64, 10), train, epochs=3, lr=0.05, batch_size=32, seed=0,
-                             progress=False)
-    return model, small
 
 
 def test_decompose_gives_the_same_bank_as_torch_sgd(digits_fc1, monkeypatch):
