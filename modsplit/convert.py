@@ -3,6 +3,8 @@ import contextlib
 import copy
 import fnmatch
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -20,17 +22,21 @@ def repeat_folded(x: torch.Tensor, k: int) -> torch.Tensor:
 class MultiModuleNet(nn.Module):
     """A converted network that runs K modules (supermasks) at once.
 
-    forward(x [B, ...]) -> [K, B, ...]: x is repeated K times along a folded batch dim
-    ([K*B, ...]), run through the wrapped network whose Linear/Conv2d layers are MaskedLinear /
-    MaskedConv2d, and the output unfolded. K = n_modules, or the number of modules selected by
-    use_modules(). The wrapped network's BatchNorm layers must stay in eval mode (frozen
-    statistics): in train mode they would mix the statistics of all modules' activations.
+    forward(x [B, ...]) -> [K, B, ...]: the wrapped network (Linear/Conv2d layers replaced by
+    MaskedLinear / MaskedConv2d) runs on x, and every masked layer that reads x itself (or a
+    module-independent function of it) takes it as the input all K modules share and folds the
+    module dim into the batch dim ([K*B, ...]) from there on; the output is unfolded. K =
+    n_modules, or the number of modules selected by use_modules(). shared_input=False (or a
+    network that mixes x with module activations, e.g. `x + masked(x)`, found on the first such
+    call, with a warning) repeats x K times up front instead. The wrapped network's BatchNorm
+    layers must stay in eval mode (frozen statistics): in train mode they would mix the
+    statistics of all modules' activations.
     """
 
-    def __init__(self, net: nn.Module, n_modules: int, density: float):
+    def __init__(self, net: nn.Module, n_modules: int, density: float, shared_input: bool = True):
         super().__init__()
         self.net, self.n_modules, self.density = net, int(n_modules), float(density)
-        self.active = None
+        self.active, self.shared_input = None, bool(shared_input)
 
     def masked_layers(self) -> dict:
         """{name in the original model: MaskedLinear | MaskedConv2d}, in module order."""
@@ -69,10 +75,37 @@ class MultiModuleNet(nn.Module):
         y = self.net(x.reshape(k * x.shape[1], *x.shape[2:]))
         return y.reshape(k, x.shape[1], *y.shape[1:])
 
+    def _run_shared(self, x, k):
+        """(self.net(x) with x marked as the modules' shared input, None), or (None, why) where
+        the network mixed x with module activations (a shape error, or an output that is not
+        [k*B, ...])."""
+        layers = self.masked_layers().values()
+        for m in layers:
+            m.shared_rows = x.shape[0]
+        try:
+            y = self.net(x)
+        except RuntimeError as err:
+            return None, f"it raised {str(err).splitlines()[0]!r}"
+        finally:
+            for m in layers:
+                m.shared_rows = None
+        if isinstance(y, torch.Tensor) and y.shape[:1] != (k * x.shape[0],):
+            return None, f"its output has batch {y.shape[0]}, not K*B = {k * x.shape[0]}"
+        return y, None
+
     def forward(self, x):
         k = self.n_modules if self.active is None else len(self.active)
         b = x.shape[0]
-        y = self.net(repeat_folded(x, k))
+        y, why = None, None
+        if getattr(self, "shared_input", False) and k > 1:  # absent in nets pickled before it
+            y, why = self._run_shared(x, k)
+        if y is None:
+            y = self.net(repeat_folded(x, k))
+            if why is not None:  # the repeated input works where the shared one did not
+                warnings.warn(f"modsplit: the network does not run on an input shared by the "
+                              f"modules ({why}); repeating it once per module from now on "
+                              f"(shared_input=False)", stacklevel=2)
+                self.shared_input = False
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"modsplit: the converted network must return a tensor, got "
                             f"{type(y).__name__}")
@@ -86,13 +119,15 @@ def _selected(name, include, exclude):
 
 
 def convert(model: nn.Module, n_modules: int, density: float, include=None, exclude=None,
-            shared_init: bool = True, seed: int = None) -> MultiModuleNet:
+            shared_init: bool = True, seed: int = None,
+            shared_input: bool = True) -> MultiModuleNet:
     """Deep-copy `model`, replacing its nn.Linear / nn.Conv2d layers by K-module masked ones.
 
     include / exclude: iterables of fnmatch patterns over qualified module names (as in
     model.named_modules()); a layer is converted when it matches include (None: every layer) and
     no exclude pattern. shared_init: all modules start from the same scores. seed: seeds the
-    score initialisation (None: torch's global generator). The model is not modified; every
+    score initialisation (None: torch's global generator). shared_input: the masked layers that
+    read the network's input read it once for all modules (see MultiModuleNet). The model is not modified; every
     tensor of the copy is frozen except the masked layers' scores.
     Returns a MultiModuleNet: x [B, ...] -> [K, B, ...].
     """
@@ -114,4 +149,4 @@ def convert(model: nn.Module, n_modules: int, density: float, include=None, excl
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(net.get_submodule(parent_name), attr, masked)
-    return MultiModuleNet(net, n_modules, density)
+    return MultiModuleNet(net, n_modules, density, shared_input)

@@ -4,6 +4,10 @@ Activations carry the module dim folded into the batch dim: a layer receives [K*
 owns rows k*B .. k*B+B-1), views it as [K, B, ...], runs the fused multi-module op and folds the
 result back to [K*B, ...]. Everything between masked layers (BatchNorm, pooling, activations,
 skip connections, flatten) therefore runs untouched on the folded batch.
+Shared input: while `shared_rows` is B (MultiModuleNet.forward sets it for the duration of a
+pass), a layer that receives [B, ...] instead of [K*B, ...] takes it as the input every module
+shares (the network's input, before any masked layer): the op reads it once (one GEMM / one conv
+over all K modules' weights, no K-fold copy) and the layer returns the folded [K*B, ...].
 
 Each layer holds
   weight, bias   the trained tensors, frozen (parameters with requires_grad=False, so the layer's
@@ -51,6 +55,7 @@ class _MaskedMixin:
                                                generator))
         self.register_buffer("fixed_masks", None)
         self._mask_cache = None
+        self.shared_rows = None
 
     @classmethod
     def from_dense(cls, layer, n_modules: int, density: float, shared_init: bool = True,
@@ -96,10 +101,14 @@ class _MaskedMixin:
         return scores, packed
 
     def _unfold(self, x, k):
+        """(x viewed as [K, B, ...], False), or (x, True) for a shared input [B, ...]."""
+        shared_rows = getattr(self, "shared_rows", None)  # absent in layers pickled before it
+        if k > 1 and shared_rows is not None and x.shape[0] == shared_rows:
+            return x, True
         if x.shape[0] % k:
             raise ValueError(f"modsplit: {type(self).__name__} expects the batch dim to hold {k} "
                              f"folded module copies, got batch {x.shape[0]}")
-        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:]), False
 
     def extra_repr(self):
         return f"{super().extra_repr()}, n_modules={self.n_modules}, density={self.density}"
@@ -123,12 +132,12 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 
     def forward(self, x):
         scores, packed = self._selected()
-        xk = self._unfold(x, packed.shape[0])
+        xk, shared = self._unfold(x, packed.shape[0])
         if scores is None:
-            y = ops.multi_masked_linear(xk, self.weight, packed, self.bias)
+            y = ops.multi_masked_linear(xk, self.weight, packed, self.bias, shared)
         else:
-            y = MF.multi_masked_linear(xk, self.weight, scores, packed, self.bias)
-        return y.reshape(x.shape[0], *y.shape[2:])
+            y = MF.multi_masked_linear(xk, self.weight, scores, packed, self.bias, shared)
+        return y.reshape(-1, *y.shape[2:])
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -161,10 +170,10 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     def forward(self, x):
         scores, packed = self._selected()
         x, padding = self._padded(x)
-        xk = self._unfold(x, packed.shape[0])
+        xk, _ = self._unfold(x, packed.shape[0])  # the op takes a 4-d x as shared
         args = (self.bias, self.stride, padding, self.dilation, self.groups)
         if scores is None:
             y = ops.multi_masked_conv2d(xk, self.weight, packed, *args)
         else:
             y = MF.multi_masked_conv2d(xk, self.weight, scores, packed, *args)
-        return y.reshape(x.shape[0], *y.shape[2:])
+        return y.reshape(-1, *y.shape[2:])

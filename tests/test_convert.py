@@ -1,4 +1,6 @@
 """convert(): every module of a density-1 conversion reproduces the original network."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -126,3 +128,56 @@ def test_scores_learn_through_skip_connections():
     grads = [p.grad for p in net.score_parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for n, p in net.named_parameters() if not n.endswith("scores"))
+
+
+class _InputSkip(nn.Module):
+    """Adds its input to a masked layer's output: the input meets module activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.lin(x) + x
+
+
+@pytest.mark.parametrize("make,shape", [
+    (_fc, (4, 1, 8, 8)),
+    (_vgg, (4, 3, 16, 16)),
+    (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 16, 16)),
+    (_wide_resnet, (3, 3, 16, 16)),
+])
+def test_shared_input_matches_repeated_input(make, shape):
+    # The first masked layer reads the batch once for all modules (one GEMM / conv over the K
+    # masks); outputs and score gradients equal those of K repeated copies of the batch.
+    torch.manual_seed(0)
+    model = _randomize_bn(make())
+    x = torch.randn(shape)
+    nets = [convert(model, n_modules=3, density=0.3, shared_init=False, seed=2,
+                    shared_input=shared).eval() for shared in (True, False)]
+    seen = []
+    for net in nets:
+        first = next(iter(net.masked_layers().values()))
+        handle = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+        net(x).square().sum().backward()
+        handle.remove()
+    assert seen == [shape[0], 3 * shape[0]]  # shared: B rows, repeated: K*B rows
+    with torch.no_grad():
+        torch.testing.assert_close(nets[0](x), nets[1](x), atol=1e-5, rtol=1e-5)
+    for a, b in zip(nets[0].score_parameters(), nets[1].score_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_input_falls_back_where_the_input_meets_module_activations():
+    net = convert(_InputSkip(), n_modules=2, density=0.5, shared_init=False, seed=0)
+    ref = convert(_InputSkip(), n_modules=2, density=0.5, shared_init=False, seed=0,
+                  shared_input=False)
+    ref.net.load_state_dict(net.net.state_dict())
+    x = torch.randn(5, 6)
+    with pytest.warns(UserWarning, match="shared by the modules"):
+        out = net(x)
+    assert not net.shared_input
+    torch.testing.assert_close(out, ref(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(net(x), ref(x))  # repeats from now on, silently

@@ -19,7 +19,7 @@ ops = torch.ops.modsplit
 SHAPES = [(1, 1), (1, 13), (13, 1), (31, 33), (32, 32), (33, 31), (67, 431), (4, 3, 3, 3),
           (16, 3, 5, 5), (7, 2, 67)]
 DENSITIES = [1e-9, 0.1, 0.5, 1.0]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def _popcount_rows(packed):
@@ -121,6 +121,28 @@ def test_topk_large_layer_many_chunks(device, kind, threads):
         assert torch.equal(ops.multi_topk_mask(m, 0.5).cpu(), ref.multi_topk_mask(m.cpu(), 0.5))
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where", ["above", "below"])
+def test_topk_sample_misses_the_threshold(device, where, dtype):
+    # The CPU kernel brackets the threshold from a strided sample (1,024 keys, stride n / 1024)
+    # and widens the bracket when the pass proves it wrong. Large keys placed off the sampled
+    # positions put the threshold above the sampled bracket; on them only (and a density above
+    # their share), below it.
+    n = 4096
+    s = torch.rand(3, 8, n // 8, dtype=torch.float64) * 0.01
+    flat = s.view(3, n)
+    if where == "above":
+        flat[:, 1::4] += 100.0  # unsampled: 1,024 large keys, the top 10% among them
+        density = 0.1
+    else:
+        flat[:, 0::4] += 100.0  # sampled: the sample sees large keys only
+        density = 0.5
+    s = s.to(dtype).to(device)
+    got = ops.multi_topk_mask(s, density)
+    assert torch.equal(got.cpu(), ref.multi_topk_mask(s.cpu(), density))
+    _check_contract(s, density, got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -305,6 +305,16 @@ void grad_scores_tiled(const at::Tensor& g3, const at::Tensor& x3, const at::Ten
                        at::Tensor& gs) {
   const int64_t K = g3.size(0), O = w.size(0), I = w.size(1);
   const bool shared = x3.size(0) == 1;
+  if (shared && K > 1) {
+    // One input for all modules: a single GEMM [K*O, N] x [N, I] (BLAS runs a tall product at a
+    // better rate than K products of O rows), then W broadcast over the modules.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto gt = g3.transpose(1, 2).contiguous().view({K * O, g3.size(1)});
+    auto flat = gs.view({K * O, I});
+    at::mm_out(flat, gt, x3.select(0, 0));
+    gs.mul_(w.unsqueeze(0));
+    return;
+  }
   const int64_t T = tile_rows(O, I, w.element_size(), kScoreTileBytes, 1);
   const int64_t grain = grain_for(K * T * I * std::max<int64_t>(g3.size(1), 1));
   at::parallel_for(0, ceil_div(O, T), grain, [&](int64_t t0, int64_t t1) {
