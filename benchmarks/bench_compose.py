@@ -8,6 +8,8 @@ Run (MNIST FC1-FC4, the settings of benchmarks/RESULTS.md "Compact composed mode
   python benchmarks/bench_compose.py --dataset cifar10 --models small_vgg small_resnet \
       --train-epochs 8 --train-lr 0.05 --decompose-limit 10000 --decompose-classes 3,7 \
       --out docs/runs/compose_cifar10
+  python benchmarks/bench_compose.py --dataset cifar10 --models resnet20 \
+      --figure4 <figure4 --out folder> --out docs/runs/compose_cifar10_resnet20
 Trained models and banks are cached in --cache (retrained only when missing). Writes <out>.json
 and <out>.md.
 """
@@ -24,7 +26,9 @@ from torch.utils.data import DataLoader, Subset
 import modsplit
 from modsplit import metrics
 from modsplit.app.data import load_dataset, num_classes
+from modsplit.app.figure4 import CONV_MODELS
 from modsplit.app.latency import compare_latency, file_bytes, state_dict_bytes
+from modsplit.app.runner import base_cache_name
 from modsplit.app.models import get_model
 from modsplit.app.train import train_classifier
 from modsplit.plain_export import export_onnx, export_pt2
@@ -36,8 +40,27 @@ def model_kwargs(name, x):
     return {"in_channels": x.shape[1], "num_classes": 10}
 
 
+def from_figure4(args, name):
+    """(base model, bank) of `modsplit reproduce figure4 --out args.figure4`: the seed-0 base
+    model and the bank of the alpha its validation selection chose (else of --alpha)."""
+    with open(os.path.join(args.figure4, f"figure4_{args.dataset}.json")) as f:
+        run = json.load(f)
+    s, results = run["settings"], run["results"]
+    alpha = results.get(f"{name},s0,selection", {}).get("chosen_alpha", args.alpha)
+    r = results[f"{name},s0,{alpha:g}"]
+    model = CONV_MODELS[name](num_classes(args.dataset))
+    base = base_cache_name(args.dataset, name, s.get("base_protocol", "paper"), s["epochs_base"],
+                           s["train_examples"], 0)
+    model.load_state_dict(torch.load(os.path.join(args.figure4, base), map_location="cpu"))
+    model.eval()
+    args.alpha, args.epochs = alpha, s["epochs_decomp"]
+    return model, modsplit.ModuleBank.load(os.path.join(args.figure4, r["bank_file"]), model)
+
+
 def prepare(args, name, train_set):
-    """(trained base model, bank), cached under args.cache."""
+    """(trained base model, bank), cached under args.cache (or taken from --figure4)."""
+    if args.figure4:
+        return from_figure4(args, name)
     os.makedirs(args.cache, exist_ok=True)
     stem = os.path.join(args.cache, f"{args.dataset}_{name}")
     x0 = train_set[0][0].unsqueeze(0)
@@ -116,10 +139,14 @@ def to_markdown(args, rows):
     lines = [f"# Compact compositions, {args.dataset}", "",
              f"Machine: {args.machine}; torch {torch.__version__}; {args.threads} thread(s); "
              f"median of {args.rounds} interleaved rounds.", "",
-             f"Settings: base training {args.train_epochs} epochs (lr {args.train_lr}, batch 64, "
-             f"{args.train_limit or 'all'} training images); decomposition density {args.density}, alpha {args.alpha}, "
-             f"{args.epochs} epochs, batch 32, first {args.decompose_limit} training images, "
-             f"modules for classes {args.decompose_classes or 'all'}.", "",
+             (f"Settings: base model and bank from `modsplit reproduce figure4 --out "
+              f"{args.figure4}` (seed 0, alpha {args.alpha:g} as its validation selection chose; "
+              f"its JSON holds every setting)." if args.figure4 else
+              f"Settings: base training {args.train_epochs} epochs (lr {args.train_lr}, batch 64, "
+              f"{args.train_limit or 'all'} training images); decomposition density "
+              f"{args.density}, alpha {args.alpha}, {args.epochs} epochs, batch 32, first "
+              f"{args.decompose_limit} training images, modules for classes "
+              f"{args.decompose_classes or 'all'}."), "",
              "| model | classes | RPs | base B | compact B (x base) | pt2 B (x) | onnx B (x) | "
              "base µs b1 / b64 | compact µs b1 / b64 (x base) | composed µs b1 / b64 | "
              "pt2 µs b1 / b64 | onnx µs b1 / b64 | same preds (compact/pt2/onnx) | acc composed |",
@@ -163,6 +190,9 @@ def main():
                    help="torch threads while training and decomposing")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cache", default="runs/bench-compose")
+    p.add_argument("--figure4", default=None, help="take the seed-0 base models and the "
+                   "validation-chosen banks from this `modsplit reproduce figure4 --out` folder "
+                   "(its settings, not --train-*/--epochs/--alpha, then describe them)")
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
     p.add_argument("--out", required=True, help="output stem: writes <out>.json and <out>.md")
     args = p.parse_args()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from modsplit import files
 from modsplit.app import figure4, reproduce
 from modsplit.decompose import decompose
 from tests.conftest import data_path
@@ -35,6 +36,8 @@ def test_figure4_cell_end_to_end(tmp_path):
     for alpha in ("0", "1"):
         r = res[f"small_resnet,s0,{alpha}"]
         assert r["decompose_config"]["alpha"] == float(alpha)
+        meta, _ = files.read_file(os.path.join(out, r["bank_file"]))  # the bank, for reuse
+        assert meta["kind"] == "modsplit.ModuleBank" and meta["classes"] == list(range(10))
         assert [h["epoch"] for h in r["history"]] == [1, 2]
         assert all(len(h["eval_module_acc"]) == 10 for h in r["history"])
         for split, n in (("val", 100), ("test", 100)):

@@ -305,10 +305,12 @@ def run_figure4(args):
                 config = run.decompose_config(alpha, seed=seed)
                 start = time.time()
                 bank = run.decompose(base, config, eval_set=run.test)
+                bank_file = f"bank_{args.dataset}_{name}_s{seed}_a{alpha:g}.msb"
+                bank.save(os.path.join(args.out, bank_file))
                 r = {"model": name, "seed": seed, "alpha": alpha,
                      "decompose_config": config.to_dict(),
                      "decompose_s": round(time.time() - start, 1), "history": bank.history,
-                     **_measure(bank, run, base, run.device)}
+                     "bank_file": bank_file, **_measure(bank, run, base, run.device)}
                 results[f"{name},s{seed},{alpha:g}"] = r
                 t = r["test"]
                 run.log(f"{name} s{seed} alpha {alpha:g}: rps {bank.history[-1]['rps_pair']:.4f}"
