@@ -21,7 +21,8 @@ from modsplit.app.latency import compare_latency
 K = 2
 DENSITIES = [0.01, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0]
 LINEAR = [(784, 256), (512, 512)]          # (in, out)
-CONV = [(32, 32, 32), (64, 64, 16)]        # (C, O, H = W), 3x3, padding 1
+# (C, O, H = W), 3x3, padding 1: a small-VGG layer, and ResNet-20's three stages
+CONV = [(32, 32, 32), (64, 64, 16), (16, 16, 32), (32, 32, 16), (64, 64, 8)]
 _ops = torch.ops.modsplit
 
 
@@ -92,13 +93,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
+    p.add_argument("--kinds", default="linear,conv", help="comma-separated: linear, conv")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    kinds = args.kinds.split(",")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     for kind, shapes, make, batches in (("linear", LINEAR, linear_case, (1, 64)),
                                         ("conv", CONV, conv_case, (1, 16))):
+        if kind not in kinds:
+            continue
         for shape in shapes:
             for batch in batches:
                 for density in DENSITIES:

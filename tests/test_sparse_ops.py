@@ -76,7 +76,8 @@ def test_sparse_linear_non_contiguous_input(impl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparse_conv2d_matches_reference(impl, dtype):
     fn = IMPLS[impl].sparse_conv2d
-    cases = itertools.product([(1, 1, 1), (2, 3, 1), (3, 2, 3), (2, 5, 3)], [(1, 1), (5, 9), (8, 8)],
+    cases = itertools.product([(1, 1, 1), (2, 3, 1), (3, 2, 3), (2, 5, 3)],
+                              [(1, 1), (5, 9), (8, 8), (17, 33)],  # 17x33: register blocks + tail
                               [1, 2], [0, 1, 2], [0.01, 0.2, 1.0])
     for (k, c, ks), (h, wd), stride, pad, density in cases:
         if h + 2 * pad < ks or wd + 2 * pad < ks:

@@ -10,8 +10,9 @@
 //    otherwise x is transposed to [S, I, B] once (16 x 16 tiles) and each kept weight is one
 //    axpy over the batch into a row buffer.
 //  * sparse_conv2d: direct convolution over kept weights: every kept (c, i, j, v) adds v times
-//    the shifted input plane c to the output plane: at stride 1 as one long axpy over the
-//    zero-padded input (conv_planes_stride1), otherwise row by row.
+//    the shifted input plane c to the output plane: at stride 1 over the zero-padded input
+//    (conv_planes_stride1: float32 in register blocks of up to 64 outputs that stay in
+//    registers over all kept weights of the row), otherwise row by row.
 //  * sparse_linear_chain: sparse_linear layer after layer in one call (no Python in between),
 //    each followed by nothing, a ReLU or a sigmoid.
 // Bias [K, O] and a ReLU are fused. float32 and float64.
@@ -20,14 +21,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
+#include "masked_linear_kernels.h"
 
 namespace modsplit {
 namespace {
 
 constexpr int64_t kTransposeRows = 8;
+// Stride-1 sparse conv, float32: outputs per register block (kBlockVecs vectors of 8 floats).
+constexpr int kBlockVecs = 8;
+constexpr int64_t kBlock = 8 * kBlockVecs;
 constexpr int64_t kParallelWork = int64_t(1) << 15;  // multiply-adds per task, at least
 
 int64_t grain_for(int64_t work_per_item) {
@@ -264,30 +270,63 @@ void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, c
   });
 }
 
-// Stride 1: x is zero-padded once to [S, B, C, Hp, Wp]; the output plane is accumulated with
-// the padded row pitch Wp, so that every kept weight is ONE contiguous axpy over
-// (Ho-1)*Wp + Wo elements (rows joined) instead of Ho short ones; the Wp - Wo extra columns per
-// row are dropped when the plane is written out.
+// Stride 1: output plane (k, b, o) as one span of (Ho - 1) * Wp + Wo values over the padded input
+// (row pitch Wp, the same as the input's): every kept weight adds w times the input plane c
+// shifted by (i, j), a contiguous range. float32 runs the span in register blocks of up to 64
+// outputs that stay in registers over all kept weights of the row (one load per multiply-add);
+// its last block may read up to 7 floats past a plane, which xp's allocation provides (kSlack).
+// Float64 runs one axpy per kept weight. Outputs beyond Wo in a row are dropped when written out.
+constexpr int64_t kSlack = 8;
+
+template <int V>
+inline void conv_block(const float* xb, const int64_t* offs, const float* v, int64_t n, float b0,
+                       float* acc) {
+  cpu::v8f r[V];
+  for (int u = 0; u < V; ++u) r[u] = cpu::v8f{} + b0;
+  for (int64_t p = 0; p < n; ++p) {
+    const float w = v[p];
+    const float* src = xb + offs[p];
+    for (int u = 0; u < V; ++u) r[u] += w * *reinterpret_cast<const cpu::v8f_u*>(src + 8 * u);
+  }
+  for (int u = 0; u < V; ++u) *reinterpret_cast<cpu::v8f_u*>(acc + 8 * u) = r[u];
+}
+
 template <typename T>
 void conv_planes_stride1(const T* xp, const int64_t* rp, const int32_t* ci, const T* v,
                          const T* bias, T* y, int64_t K, const ConvShape& s, bool relu) {
   const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw, in_plane = Hp * Wp;
   const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * Wp + s.Wo, plane = s.Ho * s.Wo;
-  const int64_t avg_nnz = std::max<int64_t>(1, rp[K * (s.O + 1) - 1] / std::max<int64_t>(K * s.O, 1));
+  const int64_t nnz = rp[K * (s.O + 1) - 1];
+  const int64_t avg_nnz = std::max<int64_t>(1, nnz / std::max<int64_t>(K * s.O, 1));
+  // Offset of every kept (c, i, j) into a padded input image, once per call.
+  std::vector<int64_t> offs(static_cast<size_t>(nnz));
+  for (int64_t p = 0; p < nnz; ++p) {
+    const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
+    offs[p] = c * in_plane + i * Wp + j;
+  }
   at::parallel_for(0, K * s.B * s.O, grain_for(span * avg_nnz), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(span);
+    std::vector<T> buf(static_cast<size_t>((span + kSlack - 1) / kSlack * kSlack));
     T* __restrict__ acc = buf.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t o = item % s.O, b = (item / s.O) % s.B, k = item / (s.O * s.B);
       const T* xb = xp + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * in_plane;
       const T b0 = bias ? bias[k * s.O + o] : T(0);
-      for (int64_t q = 0; q < span; ++q) acc[q] = b0;
       const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
-        const T w = v[p];
-        const T* __restrict__ src = xb + c * in_plane + i * Wp + j;
-        for (int64_t q = 0; q < span; ++q) acc[q] += w * src[q];
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t q0 = 0; q0 < span; q0 += kBlock) {
+          const int vecs = static_cast<int>(std::min<int64_t>(kBlockVecs, (span - q0 + 7) / 8));
+          cpu::dispatch_vecs(vecs, [&](auto vc) {
+            conv_block<decltype(vc)::value>(xb + q0, offs.data() + p0, v + p0, p1 - p0, b0,
+                                            acc + q0);
+          });
+        }
+      } else {
+        for (int64_t q = 0; q < span; ++q) acc[q] = b0;
+        for (int64_t p = p0; p < p1; ++p) {
+          const T w = v[p];
+          const T* __restrict__ src = xb + offs[p];
+          for (int64_t q = 0; q < span; ++q) acc[q] += w * src[q];
+        }
       }
       T* yp = y + item * plane;
       for (int64_t oh = 0; oh < s.Ho; ++oh) {
@@ -330,7 +369,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   auto out = at::empty({K, s.B, O, s.Ho, s.Wo}, x.options());
   if (out.numel() == 0) return out;
   if (s.sh == 1 && s.sw == 1) {
-    auto xp = at::constant_pad_nd(x, {s.pw, s.pw, s.ph, s.ph}, 0).contiguous();
+    // Zero-padded input with kSlack spare elements at the end (read by the last block).
+    const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw;
+    auto store = at::zeros({s.S * s.B * s.C * Hp * Wp + kSlack}, x.options());
+    auto xp = store.narrow(0, 0, s.S * s.B * s.C * Hp * Wp).view({s.S, s.B, s.C, Hp, Wp});
+    xp.narrow(3, s.ph, s.H).narrow(4, s.pw, s.W).copy_(x);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
       conv_planes_stride1<scalar_t>(
           xp.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
