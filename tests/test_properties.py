@@ -416,25 +416,27 @@ def _linear_nonfinite_params():
     params = []
     for op in ("masked_linear", "multi_masked_linear", "multi_shared"):
         for rows in (1, 16):
-            for in_features in (3, 40):
+            for in_features, out_features in ((3, 5), (40, 5), (40, 1700)):
                 for bad in NONFINITE:
-                    params.append(pytest.param(op, rows, in_features, bad))
+                    params.append(pytest.param(op, rows, in_features, out_features, bad))
     return params
 
 
-@pytest.mark.parametrize("op,rows,in_features,bad", _linear_nonfinite_params())
-def test_nonfinite_x_propagates_like_f_linear(op, rows, in_features, bad):
+@pytest.mark.parametrize("op,rows,in_features,out_features,bad", _linear_nonfinite_params())
+def test_nonfinite_x_propagates_like_f_linear(op, rows, in_features, out_features, bad):
     """NaN/inf in x reach the outputs exactly as in F.linear on W*M: a masked-out weight
     multiplies its input by 0, so NaN (and inf * 0 = NaN) still propagates through it. rows
-    (batch rows per module) and in_features cover the kernels' small- and large-batch paths."""
+    (batch rows per module) and the weight's shape cover the kernels' paths: one batched BLAS
+    call for banks of at most 2**16 weights, else the GEMV (few rows) and bit walk, whose
+    finite-input guard sends a non-finite x to the tiled BLAS path."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, in_features, generator=g)
-    weight = torch.randn(5, in_features, generator=g)
+    weight = torch.randn(out_features, in_features, generator=g)
     x[rows // 2, 1] = bad
     multi = op != "masked_linear"
     packed = ref.pack_mask(_poison_mask(((2,) if multi else ()) + tuple(weight.shape)),
                            int(multi))
-    bias = torch.randn(5, generator=g)
+    bias = torch.randn(out_features, generator=g)
     if op == "masked_linear":
         got, want = (f.masked_linear(x, weight, packed, bias) for f in (ops, ref))
     else:

@@ -97,7 +97,16 @@ double sampled_density(const at::Tensor& p3, int64_t I) {
 
 // The bit-walk and lane-mask paths visit only kept weights. That equals x (W*M)^T only while x is
 // finite: a NaN/inf input times a masked-out zero must still give NaN, as in F.linear(x, W*M).
-bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+// One pass over a contiguous float32 tensor (the callers' x3 / g3), no temporaries: a float is
+// finite iff its exponent bits are not all ones.
+bool all_finite(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat && t.is_contiguous());
+  const auto* p = reinterpret_cast<const uint32_t*>(t.const_data_ptr<float>());
+  const int64_t n = t.numel();
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
+}
 
 bool use_bit_walk(const at::Tensor& w, const at::Tensor& p3, int64_t rows) {
   if (w.scalar_type() != at::kFloat) return false;
