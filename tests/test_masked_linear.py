@@ -15,9 +15,10 @@ import modsplit.functional as MF
 from modsplit import ops
 from modsplit import reference as R
 
+from precision import assert_matches_ref
+
 _ops = torch.ops.modsplit
 
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # The CPU kernels run banks of at most 2**16 weights (all modules together) as one batched BLAS
 # call; (129, 520) and the K = 10 / K = 4 banks of (67, 257) take the bit-walk, GEMV and tile paths.
 SHAPES = [(1, 1), (13, 31), (32, 32), (33, 67), (67, 257), (257, 13), (129, 520)]
@@ -41,23 +42,6 @@ def make_layer(o, i, density, dtype, device, k=None):
     weight = torch.randn(o, i, dtype=dtype, device=device)
     bias = torch.randn(o, dtype=dtype, device=device)
     return weight, R.pack_mask(mask, batch_dims=len(lead)), bias
-
-
-def assert_matches_ref(got, ref_fn, args):
-    """got (a tensor, None, or a tuple of them) vs ref_fn(*args) run in float64; the error bound
-    comes from ref_fn run on args as given (the kernel's dtype)."""
-    up = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    refs, lows = ref_fn(*up), ref_fn(*args)
-    if torch.is_tensor(refs):
-        got, refs, lows = (got,), (refs,), (lows,)
-    for t, ref, low in zip(got, refs, lows):
-        assert t.shape == ref.shape and t.dtype == low.dtype
-        if ref.numel() == 0:
-            continue
-        scale = max(1.0, ref.abs().max().item())
-        ref_err = (low.double() - ref).abs().max().item()
-        err = (t.double() - ref).abs().max().item()
-        assert err <= 2 * ref_err + FLOOR[t.dtype] * scale, (err, ref_err)
 
 
 def assert_single_matches_ref(device, o, i, batch, density, dtype):

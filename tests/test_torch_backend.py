@@ -13,8 +13,9 @@ from modsplit import reference as R
 from modsplit import routing
 from modsplit import torch_backend as TB
 
+from precision import assert_matches_ref
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LINEAR_SIZES = [(1, 1), (13, 31), (33, 67), (67, 257)]  # (O, I): below, at and past word edges
 DENSITIES = ["tiny", 0.1, 0.5, 1.0]
 
@@ -26,23 +27,6 @@ def _mask(lead, o, r, density):
         packed = torch.stack([R.topk_mask(s, 1e-9) for s in scores])
         return R.unpack_mask(packed.reshape(*lead, o, -1), (*lead, o, r))
     return torch.rand(*lead, o, r) < density
-
-
-def assert_matches_ref(got, ref_fn, args):
-    """got vs ref_fn(*args) in float64; the bound is twice ref_fn's own error in args' dtype."""
-    up = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    refs, lows = ref_fn(*up), ref_fn(*args)
-    if torch.is_tensor(refs):
-        got, refs, lows = (got,), (refs,), (lows,)
-    assert len(got) == len(refs)
-    for t, ref, low in zip(got, refs, lows):
-        assert t.shape == ref.shape and t.dtype == low.dtype, (t.shape, ref.shape, t.dtype)
-        if ref.numel() == 0:
-            continue
-        scale = max(1.0, ref.abs().max().item())
-        ref_err = (low.double() - ref).abs().max().item()
-        err = (t.double() - ref).abs().max().item()
-        assert err <= 2 * ref_err + FLOOR[t.dtype] * scale, (err, ref_err)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
