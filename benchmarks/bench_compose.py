@@ -10,6 +10,7 @@ Run (MNIST FC1-FC4, the settings of benchmarks/RESULTS.md "Compact composed mode
       --out docs/runs/compose_cifar10
   python benchmarks/bench_compose.py --dataset cifar10 --models resnet20 \
       --figure4 <figure4 --out folder> --out docs/runs/compose_cifar10_resnet20
+  (or --base <base .pt> --bank <bank .msb> instead of --figure4)
 Trained models and banks are cached in --cache (retrained only when missing). Writes <out>.json
 and <out>.md.
 """
@@ -57,10 +58,21 @@ def from_figure4(args, name):
     return model, modsplit.ModuleBank.load(os.path.join(args.figure4, r["bank_file"]), model)
 
 
+def from_files(args, name):
+    """(base model, bank) from --base and --bank (a conv net of figure4's CONV_MODELS)."""
+    model = CONV_MODELS[name](num_classes(args.dataset))
+    model.load_state_dict(torch.load(args.base, map_location="cpu"))
+    model.eval()
+    return model, modsplit.ModuleBank.load(args.bank, model)
+
+
 def prepare(args, name, train_set):
-    """(trained base model, bank), cached under args.cache (or taken from --figure4)."""
+    """(trained base model, bank), cached under args.cache (or taken from --figure4, or from
+    --base and --bank)."""
     if args.figure4:
         return from_figure4(args, name)
+    if args.bank:
+        return from_files(args, name)
     os.makedirs(args.cache, exist_ok=True)
     stem = os.path.join(args.cache, f"{args.dataset}_{name}")
     x0 = train_set[0][0].unsqueeze(0)
@@ -142,6 +154,7 @@ def to_markdown(args, rows):
              (f"Settings: base model and bank from `modsplit reproduce figure4 --out "
               f"{args.figure4}` (seed 0, alpha {args.alpha:g} as its validation selection chose; "
               f"its JSON holds every setting)." if args.figure4 else
+              f"Settings: base model {args.base}, bank {args.bank}." if args.bank else
               f"Settings: base training {args.train_epochs} epochs (lr {args.train_lr}, batch 64, "
               f"{args.train_limit or 'all'} training images); decomposition density "
               f"{args.density}, alpha {args.alpha}, {args.epochs} epochs, batch 32, first "
@@ -193,6 +206,9 @@ def main():
     p.add_argument("--figure4", default=None, help="take the seed-0 base models and the "
                    "validation-chosen banks from this `modsplit reproduce figure4 --out` folder "
                    "(its settings, not --train-*/--epochs/--alpha, then describe them)")
+    p.add_argument("--base", default=None, help="with --bank: the base model's state_dict file "
+                   "(one conv net in --models)")
+    p.add_argument("--bank", default=None, help="with --base: a bank file of that model")
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
     p.add_argument("--out", required=True, help="output stem: writes <out>.json and <out>.md")
     args = p.parse_args()
