@@ -9,20 +9,26 @@ batch statistics and updates per-module running statistics [K, C]; without gradi
 is then decompose()'s own loop, unchanged, and the bank is measured in this process (the
 per-module statistics are not part of a bank file: nothing here is saved).
 
+Option --score-init magnitude starts every module from each layer's top-|W| mask (a
+magnitude-pruned subnetwork) instead of a Kaiming draw.
+
 Run: python benchmarks/exp_module_bn.py --model vgg16_quarter --base <base.pt> \
          --out docs/runs/cifar10/module_bn_vgg16_quarter [--per-module-bn 0|1]
+         [--score-init kaiming|magnitude]
 """
 import argparse
 import json
 import os
 import platform
 import time
+import math
 import weakref
 
 import torch
 import torch.nn as nn
 
 import modsplit
+import modsplit.layers
 import modsplit.decompose as D
 from modsplit.app.data import load_dataset
 from modsplit.app.figure4 import CONV_MODELS
@@ -61,12 +67,30 @@ class ModuleBatchNorm2d(nn.Module):
         return (y + self.bias[None, None, :, None, None]).view_as(x)
 
 
+def magnitude_scores(weight, n_modules, shared_init=True, generator=None):
+    """|W| rescaled to the Kaiming score scale plus 1% of a Kaiming draw: the initial masks are
+    (close to) each layer's top |W|, a magnitude-pruned subnetwork."""
+    noise = modsplit.layers.init_scores(weight, n_modules, shared_init, generator)
+    w = weight.detach().abs()
+    std = math.sqrt(2.0) / math.sqrt(weight[0].numel())
+    return (w / w.std().clamp_min(1e-12) * std).unsqueeze(0) + 0.01 * noise
+
+
+MAGNITUDE = [False]  # --score-init magnitude
+PER_MODULE_BN = [True]  # --per-module-bn
+
+
 def convert_with_module_bn(model, *args, **kwargs):
     net = modsplit.convert(model, *args, **kwargs)
+    if MAGNITUDE[0]:  # the layers drew their scores before the trained weights were copied in
+        with torch.no_grad():
+            for layer in net.masked_layers().values():
+                layer.scores.copy_(magnitude_scores(layer.weight, layer.scores.shape[0]))
     for name, m in list(net.net.named_modules()):
         if isinstance(m, nn.BatchNorm2d):
             parent, _, attr = name.rpartition(".")
-            setattr(net.net.get_submodule(parent), attr, ModuleBatchNorm2d(m, net))
+            if PER_MODULE_BN[0]:
+                setattr(net.net.get_submodule(parent), attr, ModuleBatchNorm2d(m, net))
     return net
 
 
@@ -81,6 +105,7 @@ def main():
     p.add_argument("--model", default="vgg16_quarter")
     p.add_argument("--base", required=True)
     p.add_argument("--per-module-bn", type=int, default=1)
+    p.add_argument("--score-init", choices=["kaiming", "magnitude"], default="kaiming")
     p.add_argument("--train", type=int, default=4000, help="first N training images")
     p.add_argument("--test", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=2)
@@ -100,8 +125,9 @@ def main():
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x[:args.train], y[:args.train]), batch_size=32,
         shuffle=True, generator=torch.Generator().manual_seed(0))
-    if args.per_module_bn:
-        D.convert = convert_with_module_bn  # decompose() builds its network through this name
+    MAGNITUDE[0] = args.score_init == "magnitude"
+    PER_MODULE_BN[0] = bool(args.per_module_bn)
+    D.convert = convert_with_module_bn  # decompose() builds its network through this name
     start = time.time()
     bank = modsplit.decompose(model, loader, 10, density=0.1, alpha=args.alpha,
                               epochs=args.epochs, progress=False, seed=0,
