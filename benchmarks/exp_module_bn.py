@@ -18,10 +18,11 @@ Run: python benchmarks/exp_module_bn.py --model vgg16_quarter --base <base.pt> \
 """
 import argparse
 import json
+import math
 import os
 import platform
+import sys
 import time
-import math
 import weakref
 
 import torch
@@ -29,7 +30,6 @@ import torch.nn as nn
 
 import modsplit
 import modsplit.layers
-import modsplit.decompose as D
 from modsplit.app.data import load_dataset
 from modsplit.app.figure4 import CONV_MODELS
 
@@ -127,7 +127,9 @@ def main():
         shuffle=True, generator=torch.Generator().manual_seed(0))
     MAGNITUDE[0] = args.score_init == "magnitude"
     PER_MODULE_BN[0] = bool(args.per_module_bn)
-    D.convert = convert_with_module_bn  # decompose() builds its network through this name
+    # decompose() builds its network through this name (the module, not the function that
+    # modsplit exports under the same name)
+    sys.modules["modsplit.decompose"].convert = convert_with_module_bn
     start = time.time()
     bank = modsplit.decompose(model, loader, 10, density=0.1, alpha=args.alpha,
                               epochs=args.epochs, progress=False, seed=0,
