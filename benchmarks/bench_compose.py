@@ -41,6 +41,14 @@ def model_kwargs(name, x):
     return {"in_channels": x.shape[1], "num_classes": 10}
 
 
+def load_base_and_bank(args, name, base_path, bank_path):
+    """(base model in eval mode, bank) of conv net `name` (figure4's CONV_MODELS) from files."""
+    model = CONV_MODELS[name](num_classes(args.dataset))
+    model.load_state_dict(torch.load(base_path, map_location="cpu"))
+    model.eval()
+    return model, modsplit.ModuleBank.load(bank_path, model)
+
+
 def from_figure4(args, name):
     """(base model, bank) of `modsplit reproduce figure4 --out args.figure4`: the seed-0 base
     model and the bank of the alpha its validation selection chose (else of --alpha)."""
@@ -49,21 +57,11 @@ def from_figure4(args, name):
     s, results = run["settings"], run["results"]
     alpha = results.get(f"{name},s0,selection", {}).get("chosen_alpha", args.alpha)
     r = results[f"{name},s0,{alpha:g}"]
-    model = CONV_MODELS[name](num_classes(args.dataset))
     base = base_cache_name(args.dataset, name, s.get("base_protocol", "paper"), s["epochs_base"],
                            s["train_examples"], 0)
-    model.load_state_dict(torch.load(os.path.join(args.figure4, base), map_location="cpu"))
-    model.eval()
     args.alpha, args.epochs = alpha, s["epochs_decomp"]
-    return model, modsplit.ModuleBank.load(os.path.join(args.figure4, r["bank_file"]), model)
-
-
-def from_files(args, name):
-    """(base model, bank) from --base and --bank (a conv net of figure4's CONV_MODELS)."""
-    model = CONV_MODELS[name](num_classes(args.dataset))
-    model.load_state_dict(torch.load(args.base, map_location="cpu"))
-    model.eval()
-    return model, modsplit.ModuleBank.load(args.bank, model)
+    return load_base_and_bank(args, name, os.path.join(args.figure4, base),
+                              os.path.join(args.figure4, r["bank_file"]))
 
 
 def prepare(args, name, train_set):
@@ -72,7 +70,7 @@ def prepare(args, name, train_set):
     if args.figure4:
         return from_figure4(args, name)
     if args.bank:
-        return from_files(args, name)
+        return load_base_and_bank(args, name, args.base, args.bank)
     os.makedirs(args.cache, exist_ok=True)
     stem = os.path.join(args.cache, f"{args.dataset}_{name}")
     x0 = train_set[0][0].unsqueeze(0)

@@ -17,6 +17,7 @@ Run: python benchmarks/exp_module_bn.py --model vgg16_quarter --base <base.pt> \
          [--score-init kaiming|magnitude]
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -76,20 +77,18 @@ def magnitude_scores(weight, n_modules, shared_init=True, generator=None):
     return (w / w.std().clamp_min(1e-12) * std).unsqueeze(0) + 0.01 * noise
 
 
-MAGNITUDE = [False]  # --score-init magnitude
-PER_MODULE_BN = [True]  # --per-module-bn
-
-
-def convert_with_module_bn(model, *args, **kwargs):
+def convert_with_module_bn(model, *args, magnitude=False, per_module_bn=True, **kwargs):
+    """modsplit.convert, then (magnitude) scores from |W| and (per_module_bn) every BatchNorm2d
+    replaced by a ModuleBatchNorm2d."""
     net = modsplit.convert(model, *args, **kwargs)
-    if MAGNITUDE[0]:  # the layers drew their scores before the trained weights were copied in
+    if magnitude:  # the layers drew their scores before the trained weights were copied in
         with torch.no_grad():
             for layer in net.masked_layers().values():
                 layer.scores.copy_(magnitude_scores(layer.weight, layer.scores.shape[0]))
     for name, m in list(net.net.named_modules()):
         if isinstance(m, nn.BatchNorm2d):
             parent, _, attr = name.rpartition(".")
-            if PER_MODULE_BN[0]:
+            if per_module_bn:
                 setattr(net.net.get_submodule(parent), attr, ModuleBatchNorm2d(m, net))
     return net
 
@@ -125,11 +124,11 @@ def main():
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x[:args.train], y[:args.train]), batch_size=32,
         shuffle=True, generator=torch.Generator().manual_seed(0))
-    MAGNITUDE[0] = args.score_init == "magnitude"
-    PER_MODULE_BN[0] = bool(args.per_module_bn)
     # decompose() builds its network through this name (the module, not the function that
     # modsplit exports under the same name)
-    sys.modules["modsplit.decompose"].convert = convert_with_module_bn
+    sys.modules["modsplit.decompose"].convert = functools.partial(
+        convert_with_module_bn, magnitude=args.score_init == "magnitude",
+        per_module_bn=bool(args.per_module_bn))
     start = time.time()
     bank = modsplit.decompose(model, loader, 10, density=0.1, alpha=args.alpha,
                               epochs=args.epochs, progress=False, seed=0,

@@ -35,7 +35,7 @@
 namespace modsplit {
 namespace {
 
-// KeyOf<T>::get(x): non-negative integer key of |x|, ordered like |x|; kBits significant bits;
+// KeyOf<T>::get(x): non-negative integer key of |x|, ordered like |x|;
 // kInf = key of +inf (keys above it are NaN).
 template <typename T>
 struct KeyOf;
@@ -43,7 +43,6 @@ struct KeyOf;
 template <>
 struct KeyOf<float> {
   using Key = int32_t;
-  static constexpr int kBits = 31;
   static constexpr Key kInf = 0x7f800000;
   static Key get(float x) {
     uint32_t u;
@@ -55,7 +54,6 @@ struct KeyOf<float> {
 template <>
 struct KeyOf<double> {
   using Key = int64_t;
-  static constexpr int kBits = 63;
   static constexpr Key kInf = 0x7ff0000000000000LL;
   static Key get(double x) {
     uint64_t u;
@@ -67,7 +65,6 @@ struct KeyOf<double> {
 template <>
 struct KeyOf<c10::Half> {
   using Key = int32_t;
-  static constexpr int kBits = 15;
   static constexpr Key kInf = 0x7c00;
   static Key get(c10::Half x) { return static_cast<Key>(x.x & 0x7fffu); }
 };
@@ -75,7 +72,6 @@ struct KeyOf<c10::Half> {
 template <>
 struct KeyOf<c10::BFloat16> {
   using Key = int32_t;
-  static constexpr int kBits = 15;
   static constexpr Key kInf = 0x7f80;
   static Key get(c10::BFloat16 x) { return static_cast<Key>(x.x & 0x7fffu); }
 };
