@@ -6,6 +6,7 @@ from modsplit import files
 from modsplit.compose import ComposedModel
 from modsplit.convert import MultiModuleNet, convert
 from modsplit.errors import BankFileError
+from modsplit.module_norm import load_norm_statistics, norm_statistics
 
 
 class Grafts(nn.Module):
@@ -46,7 +47,9 @@ class Grafts(nn.Module):
 class ModuleBank(nn.Module):
     """Modules decomposed from one trained model: module k answers "is it class classes[k]?".
 
-    net       MultiModuleNet whose masked layers hold fixed packed masks (no scores);
+    net       MultiModuleNet whose masked layers hold fixed packed masks (no scores), and,
+              when decomposed with batchnorm="module", ModuleBatchNorm layers holding every
+              module's BatchNorm statistics;
     grafts    Grafts with K grafting layers;
     classes   tuple of K class ids; num_classes N of the base model;
     density, alpha, p, fingerprint (files.model_fingerprint of the base model), history (one
@@ -106,14 +109,18 @@ class ModuleBank(nn.Module):
 
     def save(self, path):
         """Write the bank to one file (modsplit.files): packed masks, grafts and metadata. It
-        costs about K * P / 8 bytes for P maskable weights; the base model is not stored."""
+        costs about K * P / 8 bytes for P maskable weights, plus 2 K C floats per per-module
+        BatchNorm of C channels; the base model is not stored."""
         masks = self.masks()
         meta = {"kind": "modsplit.ModuleBank", "layers": list(masks),
                 "weight_shapes": {n: list(s) for n, s in self.weight_shapes().items()},
                 "classes": list(self.classes), "num_classes": self.num_classes,
                 "density": self.density, "alpha": self.alpha, "p": self.p,
                 "fingerprint": self.fingerprint, "history": self.history}
+        stats = norm_statistics(self.net)
+        meta["norm_layers"] = list(self.net.module_norms())
         tensors = {f"mask/{n}": m for n, m in masks.items()}
+        tensors.update({f"norm/{n}": t for n, t in stats.items()})
         tensors.update({"graft/weight": self.grafts.weight, "graft/bias": self.grafts.bias})
         files.write_file(path, meta, tensors)
 
@@ -129,10 +136,20 @@ class ModuleBank(nn.Module):
             raise ValueError(f"modsplit: {path} was decomposed from a different model (the "
                              "architecture or the trained tensors differ)")
         layers, k = meta["layers"], len(meta["classes"])
-        net = convert(model, k, meta["density"], include=layers)
+        norm_layers = meta.get("norm_layers", [])  # absent in banks written before per-module BatchNorm
+        net = convert(model, k, meta["density"], include=layers,
+                      batchnorm="module" if norm_layers else "frozen")
         if list(net.masked_layers()) != layers:
             raise ValueError(f"modsplit: {path} masks layers {layers}; the model has "
                              f"{list(net.masked_layers())}")
+        if list(net.module_norms()) != norm_layers:
+            raise ValueError(f"modsplit: {path} has per-module statistics for BatchNorm layers "
+                             f"{norm_layers}; the model has {list(net.module_norms())}")
+        try:
+            load_norm_statistics(net, {n[len("norm/"):]: t for n, t in tensors.items()
+                                       if n.startswith("norm/")}, where=f"modsplit: {path}")
+        except ValueError as exc:
+            raise BankFileError(str(exc)) from exc
         for name, layer in net.masked_layers().items():
             layer.freeze_masks(tensors[f"mask/{name}"])
         grafts = Grafts(tensors["graft/weight"], tensors["graft/bias"])

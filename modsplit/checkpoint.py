@@ -8,6 +8,8 @@ JSON header, raw tensors, sha256; written atomically and fsync'ed) with meta["ki
   tensors  score/<layer>, momentum/score/<layer>   [K, *W.shape] scores and SGD momentum
            graft/weight, graft/bias, momentum/graft/weight, momentum/graft/bias
            anchor/<layer>                          S_avg of the stemming term (absent in epoch 1)
+           norm/<layer>/running_mean, .../running_var  [K, C] per-module BatchNorm statistics
+                                                   (batchnorm="module" with BatchNorm layers)
            acc/ce, acc/stem [K], acc/hits, acc/seen [K, 2]  the running epoch's metric sums
            rng/torch (+ rng/cuda<i>)               torch's generator states
   meta     fingerprint of the base model, config (every argument the result depends on),
@@ -24,6 +26,7 @@ import torch
 
 from modsplit import files
 from modsplit.errors import BankFileError, CheckpointError
+from modsplit.module_norm import load_norm_statistics, norm_statistics
 
 KIND = "modsplit.Checkpoint"
 CHECKPOINT_VERSION = 1
@@ -109,6 +112,7 @@ def module_state(net, grafts, opt, anchors, sums: dict, shard) -> dict:
         if buf is not None:
             local[f"momentum/{key}"] = buf
     local.update({f"acc/{k}": v for k, v in sums.items()})
+    local.update({f"norm/{k}": v.detach() for k, v in norm_statistics(net).items()})
     state = shard.gather_dict(local)
     if anchors is not None:
         state.update({f"anchor/{name}": a for name, a in zip(net.masked_layers(), anchors)})
@@ -139,6 +143,11 @@ def restore(path, tensors: dict, net, grafts, opt, local, n: int, device) -> tup
             param.copy_(tensors[key][idx])
             if f"momentum/{key}" in tensors:
                 opt.state[param]["momentum_buffer"] = tensors[f"momentum/{key}"][idx].to(device)
+    norms = {k[len("norm/"):]: v for k, v in tensors.items() if k.startswith("norm/")}
+    try:
+        load_norm_statistics(net, norms, idx, f"modsplit: checkpoint {path}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
     sums = {k: tensors[f"acc/{k}"][idx].to(device) for k in ("ce", "stem", "hits", "seen")}
     restored = [tensors[a].to(device) for a in anchors] if anchors[0] in tensors else None
     return restored, sums

@@ -10,13 +10,16 @@ What a compact model (and its file) holds:
   * hidden units no chosen module uses removed (as in modsplit.export) and conv output channels
     whose filters every chosen module drops removed with the next conv's input channels and the
     BatchNorm between them (modsplit.compact_prune);
+  * per-module BatchNorms as the export's PlainModuleBatchNorm (the chosen modules' eval scale
+    and shift [K, C]); one that reads the network's input (before any masked layer) runs once
+    on it with the first chosen module's, as in the composed model;
   * the K grafts, the class ids.
-Prepared once, when the model is built or loaded (modsplit.compact_passes): each layer's CSR or dense module weights; eval
-BatchNorms folded into the conv / linear before them; ReLUs fused into the layer before them;
-the last Linear folded with the grafts into one row per module, so that a module's positive
-confidence softmax(graft)[0] is sigmoid(z0 - z1); runs of sparse Linear layers run as one
-sparse_linear_chain call. The layers before the first masked one run
-once on the batch; the first masked layer reads it for all K modules (no copies).
+Prepared once, when the model is built or loaded (modsplit.compact_passes): each layer's CSR or
+dense module weights; eval BatchNorms (per-module ones too) folded into the conv / linear before
+them; ReLUs fused into the layer before them; the last Linear folded with the grafts into one row
+per module, so that a module's positive confidence softmax(graft)[0] is sigmoid(z0 - z1); runs of
+sparse Linear layers run as one sparse_linear_chain call. The layers before the first masked one
+run once on the batch; the first masked layer reads it for all K modules (no copies).
 Predictions equal the composed model's up to float rounding (near-ties may differ).
 """
 import torch
@@ -29,7 +32,8 @@ from modsplit.compact_passes import optimize, whole_chain
 from modsplit.compact_prune import prune_channels
 from modsplit.convert import repeat_folded
 from modsplit.errors import BankFileError
-from modsplit.export import PlainMultiConv2d, PlainMultiLinear, export_composed
+from modsplit.export import PlainModuleBatchNorm, PlainMultiConv2d, PlainMultiLinear, \
+    export_composed
 from modsplit.voting import ClassVoter
 
 KIND = "modsplit.CompactModel"
@@ -51,17 +55,29 @@ def _to_compact(plain, shared):
                                     stride=plain.stride, padding=plain.padding)
 
 
+def _first_module_norm(norm: PlainModuleBatchNorm) -> PlainModuleBatchNorm:
+    """A one-module copy of `norm` with its first module's scale and shift: it runs on an
+    unfolded batch [B, C, *] (the composed model's rule for a BatchNorm reading the shared
+    input)."""
+    one = PlainModuleBatchNorm(norm.num_features, 1, norm.spatial)
+    one.scale, one.shift = norm.scale[:1].clone(), norm.shift[:1].clone()
+    return one
+
+
 def _compact_graph(gm: fx.GraphModule, k: int) -> fx.GraphModule:
     """Replace the plain multi-module layers of a traced export by compact ones, marking those
-    that read an unfolded input as shared, and fold unfolded operands of mixed nodes."""
+    that read an unfolded input as shared, give per-module BatchNorms that read an unfolded
+    input the first module's statistics, and fold unfolded operands of mixed nodes."""
     folded = set()
     for n in list(gm.graph.nodes):
         inputs = list(n.all_input_nodes)
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
-                                                (PlainMultiLinear, PlainMultiConv2d)):
+        module = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, (PlainMultiLinear, PlainMultiConv2d)):
             shared = not any(a in folded for a in inputs)
-            _set_submodule(gm, n.target, _to_compact(gm.get_submodule(n.target), shared))
+            _set_submodule(gm, n.target, _to_compact(module, shared))
             folded.add(n)
+        elif isinstance(module, PlainModuleBatchNorm) and not any(a in folded for a in inputs):
+            _set_submodule(gm, n.target, _first_module_norm(module))
         elif any(a in folded for a in inputs):
             folded.add(n)
             for a in inputs:
@@ -103,7 +119,8 @@ class CompactModel(ClassVoter):
     def from_composed(cls, composed) -> "CompactModel":
         """A ComposedModel -> its CompactModel (same classes, same predictions)."""
         exported = export_composed(composed)
-        gm = trace(exported.net, leaves=(PlainMultiLinear, PlainMultiConv2d))
+        gm = trace(exported.net, leaves=(PlainMultiLinear, PlainMultiConv2d,
+                                         PlainModuleBatchNorm))
         prune_channels(gm)
         gm = _compact_graph(gm, len(composed.classes))
         graph, tensors = to_json(gm)

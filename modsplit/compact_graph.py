@@ -1,5 +1,6 @@
 """The network graph of a compact model as JSON: torch.fx nodes over a fixed set of torch.nn
-modules, functions and tensor methods, so that a compact file holds no pickled or executable code.
+modules (plus modsplit.export's PlainModuleBatchNorm), functions and tensor methods, so that a
+compact file holds no pickled or executable code.
 
 to_json(graph_module) -> {"nodes": [...], "modules": {target: spec}} with tensors returned apart;
 from_json(...) rebuilds an fx.GraphModule. A node is {"name", "op", "target", "args", "kwargs"}:
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from modsplit.compact_layers import CompactConv2d, CompactLinear
 from modsplit.convert import repeat_folded
 from modsplit.errors import ModsplitError
+from modsplit.export import PlainModuleBatchNorm
 
 
 class CompactFormatError(ModsplitError, ValueError):
@@ -32,12 +34,14 @@ FUNCTIONS = {"add": operator.add, "mul": operator.mul, "getitem": operator.getit
 _FUNCTION_NAMES = {id(f): n for n, f in FUNCTIONS.items()}
 METHODS = ("relu", "flatten", "view", "reshape", "size", "mean", "add", "sigmoid", "contiguous")
 
-# torch.nn leaf modules a compact graph may hold: constructor attributes (tensors travel apart).
+# Leaf modules a compact graph may hold (torch.nn's, and the export's per-module BatchNorm, plain
+# torch as well): constructor attributes (tensors travel apart).
 _NN = {nn.Flatten: ("start_dim", "end_dim"), nn.ReLU: (), nn.Tanh: (), nn.Sigmoid: (),
        nn.ReLU6: (), nn.Identity: (), nn.LeakyReLU: ("negative_slope",),
        nn.GELU: ("approximate",),
        nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
        nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+       PlainModuleBatchNorm: ("num_features", "n_modules", "spatial"),
        nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
        nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
        nn.AdaptiveAvgPool2d: ("output_size",),

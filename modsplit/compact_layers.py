@@ -68,12 +68,19 @@ class _CompactLayer(nn.Module):
 
     def prepare(self, scale=None, shift=None):
         """Build the run-time structures from the stored tensors (set_weights). scale / shift
-        float [O] (optional) fold a following per-channel affine map (an eval BatchNorm) into
-        the layer: W <- scale * W, b <- scale * b + shift."""
+        float [O] or [K, O] (optional; [K, O]: one map per module) fold a following per-channel
+        affine map (an eval BatchNorm) into the layer: module k's W_k <- scale[k] * W_k (per
+        output unit), b_k <- scale[k] * b_k + shift[k]."""
         w, bias, k = self.module_weights(), self.bias, self.n_modules
         if scale is not None:
-            w = w * scale.reshape(1, -1, *[1] * (w.dim() - 2))
-            base = torch.zeros(k, w.shape[1], dtype=w.dtype) if bias is None else bias
+            o = w.shape[1]
+            if scale.shape not in ((o,), (k, o)) or shift.shape != scale.shape:
+                raise ValueError(f"modsplit: prepare's scale and shift must both be [{o}] or "
+                                 f"[{k}, {o}], got {tuple(scale.shape)} and "
+                                 f"{tuple(shift.shape)}")
+            scale, shift = scale.reshape(-1, o), shift.reshape(-1, o)  # [1 or K, O]
+            w = w * scale.reshape(*scale.shape, *[1] * (w.dim() - 2))
+            base = w.new_zeros(k, o) if bias is None else bias
             bias = base * scale + shift
         self.set_weights(w, bias)
 

@@ -3,7 +3,8 @@ never what it computes (up to float rounding) nor what its file holds.
 
 optimize(net, graft_weight, graft_bias), in order:
   * Flatten / ReLU modules become tensor methods, Identity (and inference Dropout) goes;
-  * an eval BatchNorm right after a compact conv / linear layer is folded into it;
+  * an eval BatchNorm right after a compact conv / linear layer is folded into it (a per-module
+    one, PlainModuleBatchNorm, with each module's own scale and shift);
   * a ReLU right after a compact layer is fused into its kernel;
   * the grafts are folded into a last CompactLinear (module k's confidence softmax(graft)[0] =
     sigmoid(h_k . (G_k[:, 0] - G_k[:, 1])^T W_k + c_k)), followed by a sigmoid node;
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from modsplit import reference as ref
 from modsplit.compact_layers import CompactConv2d, CompactLinear, CompactLinearChain
+from modsplit.export import PlainModuleBatchNorm
 
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
 
@@ -27,22 +29,35 @@ def _single_user(node):
     return users[0] if len(users) == 1 else None
 
 
+def _batchnorm_affine(bn, layer):
+    """(scale, shift) float [O] or [K, O] of the eval BatchNorm module `bn` when it can fold into
+    the compact layer `layer` before it (a BatchNorm2d after a conv, a BatchNorm1d after a
+    linear, per-module ones with the layer's K modules), else None."""
+    if isinstance(bn, PlainModuleBatchNorm):
+        fits = bn.spatial == isinstance(layer, CompactConv2d) and bn.n_modules == layer.n_modules
+        return (bn.scale, bn.shift) if fits else None
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.track_running_stats or \
+            isinstance(layer, CompactLinear) != isinstance(bn, nn.BatchNorm1d):
+        return None
+    scale = (bn.running_var + bn.eps).rsqrt()
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale.detach(), shift.detach()
+
+
 def _fold_batchnorms(gm):
     for n in list(gm.graph.nodes):
         if n.op != "call_module" or not isinstance(gm.get_submodule(n.target),
                                                    (CompactConv2d, CompactLinear)):
             continue
         u = _single_user(n)
-        bn = gm.get_submodule(u.target) if u is not None and u.op == "call_module" else None
-        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.track_running_stats:
-            layer = gm.get_submodule(n.target)
-            if isinstance(layer, CompactLinear) != isinstance(bn, nn.BatchNorm1d):
-                continue
-            scale = (bn.running_var + bn.eps).rsqrt()
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-            layer.prepare(scale.detach(), shift.detach())
+        if u is None or u.op != "call_module":
+            continue
+        layer = gm.get_submodule(n.target)
+        affine = _batchnorm_affine(gm.get_submodule(u.target), layer)
+        if affine is not None:
+            layer.prepare(*affine)
             u.replace_all_uses_with(n)
             gm.graph.erase_node(u)
 

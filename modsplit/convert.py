@@ -8,7 +8,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from modsplit.layers import MaskedConv2d, MaskedLinear
+from modsplit.layers import SCORE_INITS, MaskedConv2d, MaskedLinear
+from modsplit.module_norm import ModuleBatchNorm, replace_batchnorms
 
 _MASKED = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
 
@@ -28,8 +29,10 @@ class MultiModuleNet(nn.Module):
     module dim into the batch dim ([K*B, ...]) from there on; the output is unfolded. K =
     n_modules, or the number of modules selected by use_modules(). shared_input=False (or a
     network that mixes x with module activations, e.g. `x + masked(x)`, found on the first such
-    call, with a warning) repeats x K times up front instead. The wrapped network's BatchNorm
-    layers must stay in eval mode (frozen statistics): in train mode they would mix the
+    call, with a warning) repeats x K times up front instead. BatchNorm: a network converted
+    with batchnorm="module" holds ModuleBatchNorm layers (per-module statistics; their
+    training flag, set by train_module_norms(), picks batch or running statistics); with
+    "frozen" its nn.BatchNorm layers must stay in eval mode: in train mode they would mix the
     statistics of all modules' activations.
     """
 
@@ -43,6 +46,21 @@ class MultiModuleNet(nn.Module):
         return {name: m for name, m in self.net.named_modules()
                 if isinstance(m, (MaskedLinear, MaskedConv2d))}
 
+    def module_norms(self) -> dict:
+        """{name: ModuleBatchNorm} of the per-module BatchNorm layers (empty for "frozen")."""
+        return {name: m for name, m in self.net.named_modules()
+                if isinstance(m, ModuleBatchNorm)}
+
+    def train_module_norms(self, mode: bool = True):
+        """Put the ModuleBatchNorm layers (only) in training mode (per-module batch statistics,
+        running statistics updated) or eval mode (per-module running statistics)."""
+        for m in self.module_norms().values():
+            m.train(mode)
+        return self
+
+    def _per_module_layers(self) -> list:
+        return [*self.masked_layers().values(), *self.module_norms().values()]
+
     def score_parameters(self) -> list:
         """The trainable scores float [K, *weight.shape] of every masked layer."""
         return [m.scores for m in self.masked_layers().values() if m.scores is not None]
@@ -54,7 +72,7 @@ class MultiModuleNet(nn.Module):
         if not modules or min(modules) < 0 or max(modules) >= self.n_modules:
             raise ValueError(f"modsplit: module indices must be in [0, {self.n_modules}), "
                              f"got {modules}")
-        layers, previous = self.masked_layers().values(), self.active
+        layers, previous = self._per_module_layers(), self.active
         self.active = modules
         for m in layers:
             m.active = modules
@@ -79,7 +97,7 @@ class MultiModuleNet(nn.Module):
         """(self.net(x) with x marked as the modules' shared input, None), or (None, why) where
         the network mixed x with module activations (a shape error, or an output that is not
         [k*B, ...])."""
-        layers = self.masked_layers().values()
+        layers = self._per_module_layers()
         for m in layers:
             m.shared_rows = x.shape[0]
         try:
@@ -120,19 +138,30 @@ def _selected(name, include, exclude):
 
 def convert(model: nn.Module, n_modules: int, density: float, include=None, exclude=None,
             shared_init: bool = True, seed: int = None,
-            shared_input: bool = True) -> MultiModuleNet:
+            shared_input: bool = True, batchnorm: str = "frozen",
+            score_init: str = "kaiming") -> MultiModuleNet:
     """Deep-copy `model`, replacing its nn.Linear / nn.Conv2d layers by K-module masked ones.
 
     include / exclude: iterables of fnmatch patterns over qualified module names (as in
     model.named_modules()); a layer is converted when it matches include (None: every layer) and
     no exclude pattern. shared_init: all modules start from the same scores. seed: seeds the
     score initialisation (None: torch's global generator). shared_input: the masked layers that
-    read the network's input read it once for all modules (see MultiModuleNet). The model is not modified; every
-    tensor of the copy is frozen except the masked layers' scores.
+    read the network's input read it once for all modules (see MultiModuleNet).
+    batchnorm: "frozen" keeps the model's BatchNorm layers (one set of frozen statistics for
+    every module); "module" replaces every nn.BatchNorm1d / nn.BatchNorm2d by a ModuleBatchNorm
+    (modsplit.module_norm: per-module statistics, frozen affine parameters).
+    score_init: "kaiming" (a Kaiming-normal draw) or "magnitude" (each layer's initial masks
+    are its top-|W| weights; layers.magnitude_scores).
+    The model is not modified; every tensor of the copy is frozen except the masked layers'
+    scores.
     Returns a MultiModuleNet: x [B, ...] -> [K, B, ...].
     """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("modsplit: include/exclude take an iterable of patterns, not a string")
+    if batchnorm not in ("frozen", "module"):
+        raise ValueError(f"modsplit: batchnorm must be 'frozen' or 'module', got {batchnorm!r}")
+    if score_init not in SCORE_INITS:
+        raise ValueError(f"modsplit: score_init must be one of {SCORE_INITS}, got {score_init!r}")
     net = copy.deepcopy(model).requires_grad_(False)  # only the scores will learn
     gen = None
     if seed is not None:
@@ -142,11 +171,14 @@ def convert(model: nn.Module, n_modules: int, density: float, include=None, excl
     if not targets:
         raise ValueError("modsplit: no nn.Linear / nn.Conv2d layer selected for conversion")
     for name, layer in targets:
-        masked = _MASKED[type(layer)].from_dense(layer, n_modules, density, shared_init, gen)
+        masked = _MASKED[type(layer)].from_dense(layer, n_modules, density, shared_init, gen,
+                                                 score_init)
         masked.train(layer.training)
         if not name:  # the model itself is a single layer
             net = masked
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(net.get_submodule(parent_name), attr, masked)
+    if batchnorm == "module":
+        net = replace_batchnorms(net, n_modules)
     return MultiModuleNet(net, n_modules, density, shared_input)

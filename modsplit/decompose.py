@@ -14,6 +14,7 @@ from modsplit.functional import raw_score_grad
 from modsplit.score_update import CoTrainSGD, stem_coefficient
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
+from modsplit.module_norm import load_norm_statistics, norm_statistics
 
 _EVAL_BATCH = 512
 
@@ -282,7 +283,10 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
 
     model: trained nn.Module, float images [B, ...] -> logits [B, num_classes] (any floating
     dtype: scores and grafts follow it); it is copied (convert), never modified, and its copy
-    runs in eval mode throughout (BatchNorm uses its frozen running statistics, dropout is off).
+    runs in eval mode throughout (dropout is off), except that with batchnorm="module" (the
+    default) its BatchNorm layers become per-module ones (modsplit.module_norm) that use each
+    module's batch statistics in the training steps and its running statistics elsewhere;
+    batchnorm="frozen" keeps the base model's running statistics for every module.
     train_loader: iterable of (x float [B, ...], y int64 [B]).
     config: a DecomposeConfig; **settings: its fields by name (density=0.2, alpha=2, ...), which
     replace the config's. classes: the class ids to build modules for (default all); module k
@@ -362,10 +366,11 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
         sampling = (cfg.neg_ratio, inclusion, all_classes,
                     _balance_weights(counts, all_classes, cfg.balance), shard.local, seed)
     net = convert(model, len(local) if cfg.shared_init else len(classes), density,
-                  shared_init=cfg.shared_init, seed=seed)
+                  shared_init=cfg.shared_init, seed=seed, batchnorm=cfg.batchnorm,
+                  score_init=cfg.score_init)
     if net.n_modules != len(local):  # independent draws: module k gets the draw k of all
         _keep_modules(net, shard.local)
-    net = net.to(device).eval()
+    net = net.to(device).eval()  # ModuleBatchNorms go to training mode for the steps only
     grafts = Grafts.init_for(local, num_classes).to(device, _float_dtype(model))
     opt = make_optimizer(net, grafts, cfg)
     layers = net.masked_layers()
@@ -405,11 +410,13 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
                 if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
                     save(epoch, step)
 
+            net.train_module_norms(True)
             with tqdm(desc=f"decompose {epoch}/{epochs}", disable=not progress, initial=skip,
                       leave=False) as bar:
                 steps = _run_epoch(net, grafts, opt, batches, class_ids, weights, alpha, p,
                                    anchors, device, bar, sums, skip, on_step,
                                    sampling and (*sampling, epoch))
+            net.train_module_norms(False)
             if not steps:
                 raise ValueError("modsplit: the training loader yielded no batch")
             record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
@@ -436,8 +443,10 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
         masks = shard.gather_dict({name: m.masks() for name, m in layers.items()})
     grafts = Grafts(shard.gather(grafts.weight.detach()), shard.gather(grafts.bias.detach()))
     if shard.world > 1:
-        net = convert(model, len(classes), density).to(device).eval()
+        stats = shard.gather_dict(norm_statistics(net))
+        net = convert(model, len(classes), density, batchnorm=cfg.batchnorm).to(device).eval()
         layers = net.masked_layers()
+        load_norm_statistics(net, stats)
     for name, layer in layers.items():
         layer.freeze_masks(masks[name])
     return ModuleBank(net, grafts, classes, num_classes, density, alpha, p, fingerprint, history)
@@ -460,6 +469,10 @@ def _keep_modules(net, indices):
     for layer in net.masked_layers().values():
         layer.scores = torch.nn.Parameter(layer.scores.detach()[idx].clone())
         layer.n_modules = len(idx)
+    for norm in net.module_norms().values():
+        norm.running_mean = norm.running_mean[idx].clone()
+        norm.running_var = norm.running_var[idx].clone()
+        norm.n_modules = len(idx)
     net.n_modules = len(idx)
 
 

@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+from modsplit.layers import SCORE_INITS
+
 # Learning-rate multiplier of epoch e (1-based) out of E, per schedule name.
 SCHEDULES = {
     "constant": lambda e, total: 1.0,
@@ -38,6 +40,13 @@ class DecomposeConfig:
                  about r negatives per positive, reweighted so that its loss is an unbiased
                  estimate of the full class-balanced loss (decompose.sample_rows); the work per
                  step is about (1 + r) B rows instead of K B
+    batchnorm    "module" (default): every BatchNorm of the model gets per-module statistics
+                 (modsplit.module_norm: batch statistics in the training steps, per-module
+                 running statistics everywhere else); "frozen": the base model's statistics
+                 for every module (the model's copy stays in eval mode). No effect on a
+                 model without BatchNorm.
+    score_init   "kaiming" (default, the paper's edge-popup init) or "magnitude": the initial
+                 masks are each layer's top-|W| weights (layers.magnitude_scores)
     """
     density: float = _field(0.1)
     alpha: float = _field(1.0)
@@ -54,6 +63,8 @@ class DecomposeConfig:
     balance: bool = _field(True)
     classes: Optional[Tuple[int, ...]] = _field(None)
     neg_ratio: Optional[float] = _field(None)
+    batchnorm: str = _field("module")
+    score_init: str = _field("kaiming")
 
     @classmethod
     def build(cls, config, num_classes: int, **settings) -> "DecomposeConfig":
@@ -93,6 +104,12 @@ class DecomposeConfig:
                                                and self.neg_ratio > 0):
             raise ValueError(f"modsplit: neg_ratio must be None or a finite number > 0, got "
                              f"{self.neg_ratio!r}")
+        if self.batchnorm not in ("module", "frozen"):
+            raise ValueError(f"modsplit: batchnorm must be 'module' or 'frozen', got "
+                             f"{self.batchnorm!r}")
+        if self.score_init not in SCORE_INITS:
+            raise ValueError(f"modsplit: score_init must be one of {SCORE_INITS}, got "
+                             f"{self.score_init!r}")
         if self.alpha < 0 or self.p <= 0:
             raise ValueError(f"modsplit: alpha must be >= 0 and p > 0, got alpha {self.alpha}, "
                              f"p {self.p}")

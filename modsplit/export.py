@@ -6,10 +6,18 @@ What the export guarantees:
     zero; each module still runs with its own mask, W * M_k, held as a bool buffer (the union
     alone would change the modules' outputs), so predictions equal the composed model's (up to
     float rounding in near-ties);
+  * every per-module BatchNorm (modsplit.module_norm.ModuleBatchNorm) becomes a
+    PlainModuleBatchNorm holding only the chosen modules' eval affine maps (module k's rows:
+    x * scale[k] + shift[k]); one that reads the network's input (before any masked layer) gets
+    that input repeated for every module, so each module uses its own statistics, where the
+    composed model, reading it once, uses the first chosen module's: they agree when the
+    modules' statistics of that layer do;
   * in every nn.Sequential, the hidden units between two Linear layers separated only by
-    elementwise modules are removed when no chosen module uses their outgoing edges, or when
-    they have no incoming edge (their constant output, per module, is folded into the next
-    layer's per-module bias). Conv channels are not removed: conv weights are only zeroed.
+    elementwise modules and eval BatchNorm1d layers over those units (nn.BatchNorm1d with
+    running statistics, or a PlainModuleBatchNorm) are removed when no chosen module uses their
+    outgoing edges, or when they have no incoming edge (their constant output, per module, is
+    folded into the next layer's per-module bias); the BatchNorms lose the same units. Conv
+    channels are not removed: conv weights are only zeroed.
 """
 import copy
 
@@ -21,6 +29,7 @@ from modsplit import ops
 from modsplit.voting import ClassVoter
 from modsplit.convert import repeat_folded
 from modsplit.layers import MaskedConv2d, MaskedLinear
+from modsplit.module_norm import ModuleBatchNorm
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
                 nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout)
@@ -101,7 +110,51 @@ class PlainMultiConv2d(nn.Module):
         return y.reshape(b, k, o, *y.shape[2:]).transpose(0, 1).reshape(k * b, o, *y.shape[2:])
 
 
+class PlainModuleBatchNorm(nn.Module):
+    """K modules' eval BatchNorms in plain torch: module k's rows of the module-folded batch
+    [K*B, C, *] (viewed as [K, B, C, *]) become x * scale[k] + shift[k].
+    scale, shift float buffers [K, C]; spatial: True for a BatchNorm2d (input [K*B, C, H, W]),
+    False for a BatchNorm1d (input [K*B, C] or [K*B, C, L]). forward(x) -> same shape."""
+
+    def __init__(self, num_features: int, n_modules: int, spatial: bool = True):
+        super().__init__()
+        if n_modules < 1 or num_features < 1:
+            raise ValueError(f"modsplit: n_modules and num_features must be >= 1, got "
+                             f"{n_modules} and {num_features}")
+        self.num_features, self.n_modules = int(num_features), int(n_modules)
+        self.spatial = bool(spatial)
+        self.register_buffer("scale", torch.ones(self.n_modules, self.num_features))
+        self.register_buffer("shift", torch.zeros(self.n_modules, self.num_features))
+
+    @classmethod
+    def from_module_norm(cls, norm: ModuleBatchNorm, modules) -> "PlainModuleBatchNorm":
+        """The eval affine maps (ModuleBatchNorm.module_affine) of the listed modules of
+        `norm`, in that order."""
+        scale, shift = norm.module_affine(modules)
+        new = cls(norm.num_features, scale.shape[0], norm.spatial)
+        new.scale, new.shift = scale.clone(), shift.clone()
+        return new
+
+    def forward(self, x):
+        k, c = self.scale.shape
+        xk = x.reshape(k, -1, *x.shape[1:])
+        shape = (k, 1, c, *[1] * (x.dim() - 2))
+        return torch.addcmul(self.shift.reshape(shape), xk, self.scale.reshape(shape)).reshape(
+            x.shape)
+
+    def keep_units(self, keep):
+        """Keep only the channels `keep` (bool [C])."""
+        self.scale, self.shift = self.scale[:, keep], self.shift[:, keep]
+        self.num_features = int(keep.sum())
+
+    def extra_repr(self):
+        return (f"{self.num_features}, modules={self.n_modules}, "
+                f"{'2d' if self.spatial else '1d'}")
+
+
 def _plain(layer, modules):
+    if isinstance(layer, ModuleBatchNorm):
+        return PlainModuleBatchNorm.from_module_norm(layer, modules)
     masks = _module_masks(layer, modules)
     if isinstance(layer, MaskedLinear):
         bias = None if layer.bias is None else layer.bias.detach().expand(len(modules), -1)
@@ -128,18 +181,44 @@ def _prune_pair(a: PlainMultiLinear, between, b: PlainMultiLinear) -> bool:
     if keep.all():
         return False
     a.keep_units(rows=keep)
+    for m in between:
+        if not isinstance(m, _ELEMENTWISE):
+            _cut_norm(m, keep)
     b.keep_units(cols=keep)
     return True
+
+
+def _unit_norm(m, units: int) -> bool:
+    """True for an eval BatchNorm1d over `units` hidden units: an nn.BatchNorm1d with running
+    statistics or a 1d PlainModuleBatchNorm (each unit is mapped on its own)."""
+    if isinstance(m, PlainModuleBatchNorm):
+        return not m.spatial and m.num_features == units
+    return (isinstance(m, nn.BatchNorm1d) and m.running_mean is not None
+            and m.num_features == units)
+
+
+def _cut_norm(m, keep):
+    """Keep only the units `keep` (bool [C]) of a _unit_norm BatchNorm, in place."""
+    if isinstance(m, PlainModuleBatchNorm):
+        m.keep_units(keep)
+        return
+    for name, p in list(m.named_parameters(recurse=False)):
+        setattr(m, name, nn.Parameter(p.detach()[keep], requires_grad=p.requires_grad))
+    m.running_mean, m.running_var = m.running_mean[keep], m.running_var[keep]
+    m.num_features = int(keep.sum())
 
 
 def _prune_sequential(seq: nn.Sequential):
     layers = list(seq)
     pairs = []
     for i, a in enumerate(layers):
+        if not isinstance(a, PlainMultiLinear):
+            continue
+        units = a.weight.shape[0]
         nxt = next((j for j in range(i + 1, len(layers))
-                    if not isinstance(layers[j], _ELEMENTWISE)), None)
-        if (isinstance(a, PlainMultiLinear) and nxt is not None
-                and isinstance(layers[nxt], PlainMultiLinear)):
+                    if not (isinstance(layers[j], _ELEMENTWISE)
+                            or _unit_norm(layers[j], units))), None)
+        if nxt is not None and isinstance(layers[nxt], PlainMultiLinear):
             pairs.append((a, layers[i + 1:nxt], layers[nxt]))
     while any([_prune_pair(*pair) for pair in pairs]):
         pass
@@ -162,11 +241,13 @@ class ExportedModel(ClassVoter):
 
     def num_parameters(self) -> int:
         """Union edges of the masked layers (non-zero mask entries of the union), their biases
-        (O, or K*O once folding made them differ per module), every other parameter, and the
-        grafts."""
+        (O, or K*O once folding made them differ per module), the per-module BatchNorms' scale
+        and shift (2*K*C), every other parameter, and the grafts."""
         total = 0
         for m in self.modules():
-            if isinstance(m, (PlainMultiLinear, PlainMultiConv2d)):
+            if isinstance(m, PlainModuleBatchNorm):
+                total += m.scale.numel() + m.shift.numel()
+            elif isinstance(m, (PlainMultiLinear, PlainMultiConv2d)):
                 total += int(m.masks.any(0).sum())
                 if m.bias is not None:
                     same = m.bias.dim() == 1 or bool((m.bias == m.bias[0]).all())
@@ -180,7 +261,7 @@ def export_composed(composed) -> ExportedModel:
     """A ComposedModel -> ExportedModel (see the module docstring for what is guaranteed)."""
     net = copy.deepcopy(composed.net.net).eval()
     for name, layer in list(net.named_modules()):
-        if isinstance(layer, (MaskedLinear, MaskedConv2d)):
+        if isinstance(layer, (MaskedLinear, MaskedConv2d, ModuleBatchNorm)):
             plain = _plain(layer, composed.modules_idx)
             if not name:
                 net = plain

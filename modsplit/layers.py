@@ -39,6 +39,19 @@ def init_scores(weight: torch.Tensor, n_modules: int, shared_init: bool = True,
     return s.expand(n_modules, *weight.shape).clone().to(weight.device)
 
 
+SCORE_INITS = ("kaiming", "magnitude")
+
+
+def magnitude_scores(weight: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+    """Scores float [K, *weight.shape] whose top-|score| masks start as (nearly) the layer's
+    top-|W| weights, a magnitude-pruned subnetwork: |W| rescaled to the Kaiming score scale
+    (init_scores' std), plus 1% of `draw` (init_scores' scores, [K, *weight.shape]) to break
+    ties and, without shared_init, to tell the modules apart."""
+    w = weight.detach().abs()
+    std = math.sqrt(2.0) / math.sqrt(weight[0].numel())
+    return (w / w.std().clamp_min(1e-12) * std).unsqueeze(0) + 0.01 * draw
+
+
 class _MaskedMixin:
     """Score / mask bookkeeping shared by MaskedLinear and MaskedConv2d."""
 
@@ -59,13 +72,20 @@ class _MaskedMixin:
 
     @classmethod
     def from_dense(cls, layer, n_modules: int, density: float, shared_init: bool = True,
-                   generator: torch.Generator = None):
-        """A masked copy of a trained dense layer (weight and bias copied, then frozen)."""
+                   generator: torch.Generator = None, score_init: str = "kaiming"):
+        """A masked copy of a trained dense layer (weight and bias copied, then frozen).
+        score_init: "kaiming" (init_scores) or "magnitude" (magnitude_scores of the copied
+        weight, over the same draw)."""
+        if score_init not in SCORE_INITS:
+            raise ValueError(f"modsplit: score_init must be one of {SCORE_INITS}, got "
+                             f"{score_init!r}")
         new = cls._empty_like(layer, n_modules, density, shared_init, generator)
         with torch.no_grad():
             new.weight.copy_(layer.weight)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
+            if score_init == "magnitude":
+                new.scores.copy_(magnitude_scores(new.weight, new.scores))
         return new
 
     def masks(self) -> torch.Tensor:

@@ -12,6 +12,8 @@ and rebuilds each module's dense weight on every call (a scatter, then one batch
 grouped convolution over the modules). So the files stay near the compact file's size (4 bytes of
 value + 4 of position per union weight), at the price of a per-call O(K * P) weight rebuild: they
 are smaller than the base model, but not faster (benchmarks/RESULTS.md).
+A per-module BatchNorm the compact model could not fold into the layer before it stays as it is
+(modsplit.export.PlainModuleBatchNorm: each module's scale and shift [K, C], plain torch).
 export_pt2 / export_onnx write the files; the batch dim is dynamic.
 """
 import copy

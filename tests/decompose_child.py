@@ -1,8 +1,9 @@
 """A decomposition run in a child process, for the kill/resume tests (checkpoint, distributed).
 
-    python tests/decompose_child.py FOLDER OUT DELAY SEED SHARED_INIT
+    python tests/decompose_child.py FOLDER OUT DELAY SEED SHARED_INIT MODEL
 
-decomposes an untrained, seeded FC1 on 256 MNIST images (8 batches of 32 per epoch, 2 epochs),
+decomposes an untrained, seeded FC1 (MODEL "fc1"; "fc1_bn": FC1 with a BatchNorm1d of random
+statistics after its hidden layer, decomposed with per-module statistics) on 256 MNIST images (8 batches of 32 per epoch, 2 epochs),
 sleeping DELAY seconds per batch, checkpointing every 2 steps into FOLDER ("-": none), as one
 rank of a torch.distributed run when WORLD_SIZE is set (else alone), and saves the bank to OUT,
 or OUT.rank<RANK> when RANK is set.
@@ -17,11 +18,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(folder, out, delay, seed, shared_init=True, env=None):
+def launch(folder, out, delay, seed, shared_init=True, env=None, model="fc1"):
     """Start the child process; env: extra environment (ranks, rendezvous)."""
     full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})}
     argv = [sys.executable, os.path.abspath(__file__), str(folder), str(out), str(delay),
-            str(seed), str(int(shared_init))]
+            str(seed), str(int(shared_init)), model]
     return subprocess.Popen(argv, env=full_env, stderr=subprocess.PIPE)
 
 
@@ -50,7 +51,21 @@ class _Slow:
             yield batch
 
 
-def main(folder, out, delay, seed, shared_init):
+def fc1_bn():
+    """FC1 with a BatchNorm1d (random running statistics and affine) after its hidden layer."""
+    from modsplit.app.models import FC1
+
+    fc = FC1()
+    bn = torch.nn.BatchNorm1d(fc[1].out_features)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.1)
+    return torch.nn.Sequential(*fc[:2], bn, *fc[2:]).eval()
+
+
+def main(folder, out, delay, seed, shared_init, model_name="fc1"):
     torch.set_num_threads(1)
     from torch.utils.data import DataLoader
 
@@ -61,7 +76,7 @@ def main(folder, out, delay, seed, shared_init):
     if "WORLD_SIZE" in os.environ:
         distributed.init_from_env(timeout=datetime.timedelta(seconds=20))
     torch.manual_seed(0)
-    model = FC1().eval()
+    model = FC1().eval() if model_name == "fc1" else fc1_bn()
     loader = _Slow(DataLoader(load_dataset("mnist", "train", limit=256), batch_size=32,
                               shuffle=True), float(delay))
     bank = decompose(model, loader, 10, epochs=2, progress=False, seed=int(seed),
@@ -71,4 +86,4 @@ def main(folder, out, delay, seed, shared_init):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])

@@ -171,10 +171,12 @@ def test_stem_loss_is_eq1():
 
 
 def test_batchnorm_model_is_untouched_and_in_eval(digits):
+    """batchnorm="frozen": the copy's BatchNorms keep the base statistics (the default,
+    per-module statistics, is tested in test_module_norm.py)."""
     model = modsplit.app.models.small_vgg(1, 10, width=4).eval()
     bn_before = model[1].running_mean.clone()
     ds = TensorDataset(*(t[:64] for t in digits[0].tensors))
-    bank = decompose(model, _loader(ds), 10, epochs=1, progress=False)
+    bank = decompose(model, _loader(ds), 10, epochs=1, progress=False, batchnorm="frozen")
     assert torch.equal(model[1].running_mean, bn_before)
     assert not bank.net.training
     assert torch.equal(bank.net.net[1].running_mean, bn_before)

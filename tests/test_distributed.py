@@ -1,5 +1,5 @@
 """Distributed co-training over gloo: 2 ranks give the bank of 1 process (bit-identical masks,
-equal grafts and history); a killed rank makes the run fail within the timeout and the run
+per-module BatchNorm statistics, equal grafts and history; the model is FC1 with a BatchNorm1d); a killed rank makes the run fail within the timeout and the run
 resumes from its last checkpoint."""
 import os
 import signal
@@ -23,7 +23,8 @@ def _launch(world, folder, out, delay=0.0, port=None):
     for rank in range(world):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(launch(folder, out, delay, seed=5, shared_init=False, env=env))
+        procs.append(launch(folder, out, delay, seed=5, shared_init=False, env=env,
+                            model="fc1_bn"))
     return procs
 
 

@@ -86,6 +86,10 @@ def _decompose_flags(p, epochs_flag):
     _add(p, "--density", "decompose.density", type=float, help="share of weights per module")
     _add(p, "--alpha", "decompose.alpha", type=float, help="weight of the stemming term")
     _add(p, "--p", "decompose.p", type=float, help="norm of the stemming term")
+    _add(p, "--batchnorm", "decompose.batchnorm", choices=("module", "frozen"),
+         help="BatchNorm statistics: per module (default) or the base model's, frozen")
+    _add(p, "--score-init", "decompose.score_init", choices=("kaiming", "magnitude"),
+         help="initial scores: Kaiming draw (default) or magnitude (top-|W| masks)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,7 +116,8 @@ def decompose_step(cfg, model, out, quiet):
     distributed.init_from_env(cfg["device"])
     bank = decompose_model(model, loader, n, density=d["density"], alpha=d["alpha"], p=d["p"],
                            epochs=d["epochs"], lr=d["lr"], lr_schedule=d["lr_schedule"],
-                           balance=d["balance"], seed=cfg["seed"],
+                           balance=d["balance"], batchnorm=d["batchnorm"],
+                           score_init=d["score_init"], seed=cfg["seed"],
                            eval_set=_dataset(cfg, "test") if d["eval_test"] else None,
                            device=cfg["device"], progress=not quiet and distributed.is_writer(),
                            classes=d["classes"], distributed="auto",

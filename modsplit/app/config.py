@@ -41,6 +41,8 @@ DEFAULTS = {
         "lr": 0.1,
         "lr_schedule": "cosine",  # or "constant"
         "balance": True,     # class-weighted CE (1:1 positive/negative); False: plain CE
+        "batchnorm": "module",  # per-module BatchNorm statistics; "frozen": the base model's
+        "score_init": "kaiming",  # or "magnitude": initial masks = each layer's top-|W|
         "eval_test": False,  # score the modules on the test set after every epoch
         "batch_size": 32,
         "classes": None,     # class ids to build modules for (None: all)

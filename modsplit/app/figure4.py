@@ -1,6 +1,7 @@
 """`modsplit reproduce figure4`: the paper's Figure 4 (conv nets) and the anchors' units.
 
-For each seed: a base conv net is trained (or loaded from --out), then decomposed once per
+For each seed: a base conv net is trained (or loaded from --out; --base-seed: one base model for
+every seed, so that the seeds vary the decomposition alone), then decomposed once per
 alpha of --alphas (k = --density) with the modules scored on the test set after every epoch
 (the figure's curves: mean 2-class RPs ratio and mean 1:1 module accuracy per epoch). Each bank
 is then measured on the validation and the test set:
@@ -103,6 +104,7 @@ class ConvRun(Run):
                                    "batch_size": a.base_batch_size, "milestones": a.milestones,
                                    "gamma": 0.2, "augment": a.augment}
         record.update(recipe=a.recipe, device=str(self.device), test_limit=a.test_limit,
+                      base_seed=a.base_seed,
                       tolerance_pair=a.tolerance_pair)
         return record
 
@@ -300,7 +302,7 @@ def run_figure4(args):
     results = {}
     for name in args.models:
         for seed in seeds:
-            base = run.base_model(name, seed)
+            base = run.base_model(name, seed if args.base_seed is None else args.base_seed)
             for alpha in args.alphas:
                 config = run.decompose_config(alpha, seed=seed)
                 start = time.time()
@@ -440,6 +442,9 @@ def add_figure4_arguments(p):
                         "augmentation and the validation size")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated seeds (default: --seed alone)")
+    p.add_argument("--base-seed", type=int, default=None,
+                   help="decompose the base model of this seed for every seed of --seeds "
+                        "(default: each seed trains and decomposes its own base model)")
     p.add_argument("--base-lr", type=float, default=0.01, help="base training lr (Table 3)")
     p.add_argument("--base-batch-size", type=int, default=64,
                    help="base training batch size (Table 3)")

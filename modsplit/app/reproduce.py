@@ -437,6 +437,12 @@ def _add_command(sub, command):
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="plain cross-entropy instead of the class-weighted (1:1) one")
     p.add_argument("--batch-size", type=int, default=32, help="decomposition batch size")
+    p.add_argument("--batchnorm", default="module", choices=("module", "frozen"),
+                   help="BatchNorm statistics during decomposition: per module (default) or "
+                        "the base model's, frozen")
+    p.add_argument("--score-init", default="kaiming", choices=("kaiming", "magnitude"),
+                   help="initial scores: Kaiming draw (the paper) or magnitude (initial masks = "
+                        "each layer's top-|W| weights)")
     p.add_argument("--graft-lr", type=float, default=DecomposeConfig.graft_lr,
                    help="learning rate of the grafting layers")
     p.add_argument("--select-on", default="test", choices=("test", "validation"),

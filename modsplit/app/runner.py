@@ -118,7 +118,8 @@ class Run:
         a = self.args
         keys = ("dataset", "models", "epochs_base", "epochs_decomp", "limit", "decomp_limit",
                 "seed", "seeds", "methods", "alpha", "alphas", "density", "densities", "lr",
-                "lr_schedule", "balance", "batch_size", "graft_lr", "select_on", "tolerance")
+                "lr_schedule", "balance", "batch_size", "graft_lr", "batchnorm", "score_init",
+                "select_on", "tolerance")
         record = {k: getattr(a, k) for k in keys if hasattr(a, k)}
         record.update(command=self.command, base_protocol=self.protocol,
                       base_training=base_training_settings(self.protocol),
@@ -174,8 +175,8 @@ class Run:
 
     def decompose_config(self, alpha, density=None, shared_init=True, epochs=None, seed=None):
         """The DecomposeConfig of a decomposition with stemming weight `alpha`: --density,
-        --epochs-decomp, --lr, --graft-lr, --lr-schedule, --balance and --seed unless given
-        here, p = 1 and the rest decompose()'s defaults (Table 4's momentum and weight decay).
+        --epochs-decomp, --lr, --graft-lr, --lr-schedule, --balance, --batchnorm, --score-init
+        and --seed unless given here, p = 1 and the rest decompose()'s defaults (Table 4's momentum and weight decay).
         Its to_dict() is what the run records of every decomposition."""
         a = self.args
         return DecomposeConfig(
@@ -183,6 +184,8 @@ class Run:
             epochs=a.epochs_decomp if epochs is None else epochs, lr=a.lr,
             graft_lr=getattr(a, "graft_lr", DecomposeConfig.graft_lr),
             lr_schedule=a.lr_schedule, balance=a.balance, shared_init=shared_init,
+            batchnorm=getattr(a, "batchnorm", DecomposeConfig.batchnorm),
+            score_init=getattr(a, "score_init", DecomposeConfig.score_init),
             seed=a.seed if seed is None else seed)
 
     def decompose(self, model, config, eval_set=None):

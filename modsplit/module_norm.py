@@ -1,0 +1,183 @@
+"""ModuleBatchNorm: a trained BatchNorm with one set of statistics per module.
+
+A module keeps ~10% of each layer's weights, so its activations have other means and variances
+than the base model's: normalised with the base model's frozen running statistics, a conv
+module's BatchNorm outputs collapse to (nearly) constant logits and co-training has no signal to
+learn from (docs/RESULTS.md, "Figure 4 at CPU scale"). ModuleBatchNorm keeps the base model's
+affine parameters (frozen) and gives every module its own statistics:
+
+  training mode  each module's rows of the module-folded batch [K*B, C, ...] are normalised with
+                 their own batch mean and (biased) variance, as BatchNorm does in training, and
+                 each module's running statistics are updated with them (momentum as the base
+                 layer's, unbiased variance);
+  eval mode      each module's rows use its own running statistics.
+
+decompose() puts these layers in training mode for its optimisation steps and in eval mode for
+everything else (evaluation, banks, compositions, exports).
+
+Shared input: while `shared_rows` is B (MultiModuleNet sets it for a pass) a layer that receives
+B rows instead of K*B reads the modules' shared input (before any masked layer); its statistics
+are then the same for every module (training mode: the batch's, and every active module's
+running statistics get the same update; eval mode: the first active module's), and it returns B
+rows.
+"""
+import torch
+import torch.nn as nn
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class ModuleBatchNorm(nn.Module):
+    """BatchNorm1d / BatchNorm2d over a module-folded batch, with per-module statistics.
+
+    weight, bias     float [C] frozen affine parameters of the base layer (None without affine);
+    running_mean,
+    running_var      float [K, C] per-module running statistics (start: the base layer's);
+    active           None (all K modules) or the list of module indices the input holds.
+    forward(x float [K'*B, C, *]) -> same shape, K' = K or len(active).
+    """
+
+    def __init__(self, num_features: int, n_modules: int, eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True, spatial: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if n_modules < 1:
+            raise ValueError(f"modsplit: n_modules must be >= 1, got {n_modules}")
+        kw = dict(device=device, dtype=dtype)
+        self.num_features, self.n_modules = int(num_features), int(n_modules)
+        self.eps, self.momentum, self.spatial = float(eps), float(momentum), bool(spatial)
+        self.weight = nn.Parameter(torch.ones(num_features, **kw), False) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features, **kw), False) if affine else None
+        self.register_buffer("running_mean", torch.zeros(n_modules, num_features, **kw))
+        self.register_buffer("running_var", torch.ones(n_modules, num_features, **kw))
+        self.active, self.shared_rows = None, None
+
+    @classmethod
+    def from_batchnorm(cls, bn, n_modules: int) -> "ModuleBatchNorm":
+        """Per-module copy of a trained BatchNorm1d / BatchNorm2d: its affine parameters and K
+        copies of its running statistics. A layer without running statistics
+        (track_running_stats=False) is rejected: it has no statistics to start from."""
+        if not isinstance(bn, _BATCHNORMS):
+            raise TypeError(f"modsplit: expected nn.BatchNorm1d / nn.BatchNorm2d, got "
+                            f"{type(bn).__name__}")
+        if bn.running_mean is None:
+            raise ValueError("modsplit: a BatchNorm without running statistics "
+                             "(track_running_stats=False) cannot get per-module statistics; "
+                             "use batchnorm='frozen'")
+        new = cls(bn.num_features, n_modules, bn.eps, 0.1 if bn.momentum is None else bn.momentum,
+                  bn.affine, isinstance(bn, nn.BatchNorm2d), bn.running_mean.device,
+                  bn.running_mean.dtype)
+        with torch.no_grad():
+            if bn.affine:
+                new.weight.copy_(bn.weight)
+                new.bias.copy_(bn.bias)
+            new.running_mean.copy_(bn.running_mean.expand(n_modules, -1))
+            new.running_var.copy_(bn.running_var.expand(n_modules, -1))
+        return new.train(bn.training)
+
+    def _rows(self, device):
+        """int64 indices of the modules the input holds."""
+        if self.active is None:
+            return torch.arange(self.n_modules, device=device)
+        return torch.as_tensor(self.active, dtype=torch.long, device=device)
+
+    def _check(self, x):
+        want = (4,) if self.spatial else (2, 3)
+        if x.dim() not in want or x.shape[1] != self.num_features:
+            raise ValueError(f"modsplit: {type(self).__name__} of {self.num_features} features "
+                             f"({'2d' if self.spatial else '1d'}) got input of shape "
+                             f"{tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check(x)
+        idx = self._rows(x.device)
+        k = len(idx)
+        shared = k > 1 and self.shared_rows is not None and x.shape[0] == self.shared_rows
+        groups = 1 if shared else k
+        if x.shape[0] % groups:
+            raise ValueError(f"modsplit: {type(self).__name__} expects the batch dim to hold {k} "
+                             f"folded module copies, got batch {x.shape[0]}")
+        xk = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])  # [G, B, C, *]
+        dims = (1, *range(3, xk.dim()))
+        if self.training:
+            var, mean = torch.var_mean(xk, dim=dims, correction=0)  # [G, C]
+            with torch.no_grad():
+                n = xk.numel() // (groups * self.num_features)
+                m, v = self.momentum, var * (n / max(n - 1, 1))
+                self.running_mean[idx] = (1 - m) * self.running_mean[idx] + m * mean
+                self.running_var[idx] = (1 - m) * self.running_var[idx] + m * v
+        else:
+            mean, var = self.running_mean[idx[:groups]], self.running_var[idx[:groups]]
+        scale, shift = self._affine(mean, var)
+        shape = (groups, 1, self.num_features, *[1] * (xk.dim() - 3))
+        y = torch.addcmul(shift.reshape(shape), xk, scale.reshape(shape))
+        return y.reshape(x.shape)
+
+    def module_affine(self, modules) -> tuple:
+        """(scale, shift) float [len(modules), C] of the listed modules in eval mode:
+        y = x * scale + shift (what PlainModuleBatchNorm and compact folding use)."""
+        idx = torch.as_tensor(list(modules), dtype=torch.long, device=self.running_mean.device)
+        scale, shift = self._affine(self.running_mean[idx], self.running_var[idx])
+        return scale.detach(), shift.detach()
+
+    def _affine(self, mean, var) -> tuple:
+        """(scale, shift) [G, C] of normalising with mean, var [G, C], then the affine map."""
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale, shift
+
+    def extra_repr(self):
+        return (f"{self.num_features}, n_modules={self.n_modules}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.weight is not None}, "
+                f"{'2d' if self.spatial else '1d'}")
+
+
+def replace_batchnorms(net: nn.Module, n_modules: int) -> nn.Module:
+    """Replace every nn.BatchNorm1d / nn.BatchNorm2d of `net` (in place) by a ModuleBatchNorm
+    with n_modules copies of its statistics; returns net (or the replacement when net itself is
+    a BatchNorm)."""
+    if isinstance(net, _BATCHNORMS):
+        return ModuleBatchNorm.from_batchnorm(net, n_modules)
+    for name, m in list(net.named_modules()):
+        if isinstance(m, _BATCHNORMS):
+            parent, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent), attr, ModuleBatchNorm.from_batchnorm(m, n_modules))
+    return net
+
+
+def norm_statistics(net) -> dict:
+    """{"<layer>/running_mean" | "<layer>/running_var": float [K, C]} of a MultiModuleNet's
+    ModuleBatchNorm layers (the tensors themselves, not copies)."""
+    out = {}
+    for name, m in net.module_norms().items():
+        out[f"{name}/running_mean"], out[f"{name}/running_var"] = m.running_mean, m.running_var
+    return out
+
+
+def load_norm_statistics(net, stats: dict, rows=None, where: str = "modsplit"):
+    """Copy norm_statistics()-style tensors into a MultiModuleNet's ModuleBatchNorm layers
+    (rows: the module indices of `stats` to take, default all). Every entry is checked first;
+    a missing or misshapen one raises ValueError naming `where` and the entry."""
+    norms = net.module_norms()
+    want = {}
+    for name, m in norms.items():
+        for key in ("running_mean", "running_var"):
+            want[f"{name}/{key}"] = (getattr(m, key), tuple(getattr(m, key).shape))
+    extra = sorted(set(stats) - set(want))
+    if extra:
+        raise ValueError(f"{where}: BatchNorm statistics {extra} match no per-module BatchNorm "
+                         "of the network")
+    for key, (_, shape) in want.items():
+        t = stats.get(key)
+        got = None if t is None else tuple((t if rows is None else t[rows]).shape)
+        if got != shape:
+            raise ValueError(f"{where}: BatchNorm statistics {key} are "
+                             f"{'missing' if t is None else got}, expected {shape}")
+    with torch.no_grad():
+        for key, (dest, _) in want.items():
+            src = stats[key] if rows is None else stats[key][rows]
+            dest.copy_(src.to(dest.device, dest.dtype))
