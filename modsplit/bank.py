@@ -53,14 +53,16 @@ class ModuleBank(nn.Module):
     grafts    Grafts with K grafting layers;
     classes   tuple of K class ids; num_classes N of the base model;
     density, alpha, p, fingerprint (files.model_fingerprint of the base model), history (one
-    dict per decomposition epoch).
+    dict per decomposition epoch), config (DecomposeConfig.to_dict() of the decomposition, or
+    None for a bank built otherwise or saved before banks recorded it).
 
     An nn.Module holding net and grafts, so `.to(device / dtype)` moves both; the compositions
     made from it share them (moving either moves the other).
     """
 
     def __init__(self, net: MultiModuleNet, grafts: Grafts, classes, num_classes: int,
-                 density: float, alpha: float, p: float, fingerprint: str, history=()):
+                 density: float, alpha: float, p: float, fingerprint: str, history=(),
+                 config: dict = None):
         super().__init__()
         if len(classes) != net.n_modules or grafts.weight.shape[0] != net.n_modules:
             raise ValueError("modsplit: classes, net and grafts disagree on the number of modules")
@@ -69,6 +71,7 @@ class ModuleBank(nn.Module):
         self.classes, self.num_classes = tuple(int(c) for c in classes), int(num_classes)
         self.density, self.alpha, self.p = float(density), float(alpha), float(p)
         self.fingerprint, self.history = fingerprint, list(history)
+        self.config = None if config is None else dict(config)
 
     @property
     def n_modules(self) -> int:
@@ -116,7 +119,7 @@ class ModuleBank(nn.Module):
                 "weight_shapes": {n: list(s) for n, s in self.weight_shapes().items()},
                 "classes": list(self.classes), "num_classes": self.num_classes,
                 "density": self.density, "alpha": self.alpha, "p": self.p,
-                "fingerprint": self.fingerprint, "history": self.history}
+                "fingerprint": self.fingerprint, "history": self.history, "config": self.config}
         stats = norm_statistics(self.net)
         meta["norm_layers"] = list(self.net.module_norms())
         tensors = {f"mask/{n}": m for n, m in masks.items()}
@@ -155,4 +158,5 @@ class ModuleBank(nn.Module):
         grafts = Grafts(tensors["graft/weight"], tensors["graft/bias"])
         device = next(iter(model.state_dict().values())).device
         return cls(net, grafts, meta["classes"], meta["num_classes"], meta["density"],
-                   meta["alpha"], meta["p"], meta["fingerprint"], meta["history"]).to(device)
+                   meta["alpha"], meta["p"], meta["fingerprint"], meta["history"],
+                   meta.get("config")).to(device)

@@ -449,7 +449,8 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
         load_norm_statistics(net, stats)
     for name, layer in layers.items():
         layer.freeze_masks(masks[name])
-    return ModuleBank(net, grafts, classes, num_classes, density, alpha, p, fingerprint, history)
+    return ModuleBank(net, grafts, classes, num_classes, density, alpha, p, fingerprint, history,
+                      cfg.to_dict())
 
 
 def _read_checkpoint(path, fingerprint, config):

@@ -1,6 +1,8 @@
 """`modsplit reproduce figure4`: the CPU-scale cell end to end on tiny CIFAR-10 data, its
 measures (composition_scores, anchor_units) on hand-made inputs, and the first steps of the
 full-scale recipes on synthetic files in torchvision's layout."""
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -56,6 +58,31 @@ def test_figure4_cell_end_to_end(tmp_path):
     for name in ("figure4_cifar10_small_resnet.png", "figure4_cifar10_small_resnet_front.png"):
         assert open(os.path.join(out, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "validation chose α" in open(os.path.join(out, "figure4_cifar10.md")).read()
+    assert not any(r["bank_reused"] for k, r in res.items() if "selection" not in k)
+
+    # a rerun reuses the saved banks of the same config (same results), redoes a changed one
+    assert reproduce.main_reproduce(argv[:-2] + ["--alphas", "0,2", "--out", out]) == 0
+    with open(os.path.join(out, "figure4_cifar10.json")) as f:
+        again = json.load(f)["results"]
+    assert again["small_resnet,s0,0"]["bank_reused"]
+    assert again["small_resnet,s0,0"]["decompose_s"] is None
+    assert again["small_resnet,s0,0"]["test"] == res["small_resnet,s0,0"]["test"]
+    assert again["small_resnet,s0,0"]["history"] == res["small_resnet,s0,0"]["history"]
+    assert not again["small_resnet,s0,2"]["bank_reused"]
+
+
+def test_saved_bank_needs_the_same_model_and_config(tmp_path):
+    bank, model = _tiny_bank(0.3)
+    path = str(tmp_path / "b.msb")
+    bank.save(path)
+    cfg = figure4.DecomposeConfig(**{k: v for k, v in bank.config.items() if k != "classes"})
+    assert figure4.saved_bank(path, model, cfg, "cpu") is not None
+    assert figure4.saved_bank(path, model, dataclasses.replace(cfg, seed=1), "cpu") is None
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.add_(1)
+    assert figure4.saved_bank(path, other, cfg, "cpu") is None  # another base model
+    assert figure4.saved_bank(str(tmp_path / "none.msb"), model, cfg, "cpu") is None
 
 
 def test_composition_scores_by_hand():
@@ -75,25 +102,25 @@ def test_composition_scores_by_hand():
 
 
 def _tiny_bank(density):
-    """A bank of 3 modules of a conv net with one 3x3 conv (2 -> 2 channels) and one 1x1 conv,
-    decomposed for 1 epoch on 8 random images."""
+    """(bank, model): a bank of 3 modules of a conv net with one 3x3 conv (2 -> 2 channels) and
+    one 1x1 conv, decomposed for 1 epoch on 8 random images."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(2, 3, 1), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten()).eval()
     data = TensorDataset(torch.randn(8, 2, 4, 4), torch.arange(8) % 3)
     return decompose(model, DataLoader(data, batch_size=4), 3, density=density, epochs=1,
-                     progress=False, check_memory=False)
+                     progress=False, check_memory=False), model
 
 
 def test_anchor_units_keep_everything_at_density_one():
-    u = figure4.anchor_units(_tiny_bank(1.0))
+    u = figure4.anchor_units(_tiny_bank(1.0)[0])
     assert u == {"weights_module": 1.0, "weights_pair": 1.0, "kernels_total": 4,
                  "kernels_module": 1.0, "kernels_pair": 1.0}
 
 
 def test_anchor_units_count_kernels_of_kxk_convs_only():
-    bank = _tiny_bank(0.3)
+    bank = _tiny_bank(0.3)[0]
     u = figure4.anchor_units(bank)
     from modsplit import ops
     bits = ops.unpack_mask(bank.masks()["0"], (3, 2, 18)).view(3, 4, 9).any(-1)

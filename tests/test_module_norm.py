@@ -215,6 +215,8 @@ def test_decompose_learns_per_module_statistics_and_the_bank_keeps_them(images, 
     path = tmp_path / "bank.msb"
     bank.save(path)
     loaded = ModuleBank.load(path, model)
+    assert bank.config["score_init"] == "magnitude" and bank.config["batchnorm"] == "module"
+    assert loaded.config == bank.config  # the bank records the settings that made it
     for name, m in loaded.net.module_norms().items():
         assert torch.equal(m.running_mean, norms[name].running_mean)
         assert torch.equal(m.running_var, norms[name].running_var)

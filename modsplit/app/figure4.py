@@ -3,8 +3,11 @@
 For each seed: a base conv net is trained (or loaded from --out; --base-seed: one base model for
 every seed, so that the seeds vary the decomposition alone), then decomposed once per
 alpha of --alphas (k = --density) with the modules scored on the test set after every epoch
-(the figure's curves: mean 2-class RPs ratio and mean 1:1 module accuracy per epoch). Each bank
-is then measured on the validation and the test set:
+(the figure's curves: mean 2-class RPs ratio and mean 1:1 module accuracy per epoch) and saved
+as bank_<dataset>_<model>_s<seed>_a<alpha>.msb in --out; a bank already there that was decomposed
+from the same base model with the same DecomposeConfig is reused instead (a rerun after an
+interruption redoes only what is missing). Each bank is then measured on the validation and the
+test set:
 
 - 10-class recomposed accuracy (vote of all modules) against the base model, with a 95% Wilson
   interval on the test set;
@@ -27,6 +30,7 @@ training and of decomposition and writes the estimated time per epoch instead of
 """
 import copy
 import itertools
+import json
 import os
 import time
 
@@ -40,7 +44,10 @@ from modsplit.app.runner import Run, _pct, base_cache_name
 from modsplit.app.selection import select_candidate, wilson_interval
 from modsplit.app.train import (evaluate, predict_logits, rand_augment, random_crop_flip,
                                 train_classifier)
+from modsplit.bank import ModuleBank
 from modsplit.decompose import decompose
+from modsplit.decompose_config import DecomposeConfig
+from modsplit.errors import BankFileError
 
 # {name: function(num_classes) -> nn.Module} of the conv nets figure4 runs.
 CONV_MODELS = {
@@ -305,13 +312,19 @@ def run_figure4(args):
             base = run.base_model(name, seed if args.base_seed is None else args.base_seed)
             for alpha in args.alphas:
                 config = run.decompose_config(alpha, seed=seed)
-                start = time.time()
-                bank = run.decompose(base, config, eval_set=run.test)
                 bank_file = f"bank_{args.dataset}_{name}_s{seed}_a{alpha:g}.msb"
-                bank.save(os.path.join(args.out, bank_file))
+                path = os.path.join(args.out, bank_file)
+                start, bank = time.time(), saved_bank(path, base, config, run.device)
+                wall = None
+                if bank is None:
+                    bank = run.decompose(base, config, eval_set=run.test)
+                    wall = round(time.time() - start, 1)
+                    bank.save(path)
+                else:
+                    run.log(f"{name} s{seed} alpha {alpha:g}: bank reused from {bank_file}")
                 r = {"model": name, "seed": seed, "alpha": alpha,
-                     "decompose_config": config.to_dict(),
-                     "decompose_s": round(time.time() - start, 1), "history": bank.history,
+                     "decompose_config": config.to_dict(), "decompose_s": wall,
+                     "bank_reused": wall is None, "history": bank.history,
                      "bank_file": bank_file, **_measure(bank, run, base, run.device)}
                 results[f"{name},s{seed},{alpha:g}"] = r
                 t = r["test"]
@@ -321,6 +334,21 @@ def run_figure4(args):
             if run.val is not None:
                 _select(run, results, name, seed)
     return _report(run, results)
+
+
+def saved_bank(path, base, config, device):
+    """The bank at `path` when it is a bank of `base` decomposed with exactly `config` (its
+    recorded DecomposeConfig), on `device`; None when there is none or it differs (then the
+    decomposition runs again and overwrites it)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        bank = ModuleBank.load(path, base)
+    except (BankFileError, ValueError):
+        return None
+    want = DecomposeConfig.build(config, bank.num_classes).to_dict()
+    same = json.dumps(bank.config, sort_keys=True) == json.dumps(want, sort_keys=True)
+    return bank.to(device) if same else None
 
 
 def _select(run, results, name, seed):
