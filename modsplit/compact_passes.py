@@ -6,6 +6,8 @@ optimize(net, graft_weight, graft_bias), in order:
   * an eval BatchNorm right after a compact conv / linear layer is folded into it (a per-module
     one, PlainModuleBatchNorm, with each module's own scale and shift);
   * a ReLU right after a compact layer is fused into its kernel;
+  * a residual add of a compact layer's output (read by nothing else), and a ReLU after it, are
+    computed in place in that output (add_into: no new tensor);
   * the grafts are folded into a last CompactLinear (module k's confidence softmax(graft)[0] =
     sigmoid(h_k . (G_k[:, 0] - G_k[:, 1])^T W_k + c_k)), followed by a sigmoid node;
   * runs of sparse CompactLinear layers (each the only user of the previous) become one
@@ -13,6 +15,8 @@ optimize(net, graft_weight, graft_bias), in order:
 whole_chain(net) finds the network that is nothing but one such chain (an MLP), which
 CompactModel.forward then calls directly.
 """
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -102,6 +106,41 @@ def _inline_simple_modules(gm):
         gm.graph.erase_node(n)
 
 
+def add_into(a: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
+    """a + b (then ReLU) written into a when the sum has a's shape, else into a new tensor. For
+    an `a` nothing else reads (a compact layer's fresh output): no allocation, one pass."""
+    out = a.add_(b) if torch.broadcast_shapes(a.shape, b.shape) == a.shape else a + b
+    return out.relu_() if relu else out
+
+
+def _is_add(node):
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)
+            and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args))
+
+
+def _residual_adds_in_place(gm):
+    """add(layer, other) [-> ReLU], where `layer` is a compact layer read by the add alone (a
+    residual block's last conv), -> add_into(layer, other, relu): the sum and the ReLU are
+    written into the layer's output."""
+    for n in list(gm.graph.nodes):
+        if not _is_add(n):
+            continue
+        fresh = [a for a in n.args if a.op == "call_module" and _single_user(a) is n
+                 and isinstance(gm.get_submodule(a.target), (CompactConv2d, CompactLinear))]
+        if not fresh:
+            continue
+        other = n.args[1] if n.args[0] is fresh[0] else n.args[0]
+        u = _single_user(n)
+        relu = u is not None and _is_relu(gm, u) and u.args[0] is n
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(add_into, (fresh[0], other, relu))
+        (u if relu else n).replace_all_uses_with(new)
+        if relu:
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+
+
 def _fuse_grafts(gm, graft_weight, graft_bias) -> bool:
     """Fold the grafts into a last CompactLinear followed by a sigmoid: module k's confidence is
     sigmoid(h_k . (G_k[:, 0] - G_k[:, 1])^T W_k + c_k). True if done."""
@@ -188,6 +227,7 @@ def optimize(net: fx.GraphModule, graft_weight, graft_bias) -> bool:
     _inline_simple_modules(net)
     _fold_batchnorms(net)
     _fuse_relus(net)
+    _residual_adds_in_place(net)
     fused = _fuse_grafts(net, graft_weight, graft_bias)
     _chain_linears(net)
     net.graph.eliminate_dead_code()

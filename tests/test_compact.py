@@ -57,6 +57,26 @@ def test_predictions_match_composed(arch, classes, density):
         assert_same(composed, compact, torch.randn(b, 1, 8, 8))
 
 
+def test_residual_adds_run_in_place():
+    """small_resnet's residual add + ReLU after a block's last conv become add_into calls (on
+    both the sparse and the dense path) and the predictions stay the composed model's."""
+    from modsplit.compact_passes import add_into
+    composed = make_bank(random_bn(get_model("small_resnet", **ARCHS["small_resnet"]))).compose(
+        [0, 3])
+    compact = composed.compact()
+    fused = [n for n in compact.net.graph.nodes if n.target is add_into]
+    assert fused and all(n.args[2] for n in fused)  # each with its ReLU
+    assert not any(n.target in ("relu", torch.relu) for n in compact.net.graph.nodes)
+    assert_same(composed, compact, torch.randn(5, 1, 8, 8))
+    a, b = torch.randn(2, 3), torch.randn(3)
+    want = (a + b).relu()
+    out = add_into(a, b, True)
+    assert out.data_ptr() == a.data_ptr() and torch.equal(out, want)
+    small, big = torch.randn(3), torch.randn(2, 3)
+    out = add_into(small, big, False)  # the sum has b's shape: a new tensor, a unchanged
+    assert out.shape == (2, 3) and torch.equal(out, small + big)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dense_and_sparse_paths_agree(arch, monkeypatch):
     bank = make_bank(random_bn(get_model(arch, **ARCHS[arch])), density=0.2)

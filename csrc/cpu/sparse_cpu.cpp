@@ -10,9 +10,10 @@
 //    otherwise x is transposed to [S, I, B] once (16 x 16 tiles) and each kept weight is one
 //    axpy over the batch into a row buffer.
 //  * sparse_conv2d: direct convolution over kept weights: every kept (c, i, j, v) adds v times
-//    the shifted input plane c to the output plane: at stride 1 over the zero-padded input
-//    (conv_planes_stride1: float32 in register blocks of up to 64 outputs that stay in
-//    registers over all kept weights of the row), otherwise row by row.
+//    the shifted input plane c to the output plane, over the zero-padded input split into the
+//    stride's phases (fill_phases), so that at any stride a kept tap reads one contiguous range
+//    (conv_planes: float32 in register blocks of up to 64 outputs that stay in registers over
+//    all kept weights of the row).
 //  * sparse_linear_chain: sparse_linear layer after layer in one call (no Python in between),
 //    each followed by nothing, a ReLU or a sigmoid.
 // Bias [K, O] and a ReLU are fused. float32 and float64.
@@ -31,7 +32,7 @@ namespace modsplit {
 namespace {
 
 constexpr int64_t kTransposeRows = 8;
-// Stride-1 sparse conv, float32: outputs per register block (kBlockVecs vectors of 8 floats).
+// Sparse conv, float32: outputs per register block (kBlockVecs vectors of 8 floats).
 constexpr int kBlockVecs = 8;
 constexpr int64_t kBlock = 8 * kBlockVecs;
 constexpr int64_t kParallelWork = int64_t(1) << 15;  // multiply-adds per task, at least
@@ -232,50 +233,70 @@ struct ConvShape {
   int64_t S, B, C, H, W, O, Ho, Wo, kh, kw, sh, sw, ph, pw;
 };
 
+// Phase-split, zero-padded input. Output (oh, ow) reads tap (i, j) at padded pixel
+// (oh*sh + i, ow*sw + j): phase (i % sh, j % sw) of the padded plane, subsampled by the stride,
+// at (oh + i / sh, ow + j / sw). Each input plane becomes ph_h x ph_w phase planes of Hq x Wq
+// (only the phases some tap reads: min(stride, kernel) per dim), so that at every stride the
+// outputs of a row (k, o) read each kept tap as one contiguous range at a fixed offset. At stride
+// 1 this is the zero-padded plane itself.
+struct PhaseLayout {
+  int64_t ph_h, ph_w, Hq, Wq, plane, chan;  // chan: elements per input channel
+};
+
+PhaseLayout phase_layout(const ConvShape& s) {
+  PhaseLayout L;
+  L.ph_h = std::min(s.sh, s.kh);
+  L.ph_w = std::min(s.sw, s.kw);
+  L.Hq = (s.H + 2 * s.ph + s.sh - 1) / s.sh;
+  L.Wq = (s.W + 2 * s.pw + s.sw - 1) / s.sw;
+  L.plane = L.Hq * L.Wq;
+  L.chan = L.ph_h * L.ph_w * L.plane;
+  return L;
+}
+
+// xq [S*B*C, ph_h, ph_w, Hq, Wq] <- x [S, B, C, H, W] (contiguous): every element written once
+// (zeros outside the input), no separate fill.
 template <typename T>
-void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
-                 T* y, int64_t K, const ConvShape& s, bool relu) {
-  const int64_t plane = s.Ho * s.Wo, in_plane = s.H * s.W, taps = s.kh * s.kw;
-  const int64_t avg_nnz = std::max<int64_t>(1, rp[K * (s.O + 1) - 1] / std::max<int64_t>(K * s.O, 1));
-  at::parallel_for(0, K * s.B * s.O, grain_for(plane * avg_nnz), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t o = item % s.O, b = (item / s.O) % s.B, k = item / (s.O * s.B);
-      const T* xb = x + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * in_plane;
-      T* __restrict__ yp = y + item * plane;
-      const T b0 = bias ? bias[k * s.O + o] : T(0);
-      for (int64_t q = 0; q < plane; ++q) yp[q] = b0;
-      const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
-        const T w = v[p];
-        // output rows/cols whose tap (i, j) lands inside the input
-        const int64_t oh0 = std::max<int64_t>(0, (s.ph - i + s.sh - 1) / s.sh);
-        const int64_t oh1 = std::min<int64_t>(s.Ho, (s.H - 1 + s.ph - i) / s.sh + 1);
-        const int64_t ow0 = std::max<int64_t>(0, (s.pw - j + s.sw - 1) / s.sw);
-        const int64_t ow1 = std::min<int64_t>(s.Wo, (s.W - 1 + s.pw - j) / s.sw + 1);
-        if (s.H - 1 + s.ph - i < 0 || s.W - 1 + s.pw - j < 0) continue;
-        const T* xc = xb + c * in_plane;
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const T* __restrict__ xr = xc + (oh * s.sh - s.ph + i) * s.W + (j - s.pw);
-          T* __restrict__ yr = yp + oh * s.Wo;
-          if (s.sw == 1) {
-            for (int64_t ow = ow0; ow < ow1; ++ow) yr[ow] += w * xr[ow];
-          } else {
-            for (int64_t ow = ow0; ow < ow1; ++ow) yr[ow] += w * xr[ow * s.sw];
+void fill_phases(const T* x, T* xq, const ConvShape& s, const PhaseLayout& L) {
+  const int64_t in_plane = s.H * s.W;
+  at::parallel_for(0, s.S * s.B * s.C, grain_for(L.chan), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* src = x + n * in_plane;
+      for (int64_t pi = 0; pi < L.ph_h; ++pi) {
+        for (int64_t pj = 0; pj < L.ph_w; ++pj) {
+          T* dst = xq + n * L.chan + (pi * L.ph_w + pj) * L.plane;
+          for (int64_t r = 0; r < L.Hq; ++r) {
+            T* __restrict__ row = dst + r * L.Wq;
+            const int64_t h = r * s.sh + pi - s.ph;
+            if (h < 0 || h >= s.H) {
+              std::fill(row, row + L.Wq, T(0));
+              continue;
+            }
+            const T* __restrict__ in = src + h * s.W;
+            if (s.sw == 1) {  // [pw zeros][W values][zeros]
+              const int64_t lead = std::min(s.pw, L.Wq), n_in = std::min(s.W, L.Wq - lead);
+              std::fill(row, row + lead, T(0));
+              std::copy(in, in + n_in, row + lead);
+              std::fill(row + lead + n_in, row + L.Wq, T(0));
+            } else {
+              for (int64_t c = 0; c < L.Wq; ++c) {
+                const int64_t w = c * s.sw + pj - s.pw;
+                row[c] = (w >= 0 && w < s.W) ? in[w] : T(0);
+              }
+            }
           }
         }
       }
-      if (relu) relu_inplace(yp, plane);
     }
   });
 }
 
-// Stride 1: output plane (k, b, o) as one span of (Ho - 1) * Wp + Wo values over the padded input
-// (row pitch Wp, the same as the input's): every kept weight adds w times the input plane c
-// shifted by (i, j), a contiguous range. float32 runs the span in register blocks of up to 64
-// outputs that stay in registers over all kept weights of the row (one load per multiply-add);
-// its last block may read up to 7 floats past a plane, which xp's allocation provides (kSlack).
-// Float64 runs one axpy per kept weight. Outputs beyond Wo in a row are dropped when written out.
+// Output plane (k, b, o) as one span of (Ho - 1) * Wq + Wo values over the phase-split input (row
+// pitch Wq): every kept weight adds w times a contiguous range of one phase plane. float32 runs
+// the span in register blocks of up to 64 outputs that stay in registers over all kept weights of
+// the row (one load per multiply-add); its last block may read up to 7 floats past a plane, which
+// the input's allocation provides (kSlack). Float64 runs one axpy per kept weight. Outputs beyond
+// Wo in a row are dropped when written out.
 constexpr int64_t kSlack = 8;
 
 template <int V>
@@ -292,24 +313,24 @@ inline void conv_block(const float* xb, const int64_t* offs, const float* v, int
 }
 
 template <typename T>
-void conv_planes_stride1(const T* xp, const int64_t* rp, const int32_t* ci, const T* v,
-                         const T* bias, T* y, int64_t K, const ConvShape& s, bool relu) {
-  const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw, in_plane = Hp * Wp;
-  const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * Wp + s.Wo, plane = s.Ho * s.Wo;
+void conv_planes(const T* xq, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
+                 T* y, int64_t K, const ConvShape& s, const PhaseLayout& L, bool relu) {
+  const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * L.Wq + s.Wo, plane = s.Ho * s.Wo;
   const int64_t nnz = rp[K * (s.O + 1) - 1];
   const int64_t avg_nnz = std::max<int64_t>(1, nnz / std::max<int64_t>(K * s.O, 1));
-  // Offset of every kept (c, i, j) into a padded input image, once per call.
+  // Offset of every kept (c, i, j) into a phase-split input image, once per call.
   std::vector<int64_t> offs(static_cast<size_t>(nnz));
   for (int64_t p = 0; p < nnz; ++p) {
     const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
-    offs[p] = c * in_plane + i * Wp + j;
+    offs[p] = c * L.chan + ((i % s.sh) * L.ph_w + j % s.sw) * L.plane + (i / s.sh) * L.Wq +
+              j / s.sw;
   }
   at::parallel_for(0, K * s.B * s.O, grain_for(span * avg_nnz), [&](int64_t begin, int64_t end) {
     std::vector<T> buf(static_cast<size_t>((span + kSlack - 1) / kSlack * kSlack));
     T* __restrict__ acc = buf.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t o = item % s.O, b = (item / s.O) % s.B, k = item / (s.O * s.B);
-      const T* xb = xp + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * in_plane;
+      const T* xb = xq + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * L.chan;
       const T b0 = bias ? bias[k * s.O + o] : T(0);
       const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
       if constexpr (std::is_same_v<T, float>) {
@@ -330,7 +351,7 @@ void conv_planes_stride1(const T* xp, const int64_t* rp, const int32_t* ci, cons
       }
       T* yp = y + item * plane;
       for (int64_t oh = 0; oh < s.Ho; ++oh) {
-        const T* row = acc + oh * Wp;
+        const T* row = acc + oh * L.Wq;
         T* out = yp + oh * s.Wo;
         if (relu) {
           for (int64_t ow = 0; ow < s.Wo; ++ow) out[ow] = row[ow] > T(0) ? row[ow] : T(0);
@@ -368,25 +389,16 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({K, s.B, O, s.Ho, s.Wo}, x.options());
   if (out.numel() == 0) return out;
-  if (s.sh == 1 && s.sw == 1) {
-    // Zero-padded input with kSlack spare elements at the end (read by the last block).
-    const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw;
-    auto store = at::zeros({s.S * s.B * s.C * Hp * Wp + kSlack}, x.options());
-    auto xp = store.narrow(0, 0, s.S * s.B * s.C * Hp * Wp).view({s.S, s.B, s.C, Hp, Wp});
-    xp.narrow(3, s.ph, s.H).narrow(4, s.pw, s.W).copy_(x);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-      conv_planes_stride1<scalar_t>(
-          xp.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-          v.data_ptr<scalar_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
-          out.data_ptr<scalar_t>(), K, s, relu);
-    });
-    return out;
-  }
+  const PhaseLayout L = phase_layout(s);
   auto xc = x.contiguous();
+  auto store = at::empty({s.S * s.B * s.C * L.chan + kSlack}, x.options());
+  store.narrow(0, s.S * s.B * s.C * L.chan, kSlack).zero_();  // read only by dropped outputs
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-    conv_planes<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-                          v.data_ptr<scalar_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
-                          out.data_ptr<scalar_t>(), K, s, relu);
+    fill_phases<scalar_t>(xc.data_ptr<scalar_t>(), store.data_ptr<scalar_t>(), s, L);
+    conv_planes<scalar_t>(store.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
+                          ci.data_ptr<int32_t>(), v.data_ptr<scalar_t>(),
+                          bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+                          out.data_ptr<scalar_t>(), K, s, L, relu);
   });
   return out;
 }
