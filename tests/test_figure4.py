@@ -200,3 +200,18 @@ def test_recipe_without_files_says_how_to_get_them(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "cifar100: dataset files not found" in err and "download=True" in err
+
+
+def test_seed_means_table():
+    def cell(seed, alpha, acc10):
+        return {"model": "m", "seed": seed, "alpha": alpha,
+                "units": {"weights_pair": 0.1 + seed / 100, "kernels_module": 0.5},
+                "test": {"acc10": acc10, "base_acc10": 0.9, "acc2": 0.95, "base_acc2": 0.97}}
+    results = {"a": cell(0, 1.0, 0.70), "b": cell(2, 1.0, 0.80), "c": cell(0, 0.0, 0.75),
+               "m,s0,selection": {"chosen_alpha": 1.0}}
+    lines = figure4._seed_means(results)
+    rows = [l for l in lines if l.startswith("| m |")]
+    assert rows == ["| m | 0 | 1 | 0.1000 | 0.5000 | 75.00 | 90.00 | 95.00 | 97.00 |",
+                    "| m | 1 | 2 | 0.1100 ± 0.0141 | 0.5000 ± 0.0000 | 75.00 ± 7.07 | "
+                    "90.00 ± 0.00 | 95.00 ± 0.00 | 97.00 ± 0.00 |"]
+    assert figure4._seed_means({"a": cell(0, 1.0, 0.7)}) == []

@@ -430,6 +430,36 @@ def _plots(run, results):
         plt.close(fig)
 
 
+def _seed_means(results):
+    """Markdown lines: per (model, α) with more than one seed, the mean ± std over the seeds of
+    the test-set numbers of the per-seed table (empty when every cell has one seed)."""
+    cells = {}
+    for r in results.values():
+        if "alpha" in r and "test" in r:
+            cells.setdefault((r["model"], r["alpha"]), []).append(r)
+    if all(len(rows) < 2 for rows in cells.values()):
+        return []
+
+    def stat(rows, get, scale=1.0):
+        v = torch.tensor([scale * get(r) for r in rows], dtype=torch.float64)
+        digits = 2 if scale > 1 else 4
+        mean = f"{v.mean().item():.{digits}f}"
+        return f"{mean} ± {v.std().item():.{digits}f}" if len(v) > 1 else mean
+
+    lines = ["", "Mean ± std over the seeds (test set; std over seeds, n - 1):", "",
+             "| model | α | seeds | 2-class RPs | kernels kept per module | acc10 % | "
+             "base acc10 % | acc2 % | base acc2 % |", "|---|---|---|---|---|---|---|---|---|"]
+    for (model, alpha), rows in sorted(cells.items()):
+        lines.append(
+            f"| {model} | {alpha:g} | {len(rows)} | {stat(rows, lambda r: r['units']['weights_pair'])}"
+            f" | {stat(rows, lambda r: r['units'].get('kernels_module', float('nan')))} | "
+            f"{stat(rows, lambda r: r['test']['acc10'], 100)} | "
+            f"{stat(rows, lambda r: r['test']['base_acc10'], 100)} | "
+            f"{stat(rows, lambda r: r['test']['acc2'], 100)} | "
+            f"{stat(rows, lambda r: r['test']['base_acc2'], 100)} |")
+    return lines
+
+
 def _report(run, results):
     """Plots, Markdown tables and the output files."""
     a = run.args
@@ -452,6 +482,7 @@ def _report(run, results):
             f"{_pct(sum(last['eval_module_acc']) / len(last['eval_module_acc']))} | "
             f"{_pct(t['acc10'])} [{_pct(lo)}, {_pct(hi)}] | {_pct(t['base_acc10'])} | "
             f"{_pct(t['acc2'])} | {_pct(t['base_acc2'])} | {100 * t['acc2_loss_max']:.2f} |")
+    lines += _seed_means(results)
     for key, sel in results.items():
         if key.endswith("selection"):
             lines += ["", f"{key.rsplit(',', 1)[0]}: validation chose α = "

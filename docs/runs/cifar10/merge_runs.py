@@ -1,9 +1,9 @@
-"""Merge the three one-alpha `figure4` runs of docs/runs/cifar10 (run side by side, one process
-per alpha, to fit the shared 2-core VM) into one report: the same selection rule, tables and
-plots as a single `figure4 --alphas 0,1,2` run (modsplit.app.figure4._select / _report).
+"""Merge `figure4` runs made side by side (one process per alpha or per seed, to fit the shared
+2-core VM) into one report: the same selection rule, tables and plots as one `figure4` run over
+all their alphas and seeds (modsplit.app.figure4._select / _report). Every (model, seed) is
+selected again over the alphas the runs hold for it. (Stop 11 used it as merge_alphas.py.)
 
-    python docs/runs/cifar10/merge_alphas.py /tmp/wt15_runs/f4/a0 /tmp/wt15_runs/f4/a1 \
-        /tmp/wt15_runs/f4/a2 --out /tmp/wt15_runs/f4/merged
+    python docs/runs/cifar10/merge_runs.py <run dir> <run dir> ... --out <dir>
 """
 import argparse
 import json
@@ -22,12 +22,13 @@ def main():
     runs = [json.load(open(os.path.join(r, "figure4_cifar10.json"))) for r in a.runs]
     results = {k: v for r in runs for k, v in r["results"].items() if "selection" not in k}
     s0 = runs[0]["settings"]
-    args = types.SimpleNamespace(**{**s0, "alphas": [x for r in runs for x in r["settings"]["alphas"]],
-                                    "out": a.out})
-    settings = {**s0, "alphas": args.alphas,
+    alphas = sorted({r["alpha"] for r in results.values()})
+    seeds = sorted({r["seed"] for r in results.values()})
+    args = types.SimpleNamespace(**{**s0, "alphas": alphas, "seeds": seeds, "out": a.out})
+    settings = {**s0, "alphas": alphas, "seeds": seeds,
                 "wall_time_s": [r["settings"]["wall_time_s"] for r in runs],
                 "argv": [r["settings"]["argv"] for r in runs],
-                "merged_by": "docs/runs/cifar10/merge_alphas.py " + " ".join(a.runs)}
+                "merged_by": "docs/runs/cifar10/merge_runs.py " + " ".join(a.runs)}
     test = [None] * s0["test_examples"]
     decomp = [None] * s0["decomp_examples"]
 
@@ -40,8 +41,13 @@ def main():
 
     run = types.SimpleNamespace(args=args, test=test, decomp_set=lambda: decomp, save=save,
                                 log=print)
+    cells = list(results.values())
     for name in args.models:
-        figure4._select(run, results, name, s0["seed"])
+        for seed in seeds:
+            args.alphas = sorted(r["alpha"] for r in cells if (r["model"], r["seed"]) == (name, seed))
+            if args.alphas:
+                figure4._select(run, results, name, seed)
+    args.alphas = alphas
     figure4._report(run, results)
 
 
