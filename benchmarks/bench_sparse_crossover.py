@@ -21,8 +21,10 @@ from modsplit.app.latency import compare_latency
 K = 2
 DENSITIES = [0.01, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0]
 LINEAR = [(784, 256), (512, 512)]          # (in, out)
-# (C, O, H = W), 3x3, padding 1: a small-VGG layer, and ResNet-20's three stages
-CONV = [(32, 32, 32), (64, 64, 16), (16, 16, 32), (32, 32, 16), (64, 64, 8)]
+# (C, O, H = W, stride), 3x3, padding 1: a small-VGG layer, ResNet-20's three stages, and
+# ResNet-20's two stride-2 convs (kind conv_s2)
+CONV = [(32, 32, 32, 1), (64, 64, 16, 1), (16, 16, 32, 1), (32, 32, 16, 1), (64, 64, 8, 1)]
+CONV_S2 = [(16, 32, 32, 2), (32, 64, 16, 2)]
 _ops = torch.ops.modsplit
 
 
@@ -46,18 +48,19 @@ def linear_case(i, o, density, batch):
             "dense": lambda t: (torch.matmul(t, wt) + bias.unsqueeze(1)).relu()}, x
 
 
-def conv_case(c, o, hw, density, batch):
+def conv_case(c, o, hw, stride, density, batch):
     w = torch.randn(K, o, c, 3, 3) * (torch.rand(K, o, c, 3, 3) < density)
     bias, x = torch.randn(K, o), torch.randn(K, batch, c, hw, hw)
     rp, ci, v = csr(w.reshape(K, o, -1))
     wg, bg = w.reshape(K * o, c, 3, 3), bias.reshape(-1)
+    ho = (hw - 1) // stride + 1
 
     def dense(t):
         xg = t.transpose(0, 1).reshape(batch, K * c, hw, hw)
-        y = F.conv2d(xg, wg, bg, 1, 1, 1, K).relu()
-        return y.reshape(batch, K, o, hw, hw).transpose(0, 1)
-    return {"sparse": lambda t: _ops.sparse_conv2d(t, rp, ci, v, bias, [3, 3], [1, 1], [1, 1],
-                                                   True),
+        y = F.conv2d(xg, wg, bg, stride, 1, 1, K).relu()
+        return y.reshape(batch, K, o, ho, ho).transpose(0, 1)
+    return {"sparse": lambda t: _ops.sparse_conv2d(t, rp, ci, v, bias, [3, 3], [stride, stride],
+                                                   [1, 1], True),
             "dense": dense}, x
 
 
@@ -93,7 +96,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
-    p.add_argument("--kinds", default="linear,conv", help="comma-separated: linear, conv")
+    p.add_argument("--kinds", default="linear,conv,conv_s2",
+                   help="comma-separated: linear, conv, conv_s2 (stride 2)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     kinds = args.kinds.split(",")
@@ -101,7 +105,8 @@ def main():
     torch.manual_seed(0)
     rows = []
     for kind, shapes, make, batches in (("linear", LINEAR, linear_case, (1, 64)),
-                                        ("conv", CONV, conv_case, (1, 16))):
+                                        ("conv", CONV, conv_case, (1, 16)),
+                                        ("conv_s2", CONV_S2, conv_case, (1, 16))):
         if kind not in kinds:
             continue
         for shape in shapes:
