@@ -318,13 +318,18 @@ void conv_planes(const T* xq, const int64_t* rp, const int32_t* ci, const T* v, 
   const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * L.Wq + s.Wo, plane = s.Ho * s.Wo;
   const int64_t nnz = rp[K * (s.O + 1) - 1];
   const int64_t avg_nnz = std::max<int64_t>(1, nnz / std::max<int64_t>(K * s.O, 1));
-  // Offset of every kept (c, i, j) into a phase-split input image, once per call.
-  std::vector<int64_t> offs(static_cast<size_t>(nnz));
-  for (int64_t p = 0; p < nnz; ++p) {
-    const int64_t col = ci[p], c = col / taps, i = (col % taps) / s.kw, j = col % s.kw;
-    offs[p] = c * L.chan + ((i % s.sh) * L.ph_w + j % s.sw) * L.plane + (i / s.sh) * L.Wq +
-              j / s.sw;
+  // Offset of every kept (c, i, j) into a phase-split input image, once per call: a table over
+  // the C * kh * kw columns (no integer division per kept weight), then one lookup each.
+  std::vector<int64_t> col_off(static_cast<size_t>(s.C * taps));
+  for (int64_t i = 0; i < s.kh; ++i) {
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const int64_t tap = ((i % s.sh) * L.ph_w + j % s.sw) * L.plane + (i / s.sh) * L.Wq +
+                          j / s.sw;
+      for (int64_t c = 0; c < s.C; ++c) col_off[c * taps + i * s.kw + j] = c * L.chan + tap;
+    }
   }
+  std::vector<int64_t> offs(static_cast<size_t>(nnz));
+  for (int64_t p = 0; p < nnz; ++p) offs[p] = col_off[ci[p]];
   at::parallel_for(0, K * s.B * s.O, grain_for(span * avg_nnz), [&](int64_t begin, int64_t end) {
     std::vector<T> buf(static_cast<size_t>((span + kSlack - 1) / kSlack * kSlack));
     T* __restrict__ acc = buf.data();
