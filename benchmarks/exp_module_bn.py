@@ -1,96 +1,27 @@
-"""Experiment (not a library feature): does co-training learn on a conv net once every module's
-BatchNorm uses its own statistics? (docs/RESULTS.md, "Figure 4 at CPU scale, stop 12".)
+"""Experiment: the ablation of per-module BatchNorm statistics and the magnitude start on a conv
+net (docs/RESULTS.md, "Figure 4 at CPU scale, stop 12"): decompose() with
+batchnorm="module" | "frozen" (--per-module-bn 1 | 0) and score_init="kaiming" | "magnitude"
+(--score-init), one alpha, scored on the test images in this process (nothing is saved).
 
-decompose() keeps the base model's BatchNorm in eval mode. Here its converted copy has every
-BatchNorm2d replaced by a per-module one (same frozen affine parameters): with gradients on (a
-training step) it normalises each module's rows of the folded batch [K*B, C, H, W] with their own
-batch statistics and updates per-module running statistics [K, C]; without gradients
-(evaluation, recomposition) it uses those running statistics, of the active modules. The run
-is then decompose()'s own loop, unchanged, and the bank is measured in this process (the
-per-module statistics are not part of a bank file: nothing here is saved).
-
-Option --score-init magnitude starts every module from each layer's top-|W| mask (a
-magnitude-pruned subnetwork) instead of a Kaiming draw.
+Stop 12 ran it before the library had these options: its own per-module BatchNorm class and
+magnitude start, patched into decompose() (git history of this file); the library's
+modsplit.module_norm and layers.magnitude_scores are that design, tested against nn.BatchNorm.
 
 Run: python benchmarks/exp_module_bn.py --model vgg16_quarter --base <base.pt> \
          --out docs/runs/cifar10/module_bn_vgg16_quarter [--per-module-bn 0|1]
          [--score-init kaiming|magnitude]
 """
 import argparse
-import functools
 import json
-import math
 import os
 import platform
-import sys
 import time
-import weakref
 
 import torch
-import torch.nn as nn
 
 import modsplit
-import modsplit.layers
 from modsplit.app.data import load_dataset
 from modsplit.app.figure4 import CONV_MODELS
-
-
-class ModuleBatchNorm2d(nn.Module):
-    """BatchNorm2d with per-module statistics over a module-folded batch (see the docstring)."""
-
-    def __init__(self, bn, net, momentum=0.1):
-        super().__init__()
-        k = net.n_modules
-        self.net, self.eps, self.momentum = weakref.ref(net), bn.eps, momentum
-        self.register_buffer("weight", bn.weight.detach().clone())
-        self.register_buffer("bias", bn.bias.detach().clone())
-        self.register_buffer("running_mean", bn.running_mean.detach().expand(k, -1).clone())
-        self.register_buffer("running_var", bn.running_var.detach().expand(k, -1).clone())
-
-    def forward(self, x):
-        active = self.net().active
-        idx = torch.arange(self.running_mean.shape[0]) if active is None else torch.tensor(active)
-        k = len(idx)
-        xk = x.view(k, x.shape[0] // k, *x.shape[1:])
-        if torch.is_grad_enabled():
-            mean = xk.mean((1, 3, 4))
-            var = xk.var((1, 3, 4), unbiased=False)
-            with torch.no_grad():
-                n = xk[0].numel() // xk.shape[2]
-                self.running_mean[idx] = ((1 - self.momentum) * self.running_mean[idx]
-                                          + self.momentum * mean)
-                self.running_var[idx] = ((1 - self.momentum) * self.running_var[idx]
-                                         + self.momentum * var * n / max(n - 1, 1))
-        else:
-            mean, var = self.running_mean[idx], self.running_var[idx]
-        scale = self.weight / torch.sqrt(var + self.eps)  # [k, C]
-        y = (xk - mean[:, None, :, None, None]) * scale[:, None, :, None, None]
-        return (y + self.bias[None, None, :, None, None]).view_as(x)
-
-
-def magnitude_scores(weight, n_modules, shared_init=True, generator=None):
-    """|W| rescaled to the Kaiming score scale plus 1% of a Kaiming draw: the initial masks are
-    (close to) each layer's top |W|, a magnitude-pruned subnetwork."""
-    noise = modsplit.layers.init_scores(weight, n_modules, shared_init, generator)
-    w = weight.detach().abs()
-    std = math.sqrt(2.0) / math.sqrt(weight[0].numel())
-    return (w / w.std().clamp_min(1e-12) * std).unsqueeze(0) + 0.01 * noise
-
-
-def convert_with_module_bn(model, *args, magnitude=False, per_module_bn=True, **kwargs):
-    """modsplit.convert, then (magnitude) scores from |W| and (per_module_bn) every BatchNorm2d
-    replaced by a ModuleBatchNorm2d."""
-    net = modsplit.convert(model, *args, **kwargs)
-    if magnitude:  # the layers drew their scores before the trained weights were copied in
-        with torch.no_grad():
-            for layer in net.masked_layers().values():
-                layer.scores.copy_(magnitude_scores(layer.weight, layer.scores.shape[0]))
-    for name, m in list(net.net.named_modules()):
-        if isinstance(m, nn.BatchNorm2d):
-            parent, _, attr = name.rpartition(".")
-            if per_module_bn:
-                setattr(net.net.get_submodule(parent), attr, ModuleBatchNorm2d(m, net))
-    return net
 
 
 @torch.no_grad()
@@ -124,14 +55,11 @@ def main():
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x[:args.train], y[:args.train]), batch_size=32,
         shuffle=True, generator=torch.Generator().manual_seed(0))
-    # decompose() builds its network through this name (the module, not the function that
-    # modsplit exports under the same name)
-    sys.modules["modsplit.decompose"].convert = functools.partial(
-        convert_with_module_bn, magnitude=args.score_init == "magnitude",
-        per_module_bn=bool(args.per_module_bn))
     start = time.time()
     bank = modsplit.decompose(model, loader, 10, density=0.1, alpha=args.alpha,
                               epochs=args.epochs, progress=False, seed=0,
+                              batchnorm="module" if args.per_module_bn else "frozen",
+                              score_init=args.score_init,
                               eval_set=torch.utils.data.TensorDataset(xt, yt))
     wall = time.time() - start
     with torch.no_grad():

@@ -138,16 +138,16 @@ def restore(path, tensors: dict, net, grafts, opt, local, n: int, device) -> tup
             found = tuple(tensors[key].shape) if key in tensors else "missing"
             raise CheckpointError(f"modsplit: checkpoint {path}: {key} is {found}, expected "
                                   f"{shape}")
+    norms = {k[len("norm/"):]: v for k, v in tensors.items() if k.startswith("norm/")}
+    try:  # checks every statistic before copying any, and before the parameters are copied
+        load_norm_statistics(net, norms, idx, f"modsplit: checkpoint {path}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
     with torch.no_grad():
         for key, param in pairs:
             param.copy_(tensors[key][idx])
             if f"momentum/{key}" in tensors:
                 opt.state[param]["momentum_buffer"] = tensors[f"momentum/{key}"][idx].to(device)
-    norms = {k[len("norm/"):]: v for k, v in tensors.items() if k.startswith("norm/")}
-    try:
-        load_norm_statistics(net, norms, idx, f"modsplit: checkpoint {path}")
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from exc
     sums = {k: tensors[f"acc/{k}"][idx].to(device) for k in ("ce", "stem", "hits", "seen")}
     restored = [tensors[a].to(device) for a in anchors] if anchors[0] in tensors else None
     return restored, sums

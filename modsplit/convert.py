@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from modsplit.layers import SCORE_INITS, MaskedConv2d, MaskedLinear
-from modsplit.module_norm import ModuleBatchNorm, replace_batchnorms
+from modsplit.module_norm import BATCHNORM_MODES, ModuleBatchNorm, replace_batchnorms
 
 _MASKED = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
 
@@ -158,8 +158,9 @@ def convert(model: nn.Module, n_modules: int, density: float, include=None, excl
     """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("modsplit: include/exclude take an iterable of patterns, not a string")
-    if batchnorm not in ("frozen", "module"):
-        raise ValueError(f"modsplit: batchnorm must be 'frozen' or 'module', got {batchnorm!r}")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"modsplit: batchnorm must be one of {BATCHNORM_MODES}, got "
+                         f"{batchnorm!r}")
     if score_init not in SCORE_INITS:
         raise ValueError(f"modsplit: score_init must be one of {SCORE_INITS}, got {score_init!r}")
     net = copy.deepcopy(model).requires_grad_(False)  # only the scores will learn

@@ -9,6 +9,7 @@ import math
 from typing import Optional, Tuple
 
 from modsplit.layers import SCORE_INITS
+from modsplit.module_norm import BATCHNORM_MODES
 
 # Learning-rate multiplier of epoch e (1-based) out of E, per schedule name.
 SCHEDULES = {
@@ -104,8 +105,8 @@ class DecomposeConfig:
                                                and self.neg_ratio > 0):
             raise ValueError(f"modsplit: neg_ratio must be None or a finite number > 0, got "
                              f"{self.neg_ratio!r}")
-        if self.batchnorm not in ("module", "frozen"):
-            raise ValueError(f"modsplit: batchnorm must be 'module' or 'frozen', got "
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"modsplit: batchnorm must be one of {BATCHNORM_MODES}, got "
                              f"{self.batchnorm!r}")
         if self.score_init not in SCORE_INITS:
             raise ValueError(f"modsplit: score_init must be one of {SCORE_INITS}, got "

@@ -29,13 +29,18 @@ from modsplit import functional as MF
 from modsplit import ops
 
 
+def _kaiming_std(weight: torch.Tensor) -> float:
+    """Kaiming-normal std (ReLU gain) for the fan-in of weight [O, ...]."""
+    return math.sqrt(2.0) / math.sqrt(weight[0].numel())
+
+
 def init_scores(weight: torch.Tensor, n_modules: int, shared_init: bool = True,
                 generator: torch.Generator = None) -> torch.Tensor:
     """Kaiming-normal (ReLU gain, fan_in of weight) scores float [n_modules, *weight.shape].
     shared_init: every module starts from the same draw (initial score sharing)."""
     draws = 1 if shared_init else n_modules
-    std = math.sqrt(2.0) / math.sqrt(weight[0].numel())
-    s = torch.randn((draws, *weight.shape), generator=generator, dtype=weight.dtype) * std
+    s = torch.randn((draws, *weight.shape), generator=generator, dtype=weight.dtype) * \
+        _kaiming_std(weight)
     return s.expand(n_modules, *weight.shape).clone().to(weight.device)
 
 
@@ -48,8 +53,7 @@ def magnitude_scores(weight: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
     (init_scores' std), plus 1% of `draw` (init_scores' scores, [K, *weight.shape]) to break
     ties and, without shared_init, to tell the modules apart."""
     w = weight.detach().abs()
-    std = math.sqrt(2.0) / math.sqrt(weight[0].numel())
-    return (w / w.std().clamp_min(1e-12) * std).unsqueeze(0) + 0.01 * draw
+    return (w / w.std().clamp_min(1e-12) * _kaiming_std(weight)).unsqueeze(0) + 0.01 * draw
 
 
 class _MaskedMixin:

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# convert / DecomposeConfig batchnorm modes: per-module statistics, or the base model's frozen
+BATCHNORM_MODES = ("module", "frozen")
 
 
 class ModuleBatchNorm(nn.Module):

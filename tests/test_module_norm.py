@@ -268,6 +268,17 @@ def test_resume_restores_the_statistics(tmp_path):
     files.write_file(path, meta, {k: v for k, v in tensors.items() if not k.startswith("norm/")})
     with pytest.raises(modsplit.CheckpointError, match="running_mean are missing"):
         run(epochs=3, checkpoint_dir=tmp_path)
+    # restore() checks the statistics before it copies anything
+    from modsplit.bank import Grafts
+    from modsplit.decompose import make_optimizer
+    net = modsplit.convert(model, 10, 0.1, batchnorm="module", seed=9)
+    grafts = Grafts.init_for(range(10), 10)
+    opt = make_optimizer(net, grafts, modsplit.DecomposeConfig())
+    before = [s.detach().clone() for s in net.score_parameters()]
+    damaged = {k: v for k, v in tensors.items() if not k.startswith("norm/")}
+    with pytest.raises(modsplit.CheckpointError, match="running_mean are missing"):
+        checkpoint.restore(path, damaged, net, grafts, opt, range(10), 10, "cpu")
+    assert all(torch.equal(a, s) for a, s in zip(before, net.score_parameters()))
 
 
 def test_resnet_runs_with_per_module_statistics():

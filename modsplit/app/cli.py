@@ -14,6 +14,8 @@ import yaml
 from modsplit.app import commands, config
 from modsplit.backend import set_backend
 from modsplit.errors import ModsplitError
+from modsplit.layers import SCORE_INITS
+from modsplit.module_norm import BATCHNORM_MODES
 from modsplit.app.reproduce import add_reproduce_parser
 
 class _Parser(argparse.ArgumentParser):
@@ -86,9 +88,9 @@ def _decompose_flags(p, epochs_flag):
     _add(p, "--density", "decompose.density", type=float, help="share of weights per module")
     _add(p, "--alpha", "decompose.alpha", type=float, help="weight of the stemming term")
     _add(p, "--p", "decompose.p", type=float, help="norm of the stemming term")
-    _add(p, "--batchnorm", "decompose.batchnorm", choices=("module", "frozen"),
+    _add(p, "--batchnorm", "decompose.batchnorm", choices=BATCHNORM_MODES,
          help="BatchNorm statistics: per module (default) or the base model's, frozen")
-    _add(p, "--score-init", "decompose.score_init", choices=("kaiming", "magnitude"),
+    _add(p, "--score-init", "decompose.score_init", choices=SCORE_INITS,
          help="initial scores: Kaiming draw (default) or magnitude (top-|W| masks)")
 
 

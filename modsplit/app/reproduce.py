@@ -38,6 +38,8 @@ from modsplit.app.runner import (BASE_PROTOCOLS, MODELS, Run, _pct, base_cache_n
                                  protocol_inputs)
 from modsplit.app.selection import select_candidate
 from modsplit.decompose_config import DecomposeConfig
+from modsplit.layers import SCORE_INITS
+from modsplit.module_norm import BATCHNORM_MODES
 from modsplit.errors import ModsplitError
 
 BASELINES = ("ti-i", "ti-sne", "cm-rie")
@@ -437,10 +439,10 @@ def _add_command(sub, command):
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="plain cross-entropy instead of the class-weighted (1:1) one")
     p.add_argument("--batch-size", type=int, default=32, help="decomposition batch size")
-    p.add_argument("--batchnorm", default="module", choices=("module", "frozen"),
+    p.add_argument("--batchnorm", default="module", choices=BATCHNORM_MODES,
                    help="BatchNorm statistics during decomposition: per module (default) or "
                         "the base model's, frozen")
-    p.add_argument("--score-init", default="kaiming", choices=("kaiming", "magnitude"),
+    p.add_argument("--score-init", default="kaiming", choices=SCORE_INITS,
                    help="initial scores: Kaiming draw (the paper) or magnitude (initial masks = "
                         "each layer's top-|W| weights)")
     p.add_argument("--graft-lr", type=float, default=DecomposeConfig.graft_lr,
