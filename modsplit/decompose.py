@@ -11,7 +11,7 @@ from modsplit.convert import convert
 from modsplit.decompose_config import SCHEDULES, DecomposeConfig
 from modsplit.errors import CheckpointError
 from modsplit.functional import raw_score_grad
-from modsplit.score_update import CoTrainSGD, stem_coefficient
+from modsplit.score_update import CoTrainSGD, stem_coefficient, uses_cpu_kernel
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
 from modsplit.module_norm import load_norm_statistics, norm_statistics
@@ -156,12 +156,24 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     loss.backward()
     if not fused:
         opt.step()
-    elif anchors is None:
-        opt.step(raw_grad=True)
     else:
-        sums = opt.step([a.unsqueeze(0) for a in anchors],
-                        stem_coefficient(alpha, per_module, scores[0].dtype), raw_grad=True)
-        stem = (sums / per_module).to(ce.dtype)
+        # On the CPU kernels the update of each layer's scores also computes their next top-k
+        # mask (the one the next forward would compute), which the layer adopts.
+        layers = {id(m.scores): m for m in net.masked_layers().values() if m.scores is not None}
+        params = opt.param_groups[0]["params"]
+        densities = ([layers[id(q)].density for q in params]
+                     if scores and all(id(q) in layers for q in params)
+                     and uses_cpu_kernel(scores[0])
+                     else None)
+        sums, masks = opt.step_with_masks(
+            None if anchors is None else [a.unsqueeze(0) for a in anchors],
+            stem_coefficient(alpha, per_module, scores[0].dtype), raw_grad=True,
+            densities=densities)
+        for q, packed in zip(params, masks):
+            if packed is not None:
+                layers[id(q)].cache_masks(packed)
+        if anchors is not None:
+            stem = (sums / per_module).to(ce.dtype)
     return out.detach(), positive, ce.detach(), stem.detach(), seen
 
 

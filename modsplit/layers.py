@@ -102,6 +102,11 @@ class _MaskedMixin:
             self._mask_cache = (key, ops.multi_topk_mask(self.scores.detach(), self.density))
         return self._mask_cache[1]
 
+    def cache_masks(self, packed: torch.Tensor):
+        """Adopt packed int32 [K, O, ceil(R/32)], computed elsewhere as the top-k masks of the
+        current scores (CoTrainSGD.step_with_masks), as masks() until the scores change."""
+        self._mask_cache = ((self.scores.data_ptr(), self.scores._version, self.density), packed)
+
     def freeze_masks(self, packed: torch.Tensor = None):
         """Replace the scores by fixed packed masks int32 [K, O, ceil(R/32)] (default: the
         current top-k masks). The layer then has no trainable tensor."""

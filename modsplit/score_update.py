@@ -13,6 +13,8 @@ would have accumulated for Eq. 1 with p = 1: a run with CoTrainSGD gives the sam
 bit, as one with torch.optim.SGD (tests/test_score_update.py). The momentum buffers live in
 opt.state[p]["momentum_buffer"], as torch.optim.SGD's, so checkpoints are the same.
 """
+import math
+
 import torch
 
 from modsplit import _extension, torch_backend
@@ -39,8 +41,7 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
     """
     args = (float(lr), float(momentum), float(weight_decay), float(stem_coef), bool(nesterov),
             bool(init_buffer), bool(sign_grad))
-    if not (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES
-            and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu")):
+    if not uses_cpu_kernel(scores):
         return torch_backend.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, *args)
     stem = torch.ops.modsplit.cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, *args)
     # The kernel writes through raw pointers: bump the version counters as an in-place ATen op
@@ -50,10 +51,50 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
     return stem
 
 
+def cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
+                           stem_coef, nesterov, init_buffer, sign_grad, density, bracket):
+    """cotrain_sgd_step_ fused with the top-k mask of the updated scores: the same update, in
+    place, then (stem float64 [K], packed int32 [K, O, ceil(R/32)]) with packed equal to
+    ops.multi_topk_mask(scores, density) of the new scores. scores: float [K, O, ...] (3 dims
+    or more). bracket: float64 CPU [K, 2], the per-module threshold state of the fused select
+    (reference.next_topk_mask_), read and written: start it as torch.full((K, 2), nan).
+    On the CPU (float32 / float64, "auto" / "cpu" backend) the C++ kernel counts the next
+    top-k's keys while each block of updated scores is still in cache; elsewhere the
+    pure-PyTorch twin runs the update and then the top-k."""
+    args = (float(lr), float(momentum), float(weight_decay), float(stem_coef), bool(nesterov),
+            bool(init_buffer), bool(sign_grad), float(density))
+    if not uses_cpu_kernel(scores):
+        return torch_backend.cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, *args,
+                                                    bracket)
+    stem, packed = torch.ops.modsplit.cotrain_sgd_topk_step_(scores, momentum_buffer, grad,
+                                                             anchor, *args, bracket)
+    torch.autograd.graph.increment_version(scores)
+    torch.autograd.graph.increment_version(momentum_buffer)
+    return stem, packed
+
+
+def uses_cpu_kernel(scores) -> bool:
+    """Whether the score updates of `scores` run the C++ kernels: float32 / float64 CPU scores, a CPU build, backend "auto" or "cpu"."""
+    return (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES
+            and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu"))
+
+
+@torch.library.register_fake("modsplit::cotrain_sgd_topk_step_")
+def _cotrain_sgd_topk_step_fake(scores, momentum_buffer, grad, anchor, lr, momentum,
+                                weight_decay, stem_coef, nesterov, init_buffer, sign_grad,
+                                density, bracket):
+    k, o = scores.shape[:2]
+    words = (math.prod(scores.shape[2:]) + 31) // 32
+    return (scores.new_empty((k,), dtype=torch.float64),
+            scores.new_empty((k, o, words), dtype=torch.int32))
+
+
 if _extension.has_kernels("cuda"):
     # A CUDA build registers a kernel of every op (tests/test_cuda_build.py); this op's CUDA
     # kernel is its torch twin (elementwise ATen ops, already one kernel launch each).
     torch.library.impl("modsplit::cotrain_sgd_step_", "CUDA")(torch_backend.cotrain_sgd_step_)
+    torch.library.impl("modsplit::cotrain_sgd_topk_step_", "CUDA")(
+        torch_backend.cotrain_sgd_topk_step_)
 
 
 def stem_coefficient(alpha: float, per_module: int, dtype: torch.dtype) -> float:
@@ -75,16 +116,33 @@ class CoTrainSGD(torch.optim.SGD):
         super().__init__([{"params": list(scores), "lr": lr},
                           {"params": list(others), "lr": other_lr}],
                          lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        # per score tensor: the fused top-k's threshold state (a speed hint, not optimizer state:
+        # not saved, a restored run starts it afresh with the same masks)
+        self._brackets = {}
 
     @torch.no_grad()
     def step(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False):
+        """See step_with_masks (the same update, without the masks); returns its stem."""
+        return self.step_with_masks(anchors, stem_coef, raw_grad)[0]
+
+    @torch.no_grad()
+    def step_with_masks(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False,
+                        densities=None):
         """Update every parameter from its .grad. anchors: None, or one float tensor per score
         tensor (the stemming anchor S_avg, [K, ...] or [1, ...]), whose term
         stem_coef * sum |S - A| is added to the scores' gradients here. Returns float64 [K]:
         per module, the sum of |S - A| over all score tensors before the update (None
         without anchors). raw_grad: the scores' .grad was left before the straight-through
-        sgn(S) (the forward ran under functional.raw_score_grad()); the step multiplies it in."""
+        sgn(S) (the forward ran under functional.raw_score_grad()); the step multiplies it in.
+        densities: None, or one top-k density per score tensor: the update of each is then
+        fused with the top-k mask of its new scores (cotrain_sgd_topk_step_).
+        Returns (stem, masks): masks holds, per score tensor, that packed mask int32
+        [K, O, ceil(R/32)] (None without densities, or for a tensor without a gradient)."""
         group, stem = self.param_groups[0], None
+        masks = [None] * len(group["params"])
+        if densities is not None and len(densities) != len(group["params"]):
+            raise ValueError(f"modsplit: densities must hold one density per score tensor "
+                             f"({len(group['params'])}), got {len(densities)}")
         if anchors is not None and len(anchors) != len(group["params"]):
             raise ValueError(f"modsplit: anchors must hold one tensor per score tensor "
                              f"({len(group['params'])}), got {len(anchors)}")
@@ -98,12 +156,19 @@ class CoTrainSGD(torch.optim.SGD):
                 buf = state["momentum_buffer"] = torch.empty_like(
                     p, memory_format=torch.contiguous_format)
             anchor = None if anchors is None else anchors[i]
-            sums = cotrain_sgd_step_(p, buf, p.grad, anchor, group["lr"],
-                                     group["momentum"], group["weight_decay"],
-                                     stem_coef if anchor is not None else 0.0,
-                                     group["nesterov"], init, raw_grad)
+            args = (p, buf, p.grad, anchor, group["lr"], group["momentum"],
+                    group["weight_decay"], stem_coef if anchor is not None else 0.0,
+                    group["nesterov"], init, raw_grad)
+            if densities is None:
+                sums = cotrain_sgd_step_(*args)
+            else:
+                bracket = self._brackets.get(p)
+                if bracket is None:
+                    bracket = self._brackets[p] = torch.full((p.shape[0], 2), float("nan"),
+                                                             dtype=torch.float64)
+                sums, masks[i] = cotrain_sgd_topk_step_(*args, densities[i], bracket)
             p.grad = None  # done: the base step below skips it
             if anchor is not None:
                 stem = sums if stem is None else stem + sums
         super().step()
-        return stem
+        return stem, masks

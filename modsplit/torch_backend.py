@@ -360,6 +360,24 @@ def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weigh
                                  weight_decay, stem_coef, nesterov, init_buffer, sign_grad)
 
 
+def cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
+                           stem_coef, nesterov, init_buffer, sign_grad, density, bracket):
+    """cotrain_sgd_step_ fused with the next top-k mask (reference.cotrain_sgd_topk_step_, after
+    the same argument checks as the kernel) -> (stem float64 [K], packed int32 [K, O, W])."""
+    _check(isinstance(scores, torch.Tensor) and scores.dim() >= 3,
+           f"scores must be a [K, O, ...] bank of at least 3 dims, got "
+           f"{list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}")
+    _check(0 < density <= 1, f"density must be in (0, 1], got {density}")
+    _check(isinstance(bracket, torch.Tensor) and bracket.dtype == torch.float64
+           and bracket.device.type == "cpu" and tuple(bracket.shape) == (scores.shape[0], 2),
+           f"bracket must be a float64 CPU tensor of shape [{scores.shape[0]}, 2], got "
+           f"{bracket.dtype if isinstance(bracket, torch.Tensor) else type(bracket)} "
+           f"{list(bracket.shape) if isinstance(bracket, torch.Tensor) else ''}")
+    stem = cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
+                             stem_coef, nesterov, init_buffer, sign_grad)
+    return stem, ref.next_topk_mask_(scores, density, bracket)
+
+
 # ---- compact (CSR) inference ops ---------------------------------------------------------------
 
 def _check_csr(x, row_ptr, col_idx, values, bias, dims):

@@ -47,6 +47,13 @@ SCHEMAS = {
                           "Tensor? anchor, float lr, float momentum, float weight_decay, "
                           "float stem_coef, bool nesterov, bool init_buffer, bool sign_grad) "
                           "-> Tensor"),
+    # The same update fused with the next top-k mask of the updated scores (the mask of
+    # multi_topk_mask(scores, density)); bracket float64 [K, 2] (threshold, half-width) is read and
+    # written. Returns (float64 [K] sums of |S - A|, int32 [K, O, ceil(R/32)] packed masks).
+    "cotrain_sgd_topk_step_": ("(Tensor(a!) scores, Tensor(b!) momentum_buffer, Tensor grad, "
+                               "Tensor? anchor, float lr, float momentum, float weight_decay, "
+                               "float stem_coef, bool nesterov, bool init_buffer, bool sign_grad, "
+                               "float density, Tensor(c!) bracket) -> (Tensor, Tensor)"),
 }
 
 # Ops with compiled kernels on the CPU only (elsewhere modsplit.ops runs their torch-backend twins).
