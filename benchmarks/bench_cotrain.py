@@ -28,6 +28,9 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
   batched compiled      the same forward + loss under torch.compile, and the optimizer step
                         compiled too (torch.compile(opt.step));
   modsplit, sampled     (extra row with --ratio r) decompose's step with sampled negatives;
+  modsplit, top-k not fused   (extra row with --unfused-row) decompose's step with
+                        fuse_topk=False: the top-k of the next forward instead of the one fused
+                        into the score update (the step before stop 14);
   per-module loop       (extra row, FC1 only) K separate edge-popup models with a sort-based
                         GetSubnet and one optimizer each.
 Before timing, one step of every side from the same scores and grafts is checked to give the same
@@ -240,8 +243,10 @@ class ModsplitSide:
     """decompose's own step on a converted network; ratio: sampled negatives (neg_ratio) with
     decompose's inclusion probabilities min(1, B n_c / n)."""
 
-    def __init__(self, model, net, grafts, classes, weights, anchors, ratio=None, counts=None):
+    def __init__(self, model, net, grafts, classes, weights, anchors, ratio=None, counts=None,
+                 fuse_topk=True):
         self.net, self.grafts = copy.deepcopy(net), copy.deepcopy(grafts)
+        self.fuse_topk = fuse_topk
         self.classes, self.weights, self.anchors = classes, weights, anchors
         self.ratio, self.steps = ratio, 0
         if ratio is not None:
@@ -257,7 +262,8 @@ class ModsplitSide:
             rows = sample_rows(y, self.classes, self.weights, self.ratio, self.inclusion, gen)
         self.steps += 1
         out, _, ce, stem, _ = train_step(self.net, self.grafts, self.opt, x, y, self.classes,
-                                         self.weights, ALPHA, P, self.anchors, rows)
+                                         self.weights, ALPHA, P, self.anchors, rows,
+                                         fuse_topk=self.fuse_topk)
         return out, ce, stem
 
     def masks(self):
@@ -338,7 +344,7 @@ def check_first_step(sides, batch, atol=1e-5):
                                      f"(max |diff| {(a - b).abs().max().item():.3g})")
 
 
-def build_sides(name, steps, with_loop, compiled=True, ratio=None):
+def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False):
     model, batches, weights, counts = workload(name, steps)
     net = convert(model, K, DENSITY, seed=0)
     scores = [s.detach() for s in net.score_parameters()]
@@ -355,16 +361,20 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None):
     if ratio is not None:
         sides[f"modsplit, sampled negatives r={ratio:g}"] = ModsplitSide(
             model, net, grafts, classes, weights, anchors, ratio, counts)
+    if unfused:
+        sides["modsplit, top-k not fused"] = ModsplitSide(model, net, grafts, classes, weights,
+                                                          anchors, fuse_topk=False)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl
 
 
-def run(name, rounds, steps, with_loop, ratio=None):
+def run(name, rounds, steps, with_loop, ratio=None, unfused=False):
     global K
     K = WORKLOADS[name]
-    sides, batches, impl = build_sides(name, steps, with_loop, ratio=ratio)
+    sides, batches, impl = build_sides(name, steps, with_loop, ratio=ratio, unfused=unfused)
     check_first_step({k: v for k, v in sides.items() if k in ("modsplit", "batched eager",
+                                                                "modsplit, top-k not fused",
                                                                 "batched compiled")}, batches[0])
     times = {k: [] for k in sides}
     for r in range(rounds + 1):  # round 0 is the warm-up of every side
@@ -398,6 +408,8 @@ def main(argv=None):
     ap.add_argument("--no-loop", action="store_true", help="skip the per-module loop row")
     ap.add_argument("--ratio", type=float, default=None,
                     help="also time modsplit with sampled negatives (neg_ratio) r")
+    ap.add_argument("--unfused-row", action="store_true",
+                    help="also time modsplit with the top-k not fused into the score update")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--json", help="write the results there")
     args = ap.parse_args(argv)
@@ -405,7 +417,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     results = {"machine": machine(), "results": []}
     for name in (["fc1", "conv"] if args.workload == "all" else args.workload.split(",")):
-        res = run(name, args.rounds, args.steps, name == "fc1" and not args.no_loop, args.ratio)
+        res = run(name, args.rounds, args.steps, name == "fc1" and not args.no_loop, args.ratio,
+                  args.unfused_row)
         results["results"].append(res)
         print(f"\n{name}: K={K}, batch {BATCH}, density {DENSITY}, baseline = {res['baseline']} "
               f"(SGD {res['sgd_impl'] or 'default'}); {machine()}")

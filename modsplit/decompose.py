@@ -122,7 +122,8 @@ def sample_rows(y, classes, weights, ratio: float, inclusion, gen, local=None):
     return idx, weight.float(), is_pos
 
 
-def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows=None):
+def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows=None,
+               fuse_topk=True):
     """One co-training step of all K modules on the batch (x, y) (already on the device):
     forward, class-weighted CE + stemming loss (Eq. 1), backward, optimizer step. With a
     CoTrainSGD optimizer (decompose's choice for p = 1) the stemming term is left out of the
@@ -130,6 +131,9 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     rows: None (every module sees the whole batch), or sample_rows()'s (idx [K, m], weight
     [K, m], positive [K, m]): module k runs on x[idx[k]] and its CE is
     sum(weight[k] * CE) / B (sampled negatives).
+    fuse_topk: with CoTrainSGD on the CPU kernels, each score update also computes the next
+    top-k mask (CoTrainSGD.step_with_masks), which the layers adopt; False computes it in the
+    next forward instead (same masks; for comparisons).
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
     scores = net.score_parameters()
@@ -162,7 +166,7 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
         layers = {id(m.scores): m for m in net.masked_layers().values() if m.scores is not None}
         params = opt.param_groups[0]["params"]
         densities = ([layers[id(q)].density for q in params]
-                     if scores and all(id(q) in layers for q in params)
+                     if fuse_topk and scores and all(id(q) in layers for q in params)
                      and uses_cpu_kernel(scores[0])
                      else None)
         sums, masks = opt.step_with_masks(

@@ -8,6 +8,12 @@ CoTrainSGD.step does all of it in one pass per score tensor (the op cotrain_sgd_
 kernel on the CPU, torch.optim.SGD's own tensor ops elsewhere) and returns the stemming term's
 value, so the training step leaves that term out of the autograd graph.
 
+CoTrainSGD.step_with_masks(densities=...) goes one step further (cotrain_sgd_topk_step_): while
+each block of updated scores is still in cache, the same pass counts them against a bracket
+around the previous step's top-k threshold, so the next step's exact top-k mask costs a select
+among the few keys inside the bracket and a rewrite of their words, not two more passes over the
+bank. decompose() hands those masks to the layers (MaskedLinear / MaskedConv2d.cache_masks).
+
 The arithmetic is torch.optim.SGD's (single-tensor path, dampening 0) on the gradient autograd
 would have accumulated for Eq. 1 with p = 1: a run with CoTrainSGD gives the same scores, bit for
 bit, as one with torch.optim.SGD (tests/test_score_update.py). The momentum buffers live in
