@@ -132,7 +132,7 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     [K, m], positive [K, m]): module k runs on x[idx[k]] and its CE is
     sum(weight[k] * CE) / B (sampled negatives).
     fuse_topk: with CoTrainSGD on the CPU kernels, each score update also computes the next
-    top-k mask (CoTrainSGD.step_with_masks), which the layers adopt; False computes it in the
+    top-k mask (CoTrainSGD.step's densities), which the layers adopt; False computes it in the
     next forward instead (same masks; for comparisons).
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
@@ -169,11 +169,10 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
                      if fuse_topk and scores and all(id(q) in layers for q in params)
                      and uses_cpu_kernel(scores[0])
                      else None)
-        sums, masks = opt.step_with_masks(
-            None if anchors is None else [a.unsqueeze(0) for a in anchors],
-            stem_coefficient(alpha, per_module, scores[0].dtype), raw_grad=True,
-            densities=densities)
-        for q, packed in zip(params, masks):
+        sums = opt.step(None if anchors is None else [a.unsqueeze(0) for a in anchors],
+                        stem_coefficient(alpha, per_module, scores[0].dtype), raw_grad=True,
+                        densities=densities)
+        for q, packed in zip(params, opt.next_masks or ()):
             if packed is not None:
                 layers[id(q)].cache_masks(packed)
         if anchors is not None:

@@ -104,7 +104,7 @@ class _MaskedMixin:
 
     def cache_masks(self, packed: torch.Tensor):
         """Adopt packed int32 [K, O, ceil(R/32)], computed elsewhere as the top-k masks of the
-        current scores (CoTrainSGD.step_with_masks), as masks() until the scores change."""
+        current scores (CoTrainSGD.next_masks), as masks() until the scores change."""
         self._mask_cache = ((self.scores.data_ptr(), self.scores._version, self.density), packed)
 
     def freeze_masks(self, packed: torch.Tensor = None):

@@ -8,7 +8,7 @@ CoTrainSGD.step does all of it in one pass per score tensor (the op cotrain_sgd_
 kernel on the CPU, torch.optim.SGD's own tensor ops elsewhere) and returns the stemming term's
 value, so the training step leaves that term out of the autograd graph.
 
-CoTrainSGD.step_with_masks(densities=...) goes one step further (cotrain_sgd_topk_step_): while
+CoTrainSGD.step(..., densities=...) goes one step further (cotrain_sgd_topk_step_): while
 each block of updated scores is still in cache, the same pass counts them against a bracket
 around the previous step's top-k threshold, so the next step's exact top-k mask costs a select
 among the few keys inside the bracket and a rewrite of their words, not two more passes over the
@@ -125,15 +125,11 @@ class CoTrainSGD(torch.optim.SGD):
         # per score tensor: the fused top-k's threshold state (a speed hint, not optimizer state:
         # not saved, a restored run starts it afresh with the same masks)
         self._brackets = {}
+        self.next_masks = None
 
     @torch.no_grad()
-    def step(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False):
-        """See step_with_masks (the same update, without the masks); returns its stem."""
-        return self.step_with_masks(anchors, stem_coef, raw_grad)[0]
-
-    @torch.no_grad()
-    def step_with_masks(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False,
-                        densities=None):
+    def step(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False,
+             densities=None):
         """Update every parameter from its .grad. anchors: None, or one float tensor per score
         tensor (the stemming anchor S_avg, [K, ...] or [1, ...]), whose term
         stem_coef * sum |S - A| is added to the scores' gradients here. Returns float64 [K]:
@@ -141,9 +137,9 @@ class CoTrainSGD(torch.optim.SGD):
         without anchors). raw_grad: the scores' .grad was left before the straight-through
         sgn(S) (the forward ran under functional.raw_score_grad()); the step multiplies it in.
         densities: None, or one top-k density per score tensor: the update of each is then
-        fused with the top-k mask of its new scores (cotrain_sgd_topk_step_).
-        Returns (stem, masks): masks holds, per score tensor, that packed mask int32
-        [K, O, ceil(R/32)] (None without densities, or for a tensor without a gradient)."""
+        fused with the top-k mask of its new scores (cotrain_sgd_topk_step_), left in
+        self.next_masks: per score tensor that packed mask int32 [K, O, ceil(R/32)] (None for a
+        tensor without a gradient; next_masks is None after a step without densities)."""
         group, stem = self.param_groups[0], None
         masks = [None] * len(group["params"])
         if densities is not None and len(densities) != len(group["params"]):
@@ -177,4 +173,5 @@ class CoTrainSGD(torch.optim.SGD):
             if anchor is not None:
                 stem = sums if stem is None else stem + sums
         super().step()
-        return stem, masks
+        self.next_masks = None if densities is None else masks
+        return stem

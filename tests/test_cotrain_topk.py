@@ -217,21 +217,28 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_step_with_masks():
+def test_step_with_densities_leaves_the_next_masks():
     g = torch.Generator().manual_seed(4)
     ps = [torch.nn.Parameter(torch.randn(3, 5, 70, generator=g)),
           torch.nn.Parameter(torch.randn(3, 2, 5, generator=g))]
     opt = CoTrainSGD(ps, [], 0.1, 0.1, 0.9, True, 1e-4)
+    hooks = []
+    opt.register_step_post_hook(lambda *a: hooks.append(1))  # step() stays torch's step
     with pytest.raises(ValueError, match="densities"):
-        opt.step_with_masks(densities=[0.1])
+        opt.step(densities=[0.1])
     for _ in range(3):
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g)
-        _, masks = opt.step_with_masks(densities=[0.1, 0.4])
-        assert torch.equal(masks[0], multi_topk_mask(ps[0].detach(), 0.1))
-        assert torch.equal(masks[1], multi_topk_mask(ps[1].detach(), 0.4))
-    _, masks = opt.step_with_masks()
-    assert masks == [None, None]  # no gradients: nothing updated
+        opt.step(densities=[0.1, 0.4])
+        assert torch.equal(opt.next_masks[0], multi_topk_mask(ps[0].detach(), 0.1))
+        assert torch.equal(opt.next_masks[1], multi_topk_mask(ps[1].detach(), 0.4))
+    assert len(hooks) == 3
+    opt.step(densities=[0.1, 0.4])
+    assert opt.next_masks == [None, None]  # no gradients: nothing updated
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    assert opt.next_masks is None
 
 
 def _bank(monkeypatch, fused):
