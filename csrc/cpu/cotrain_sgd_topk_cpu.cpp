@@ -207,25 +207,7 @@ void fused_step(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_str
         for (const int64_t u : scan[m * chunks + c].words) {
           const T* q = sm + elem(u);
           const int64_t len = len_of(u);
-          uint32_t bits = 0;
-          if (len == 32) {
-            bits = topk_select::above_bits(q, th);
-            for (uint32_t eq = topk_select::above_bits(q, static_cast<Key>(th - 1)) & ~bits;
-                 eq && left > 0; eq &= eq - 1, --left) {
-              bits |= eq & (0u - eq);
-            }
-          } else {
-            for (int64_t j = 0; j < len; ++j) {
-              const Key k = KeyOf<T>::get(q[j]);
-              bool kept = k > th;
-              if (k == th && left > 0) {
-                kept = true;
-                --left;
-              }
-              bits |= static_cast<uint32_t>(kept) << j;
-            }
-          }
-          dm[u] = static_cast<int32_t>(bits);
+          dm[u] = static_cast<int32_t>(topk_select::mask_word(q, len, th, left));
         }
       }
     }

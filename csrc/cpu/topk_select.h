@@ -237,6 +237,34 @@ uint32_t above_bits(const T* q, typename KeyOf<T>::Key thr) {
   return bits;
 }
 
+// The mask word of up to 32 scores q (len of them): the keys > thr, plus the first `left` keys
+// equal to thr in order (left is decreased by the ties taken).
+template <typename T>
+uint32_t mask_word(const T* q, int64_t len, typename KeyOf<T>::Key thr, int64_t& left) {
+  using Key = typename KeyOf<T>::Key;
+  uint32_t bits = 0;
+  if (len == 32) {
+    bits = above_bits(q, thr);
+    if (left > 0) {
+      for (uint32_t eq = above_bits(q, static_cast<Key>(thr - 1)) & ~bits; eq && left > 0;
+           eq &= eq - 1, --left) {
+        bits |= eq & (0u - eq);
+      }
+    }
+    return bits;
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const Key k = KeyOf<T>::get(q[j]);
+    bool kept = k > thr;
+    if (k == thr && left > 0) {
+      kept = true;
+      --left;
+    }
+    bits |= static_cast<uint32_t>(kept) << j;
+  }
+  return bits;
+}
+
 // src: contiguous [modules, rows, cols] scores; dst: [modules, rows, words_for(cols)] int32.
 // Keeps `keep` (1 <= keep <= rows*cols) entries of largest |score| per module. thr_out: when
 // given, [modules] keys of each module's threshold (the keep-th largest key; 0 when keep == n).
@@ -384,27 +412,7 @@ void topk_pack(const T* src, int32_t* dst, int64_t modules, int64_t rows, int64_
       int64_t left = quota[t];  // ties this chunk still keeps
       int32_t* out = dst + m * uw;
       for_words(m, word_begin(c), word_begin(c + 1), [&](const T* q, int64_t len, int64_t u) {
-        uint32_t bits = 0;
-        if (len == 32) {
-          bits = above_bits(q, thr);
-          if (left > 0) {  // the first `left` keys equal to thr, in order
-            for (uint32_t eq = above_bits(q, static_cast<Key>(thr - 1)) & ~bits; eq && left > 0;
-                 eq &= eq - 1, --left) {
-              bits |= eq & (0u - eq);
-            }
-          }
-        } else {
-          for (int64_t j = 0; j < len; ++j) {
-            const Key k = K::get(q[j]);
-            bool kept = k > thr;
-            if (k == thr && left > 0) {
-              kept = true;
-              --left;
-            }
-            bits |= static_cast<uint32_t>(kept) << j;
-          }
-        }
-        out[u] = static_cast<int32_t>(bits);
+        out[u] = static_cast<int32_t>(mask_word(q, len, thr, left));
       });
     }
   });
