@@ -109,6 +109,14 @@ def stem_coefficient(alpha: float, per_module: int, dtype: torch.dtype) -> float
     return (torch.full((), alpha, dtype=dtype) / per_module).item()
 
 
+def _plain_sgd_step(opt):
+    """torch.optim.SGD.step(opt) without the hook wrapper torch.optim.Optimizer puts on the SGD
+    class once a torch.optim.SGD exists in the process (CoTrainSGD.step's own wrapper has run the
+    step hooks already; they would otherwise run twice)."""
+    step = torch.optim.SGD.step
+    return (step.__wrapped__ if getattr(step, "hooked", False) else step)(opt)
+
+
 class CoTrainSGD(torch.optim.SGD):
     """torch.optim.SGD over two parameter groups, the score banks (group 0: float [K, ...]
     tensors) and the rest (group 1, e.g. the grafts), whose step() updates the scores with
@@ -172,6 +180,6 @@ class CoTrainSGD(torch.optim.SGD):
             p.grad = None  # done: the base step below skips it
             if anchor is not None:
                 stem = sums if stem is None else stem + sums
-        super().step()
+        _plain_sgd_step(self)
         self.next_masks = None if densities is None else masks
         return stem

@@ -218,12 +218,13 @@ def test_opcheck():
 
 
 def test_step_with_densities_leaves_the_next_masks():
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))])  # wraps SGD.step in hooks too
     g = torch.Generator().manual_seed(4)
     ps = [torch.nn.Parameter(torch.randn(3, 5, 70, generator=g)),
           torch.nn.Parameter(torch.randn(3, 2, 5, generator=g))]
     opt = CoTrainSGD(ps, [], 0.1, 0.1, 0.9, True, 1e-4)
     hooks = []
-    opt.register_step_post_hook(lambda *a: hooks.append(1))  # step() stays torch's step
+    opt.register_step_post_hook(lambda *a: hooks.append(1))  # once per step
     with pytest.raises(ValueError, match="densities"):
         opt.step(densities=[0.1])
     for _ in range(3):
