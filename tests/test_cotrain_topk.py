@@ -29,7 +29,9 @@ def _args(h, init, sign):
 def _run_both(shape, dtype, density, steps=5, sign=True, anchor_kind="shared", seed=0,
               jump_at=None, ties_at=None, grad_scale=0.1):
     """Run `steps` fused steps and the unfused twin (update, then multi_topk_mask) side by side;
-    assert bit-equal scores and buffers and equal masks at every step. Returns the bracket."""
+    assert bit-equal scores and buffers and equal masks at every step. Returns (the bracket, the
+    scores, per step whether every module's new threshold lay inside its previous bracket, i.e.
+    whether the fused select ran without a fallback: None at the first step)."""
     g = torch.Generator().manual_seed(seed)
     s1 = torch.randn(shape, generator=g).to(dtype)
     b1 = torch.zeros_like(s1)
@@ -37,6 +39,7 @@ def _run_both(shape, dtype, density, steps=5, sign=True, anchor_kind="shared", s
     anchor = {"shared": s1.mean(0, keepdim=True), "per_module": s1.flip(0).contiguous(),
               None: None}[anchor_kind]
     bracket = torch.full((shape[0], 2), float("nan"), dtype=torch.float64)
+    hits = []
     for t in range(steps):
         grad = (torch.randn(shape, generator=g) * grad_scale).to(dtype)
         if jump_at == t:  # every score moves far: the threshold leaves the bracket
@@ -56,8 +59,11 @@ def _run_both(shape, dtype, density, steps=5, sign=True, anchor_kind="shared", s
             grad.view(shape[0], -1)[:, : s1[0].numel() // 2] = 0
         stem_ref = cotrain_sgd_step_(s2, b2, grad, anchor, *_args(HYPER, t == 0, sign))
         mask_ref = multi_topk_mask(s2, density)
+        old = bracket.clone()
         stem, mask = cotrain_sgd_topk_step_(s1, b1, grad, anchor, *_args(HYPER, t == 0, sign),
                                             density, bracket)
+        hits.append(None if t == 0 else bool(((bracket[:, 0] >= old[:, 0] - old[:, 1])
+                                              & (bracket[:, 0] <= old[:, 0] + old[:, 1])).all()))
         assert torch.equal(s1, s2) and torch.equal(b1, b2), f"step {t}: update differs"
         assert torch.equal(mask, mask_ref), f"step {t}: {(mask != mask_ref).sum()} words differ"
         torch.testing.assert_close(stem, stem_ref, rtol=1e-5, atol=1e-6)
@@ -68,14 +74,14 @@ def _run_both(shape, dtype, density, steps=5, sign=True, anchor_kind="shared", s
             assert (flat[:, : s1[0].numel() // 2] == tied).all()
             kept = reference.unpack_mask(mask, shape).flatten(1)[:, : s1[0].numel() // 2]
             assert kept.any() and not kept.all()
-    return bracket, s1
+    return bracket, s1, hits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_mask_and_update_match_the_unfused_step(shape, dtype, density):
-    bracket, scores = _run_both(shape, dtype, density)
+    bracket, scores, _ = _run_both(shape, dtype, density)
     flat = scores.abs().flatten(1)
     keep = reference.keep_count(density, flat.shape[1])
     if keep == flat.shape[1]:
@@ -89,20 +95,23 @@ def test_mask_and_update_match_the_unfused_step(shape, dtype, density):
 @pytest.mark.parametrize("sign", [True, False])
 @pytest.mark.parametrize("anchor_kind", ["shared", "per_module", None])
 def test_update_switches(sign, anchor_kind):
-    _run_both((4, 6, 70), torch.float32, 0.1, sign=sign, anchor_kind=anchor_kind)
+    _, _, hits = _run_both((4, 6, 70), torch.float32, 0.1, sign=sign, anchor_kind=anchor_kind)
+    assert any(hits[1:])  # the fused select ran (not only the full top-k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 7, 33), (10, 49, 784), (2, 3, 31)])
 def test_threshold_leaving_the_bracket_falls_back_exactly(shape, dtype):
-    _run_both(shape, dtype, 0.1, steps=6, jump_at=3)
+    _, _, hits = _run_both(shape, dtype, 0.1, steps=6, jump_at=3)
+    assert hits[3] is False  # the jump took the threshold out of its bracket: the fallback ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.6])
 @pytest.mark.parametrize("shape", [(3, 7, 33), (2, 16, 64), (2, 3, 31)])
 def test_ties_at_the_threshold_go_to_the_lower_index(shape, dtype, density):
-    _run_both(shape, dtype, density, steps=5, ties_at=2, anchor_kind=None)
+    _, _, hits = _run_both(shape, dtype, density, steps=5, ties_at=2, anchor_kind=None)
+    assert any(hits[3:])  # ties resolved by the fused select, not only by the fallback
 
 
 @pytest.mark.parametrize("state", [(0.0, 0.0), (1e30, 1.0), (0.0, 1e30), (-1.0, 0.5),
