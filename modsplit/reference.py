@@ -243,33 +243,33 @@ BRACKET_FIRST_HALF_WIDTH = 1.0 / 256
 
 def cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
                            stem_coef, nesterov, init_buffer, sign_grad, density, bracket):
-    """cotrain_sgd_step_ followed by the top-k mask of the updated scores (next_topk_mask_):
-    returns (stem float64 [K], packed int32 [K, O, ceil(R/32)])."""
+    """cotrain_sgd_step_ followed by the top-k mask of the updated scores: returns (stem
+    float64 [K], packed int32 [K, O, ceil(R/32)] = multi_topk_mask(scores, density)), and
+    updates the bracket in place (update_topk_bracket_)."""
     stem = cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
                              stem_coef, nesterov, init_buffer, sign_grad)
-    return stem, next_topk_mask_(scores, density, bracket)
+    update_topk_bracket_(scores, density, bracket)
+    return stem, multi_topk_mask(scores, density)
 
 
-def next_topk_mask_(scores, density, bracket):
-    """multi_topk_mask(scores, density) (packed int32 [K, O, ceil(R/32)]) and, in place, the
-    bracket float64 [K, 2] the fused step keeps per module: the threshold (the keep-th largest
-    |S|; NaN when every entry is kept) and the half-width of the next step's bracket around it:
-    max(4 |threshold - previous threshold|, threshold / 1024), at least doubled when the new
-    threshold left the previous bracket, threshold / 256 when there was no previous threshold.
-    The bracket only speeds up the CPU kernel's select; the mask never depends on it."""
-    old = bracket.clone()
-    packed = multi_topk_mask(scores, density)
+def update_topk_bracket_(scores, density, bracket):
+    """The bracket float64 [K, 2] the fused step keeps per module, updated in place for the
+    scores float [K, O, ...]: the threshold (the keep-th largest |S|; NaN when every entry is
+    kept) and the half-width of the next step's bracket around it: max(4 |threshold - previous
+    threshold|, threshold / 1024), at least doubled when the new threshold left the previous
+    bracket, threshold / 256 when there was no previous threshold. The bracket only speeds up
+    the CPU kernel's select; the mask never depends on it."""
     flat = scores.detach().abs().flatten(1)
     keep = keep_count(density, flat.shape[1])
+    if keep == flat.shape[1]:  # every entry kept: no threshold
+        bracket.fill_(float("nan"))
+        return
     tau = flat.topk(keep, dim=1).values[:, -1].to(torch.float64).cpu()
-    tau_old, half_old = old[:, 0], old[:, 1]
+    tau_old, half_old = bracket[:, 0].clone(), bracket[:, 1].clone()
     known = tau_old.isfinite() & half_old.isfinite() & (tau_old >= 0) & (half_old >= 0)
     half = torch.where(known, torch.maximum(4 * (tau - tau_old).abs(),
                                             BRACKET_MIN_HALF_WIDTH * tau),
                        BRACKET_FIRST_HALF_WIDTH * tau)
     missed = known & ((tau < tau_old - half_old) | (tau > tau_old + half_old))
-    half = torch.where(missed, torch.maximum(half, 2 * half_old), half)
-    every = keep == flat.shape[1]  # every entry kept: no threshold
-    bracket[:, 0] = torch.full_like(tau, float("nan")) if every else tau
-    bracket[:, 1] = torch.full_like(tau, float("nan")) if every else half
-    return packed
+    bracket[:, 0] = tau
+    bracket[:, 1] = torch.where(missed, torch.maximum(half, 2 * half_old), half)

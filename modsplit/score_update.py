@@ -63,7 +63,7 @@ def cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, lr, momentum, 
     place, then (stem float64 [K], packed int32 [K, O, ceil(R/32)]) with packed equal to
     ops.multi_topk_mask(scores, density) of the new scores. scores: float [K, O, ...] (3 dims
     or more). bracket: float64 CPU [K, 2], the per-module threshold state of the fused select
-    (reference.next_topk_mask_), read and written: start it as torch.full((K, 2), nan).
+    (reference.update_topk_bracket_), read and written: start it as torch.full((K, 2), nan).
     On the CPU (float32 / float64, "auto" / "cpu" backend) the C++ kernel counts the next
     top-k's keys while each block of updated scores is still in cache; elsewhere the
     pure-PyTorch twin runs the update and then the top-k."""

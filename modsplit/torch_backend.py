@@ -375,7 +375,8 @@ def cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, lr, momentum, 
            f"{list(bracket.shape) if isinstance(bracket, torch.Tensor) else ''}")
     stem = cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
                              stem_coef, nesterov, init_buffer, sign_grad)
-    return stem, ref.next_topk_mask_(scores, density, bracket)
+    ref.update_topk_bracket_(scores, density, bracket)
+    return stem, multi_topk_mask(scores, density)
 
 
 # ---- compact (CSR) inference ops ---------------------------------------------------------------

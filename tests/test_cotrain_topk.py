@@ -181,10 +181,13 @@ def test_torch_twin_matches_the_kernel(dtype):
             torch.testing.assert_close(br1[:, 1], br2[:, 1], rtol=1e-6, atol=0)
     else:
         s, b = start.clone(), torch.zeros_like(start)
-        for t, (grad, (s_twin, m_twin, _, _)) in enumerate(zip(grads, twin)):
-            reference.cotrain_sgd_step_(s, b, grad, anchor, *_args(HYPER, t == 0, True))
+        bracket = torch.full((3, 2), float("nan"), dtype=torch.float64)
+        for t, (grad, (s_twin, m_twin, _, br_twin)) in enumerate(zip(grads, twin)):
+            _, mask = reference.cotrain_sgd_topk_step_(s, b, grad, anchor,
+                                                       *_args(HYPER, t == 0, True), 0.15, bracket)
             assert torch.equal(s, s_twin)
-            assert torch.equal(m_twin, reference.multi_topk_mask(s, 0.15))
+            assert torch.equal(m_twin, mask)
+            assert torch.equal(br_twin, bracket)
 
 
 def test_nan_scores_are_an_error():

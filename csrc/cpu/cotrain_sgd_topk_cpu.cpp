@@ -13,7 +13,7 @@
 //
 // bracket: float64 [K, 2], read and written: per module the threshold |S| of the last mask and
 // the half-width of the next bracket (NaN threshold: unknown; the full top-k runs). After the
-// call it holds the new threshold and the next half-width (reference.cotrain_sgd_topk_step_ has
+// call it holds the new threshold and the next half-width (reference.update_topk_bracket_ has
 // the rule; the constants are reference.BRACKET_*_HALF_WIDTH).
 #pragma GCC optimize("fp-contract=off")
 #include <ATen/Dispatch.h>
