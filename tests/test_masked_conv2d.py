@@ -1,5 +1,10 @@
 """masked_conv2d / multi_masked_conv2d (forward and backward ops) against modsplit.reference.
 
+The CPU kernels have two paths (csrc/cpu/masked_conv2d_sparse.h): oneDNN convolutions with the
+unpacked W*M, and at low density a direct sparse convolution over the kept weights (forward,
+grad_x). The `conv_path` fixture forces each through $MODSPLIT_SPARSE_CONV_MAX_DENSITY (0: always
+dense; 1: sparse wherever eligible), so every config is checked on both.
+
 Shapes: x [B, C, H, W] (or [K, B, C, H, W] per module), weight [O, C/groups, kh, kw],
 packed int32 [O, ceil(R/32)] (or [K, O, ceil(R/32)]), R = C/groups*kh*kw.
 Kernel outputs in float32/bfloat16/float16 are compared with the reference run in float64.
@@ -44,6 +49,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(_THREADS)
+
+
+ENV_SPARSE = "MODSPLIT_SPARSE_CONV_MAX_DENSITY"
+
+
+@pytest.fixture(params=["dense", "sparse"])
+def conv_path(request, monkeypatch):
+    monkeypatch.setenv(ENV_SPARSE, "0" if request.param == "dense" else "1")
+    return request.param
 
 
 @pytest.fixture
@@ -103,7 +117,7 @@ def _ref_backward(g, x, weight, packed, args, multi):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-def test_forward_matches_reference(device, cfg, density, dtype):
+def test_forward_matches_reference(device, cfg, density, dtype, conv_path):
     x, weight, packed, bias, args = _make(cfg, device, dtype, density=density)
     y = modsplit.ops.masked_conv2d(x, weight, packed, bias, *args)
     assert y.dtype == dtype and y.device == x.device
@@ -113,8 +127,10 @@ def test_forward_matches_reference(device, cfg, density, dtype):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_module"])
 @pytest.mark.parametrize("K", [1, 3, 10])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-def test_multi_forward_matches_reference(device, cfg, K, shared):
-    x, weight, packed, bias, args = _make(cfg, device, torch.float32, K=K, shared=shared)
+@pytest.mark.parametrize("density", ["tiny", 0.1, 1.0])
+def test_multi_forward_matches_reference(device, cfg, K, shared, density, conv_path):
+    x, weight, packed, bias, args = _make(cfg, device, torch.float32, K=K, shared=shared,
+                                          density=density)
     y = modsplit.ops.multi_masked_conv2d(x, weight, packed, bias, *args)
     assert y.shape[:2] == (K, cfg[0])
     _assert_close(y, _ref_forward(x, weight, packed, bias, args, True), torch.float32)
@@ -124,7 +140,7 @@ def test_multi_forward_matches_reference(device, cfg, K, shared):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-def test_backward_matches_reference(device, cfg, dtype):
+def test_backward_matches_reference(device, cfg, dtype, conv_path):
     x, weight, packed, bias, args = _make(cfg, device, dtype)
     g = torch.randn_like(modsplit.ops.masked_conv2d(x, weight, packed, bias, *args))
     outs = ops.masked_conv2d_backward(g, x, weight, packed, *args, [True, True, True])
@@ -136,7 +152,7 @@ def test_backward_matches_reference(device, cfg, dtype):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_module"])
 @pytest.mark.parametrize("K", [1, 4])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-def test_multi_backward_matches_reference(device, cfg, K, shared, density):
+def test_multi_backward_matches_reference(device, cfg, K, shared, density, conv_path):
     x, weight, packed, bias, args = _make(cfg, device, torch.float32, K=K, shared=shared,
                                           density=density)
     g = torch.randn_like(modsplit.ops.multi_masked_conv2d(x, weight, packed, bias, *args))
@@ -149,7 +165,7 @@ def test_multi_backward_matches_reference(device, cfg, K, shared, density):
 
 @pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
 @pytest.mark.parametrize("output_mask", list(itertools.product([False, True], repeat=3)))
-def test_backward_output_mask(device, output_mask, multi):
+def test_backward_output_mask(device, output_mask, multi, conv_path):
     cfg = CONFIGS[3]
     x, weight, packed, bias, args = _make(cfg, device, torch.float64, K=3 if multi else None)
     op = ops.multi_masked_conv2d_backward if multi else ops.masked_conv2d_backward
@@ -164,7 +180,7 @@ def test_backward_output_mask(device, output_mask, multi):
             assert out is None
 
 
-def test_batch_chunks_and_tiles(device, all_threads):
+def test_batch_chunks_and_tiles(device, all_threads, conv_path):
     """A layer whose im2col buffer exceeds one chunk (several batch chunks, several tiles)."""
     cfg = (5, 64, 40, 32, 32, 3, 3, 1, 1, 1, 1, True)
     for K, shared in [(None, True), (3, False), (2, True)]:
@@ -192,7 +208,7 @@ def _layouts(x):
 
 @pytest.mark.parametrize("multi", [False, True], ids=["single", "per_module"])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[8]], ids=["cfg1", "cfg4", "cfg8"])
-def test_non_contiguous_inputs(device, cfg, multi):
+def test_non_contiguous_inputs(device, cfg, multi, conv_path):
     x, weight, packed, bias, args = _make(cfg, device, torch.float32, K=3 if multi else None,
                                           shared=False)
     fwd = modsplit.ops.multi_masked_conv2d if multi else modsplit.ops.masked_conv2d
@@ -216,7 +232,7 @@ def test_non_contiguous_inputs(device, cfg, multi):
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[5], CONFIGS[7]],
                          ids=["cfg1", "cfg3", "cfg5", "cfg7"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision(device, cfg, shared, dtype):
+def test_half_precision(device, cfg, shared, dtype, conv_path):
     for K in (None, 3):
         x, weight, packed, bias, args = _make(cfg, device, dtype, K=K, shared=shared)
         multi = K is not None
@@ -230,6 +246,74 @@ def test_half_precision(device, cfg, shared, dtype):
         for out, ref in zip(outs, _ref_backward(g, x, weight, packed, args, multi)):
             assert out.dtype == dtype
             _assert_close(out, ref, dtype)
+
+
+# ----------------------------------------------------------------------------- CPU path routing
+
+def _both_outputs(x, weight, packed, bias, args):
+    """(forward, backward triple) of the multi op."""
+    y = modsplit.ops.multi_masked_conv2d(x, weight, packed, bias, *args)
+    g = torch.ones_like(y).cumsum(-1).sin()  # deterministic, not constant
+    return y, ops.multi_masked_conv2d_backward(g, x, weight, packed, *args, [True, True, True])
+
+
+def _equal(a, b):
+    return torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
+
+
+@pytest.mark.parametrize("density,path", [(0.1, "sparse"), (0.5, "dense")])
+def test_default_threshold_routes_by_density(monkeypatch, density, path):
+    """Unset, the variable means the built-in crossover (0.25): a bank at density 0.1 takes the
+    sparse path, one at 0.5 the dense path. The paths sum in other orders (float32 results
+    differ in the last bits), so each run is matched bit for bit with a forced one."""
+    x, weight, packed, bias, args = _make(CONFIGS[5], "cpu", torch.float32, K=3, shared=False,
+                                          density=density)
+    monkeypatch.delenv(ENV_SPARSE, raising=False)
+    auto = _both_outputs(x, weight, packed, bias, args)
+    forced = {}
+    for name, value in (("dense", "0"), ("sparse", "1")):
+        monkeypatch.setenv(ENV_SPARSE, value)
+        forced[name] = _both_outputs(x, weight, packed, bias, args)
+    assert not _equal(forced["dense"], forced["sparse"])  # the switch changes the path
+    assert _equal(auto, forced[path])
+    ref = _ref_forward(x, weight, packed, bias, args, True)
+    for outs in forced.values():
+        _assert_close(outs[0], ref, torch.float32)
+
+
+@pytest.mark.parametrize("value", ["0", "1"], ids=["dense", "sparse"])
+def test_bits_past_the_row_are_ignored(monkeypatch, value):
+    """Bits of a packed row's last word past column R select nothing, on both paths."""
+    monkeypatch.setenv(ENV_SPARSE, value)
+    x, weight, packed, bias, args = _make(CONFIGS[1], "cpu", torch.float64, K=2, shared=True,
+                                          density=0.3)  # R = 27: bits 27..31 are padding
+    dirty = packed.clone()
+    dirty[..., -1] |= torch.tensor(-(1 << 27), dtype=torch.int32)  # bits 27..31 set
+    clean = _both_outputs(x, weight, packed, bias, args)
+    assert _equal(_both_outputs(x, weight, dirty, bias, args), clean)
+
+
+@pytest.mark.parametrize("value", ["0", "1"], ids=["dense", "sparse"])
+def test_empty_masks(monkeypatch, value):
+    """No kept weight at all: the output is the bias and grad_x is zero; grad_scores is dense
+    by construction (the reference's)."""
+    monkeypatch.setenv(ENV_SPARSE, value)
+    x, weight, packed, bias, args = _make(CONFIGS[1], "cpu", torch.float32, K=3, shared=False)
+    packed = torch.zeros_like(packed)
+    y, (gx, gs, gb) = _both_outputs(x, weight, packed, bias, args)
+    assert torch.equal(y, bias.view(1, 1, -1, 1, 1).expand_as(y))
+    assert not gx.any()
+    _assert_close(gs, _ref_backward(torch.ones_like(y).cumsum(-1).sin(), x, weight, packed, args,
+                                    True)[1], torch.float32)
+    assert torch.equal(gb, torch.ones_like(y).cumsum(-1).sin().sum((0, 1, 3, 4)))
+
+
+@pytest.mark.parametrize("raw", ["abc", "-0.5", "0.1x"])
+def test_bad_threshold_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(ENV_SPARSE, raw)
+    x, weight, packed, bias, args = _make(CONFIGS[1], "cpu", torch.float32, K=2)
+    with pytest.raises(RuntimeError, match=ENV_SPARSE):
+        modsplit.ops.multi_masked_conv2d(x, weight, packed, bias, *args)
 
 
 def test_inference_mode(device, all_threads):

@@ -447,19 +447,43 @@ def test_nonfinite_x_propagates_like_f_linear(op, rows, in_features, out_feature
     _poison_check(got, want)
 
 
+@pytest.mark.parametrize("path", ["0", "1"], ids=["dense", "sparse"])
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("bad", NONFINITE)
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("op", ["masked_conv2d", "multi_masked_conv2d"])
-def test_nonfinite_x_propagates_like_f_conv2d(op, batch, bad):
-    """NaN/inf in x reach the outputs exactly as in F.conv2d on W*M (NaN * 0 = NaN)."""
+def test_nonfinite_x_propagates_like_f_conv2d(monkeypatch, op, batch, bad, groups, path):
+    """NaN/inf in x reach the outputs exactly as in F.conv2d on W*M (NaN * 0 = NaN), with the
+    CPU's dense and sparse paths forced in turn (the sparse path's finite-input guard sends a
+    non-finite x to the dense one)."""
+    monkeypatch.setenv("MODSPLIT_SPARSE_CONV_MAX_DENSITY", path)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(batch, 4, 6, 6, generator=g)
-    weight = torch.randn(6, 2, 3, 3, generator=g)
+    weight = torch.randn(6, 4 // groups, 3, 3, generator=g)
     x[0, 0, 2, 3] = bad
-    conv = ([1, 1], [1, 1], [1, 1], 2)
+    conv = ([1, 1], [1, 1], [1, 1], groups)
     multi = op == "multi_masked_conv2d"
     packed = ref.pack_mask(_poison_mask(((2,) if multi else ()) + tuple(weight.shape)),
                            int(multi))
     bias = torch.randn(6, generator=g)
     got, want = (getattr(f, op)(x, weight, packed, bias, *conv) for f in (ops, ref))
+    _poison_check(got, want)
+
+
+@pytest.mark.parametrize("path", ["0", "1"], ids=["dense", "sparse"])
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_nonfinite_grad_out_propagates_to_grad_x(monkeypatch, bad, path):
+    """The same for grad_x = grad_out (W*M): NaN/inf in grad_out reach grad_x through masked-out
+    weights on both CPU paths."""
+    monkeypatch.setenv("MODSPLIT_SPARSE_CONV_MAX_DENSITY", path)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 4, 6, 6, generator=g)
+    weight = torch.randn(5, 4, 3, 3, generator=g)
+    packed = ref.pack_mask(_poison_mask((3,) + tuple(weight.shape)), 1)
+    grad_out = torch.randn(3, 2, 5, 6, 6, generator=g)
+    grad_out[1, 0, 2, 3, 3] = bad
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    got = torch.ops.modsplit.multi_masked_conv2d_backward(grad_out, x, weight, packed, *conv,
+                                                          [True, False, False])[0]
+    want = ref.multi_masked_conv2d_backward(grad_out, x, weight, packed, *conv)[0]
     _poison_check(got, want)

@@ -11,6 +11,8 @@
 // of the input with the tile's W⊙M rows of all modules sharing that input.
 // Backward: the same tiles; per tile, one ATen convolution backward (oneDNN) gives the tile's
 // grad_input (summed over the tiles) and grad_weight (the tile's rows of dL/d(W⊙M)).
+// At low density the forward and grad_x take the sparse path instead (masked_conv2d_sparse.h:
+// work ~ kept weights); grad_weight always comes from oneDNN.
 // All ATen calls are made from the calling thread; oneDNN parallelises each of them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,6 +25,7 @@
 
 #include "../checks.h"
 #include "../conv_geometry.h"
+#include "masked_conv2d_sparse.h"
 
 namespace modsplit {
 namespace {
@@ -77,6 +80,9 @@ at::Tensor conv_forward(const at::Tensor& x5, const at::Tensor& weight, const at
                         const c10::optional<at::Tensor>& bias, const ConvGeom& g) {
   const auto w = weight.contiguous();
   const auto p = packed3.contiguous();
+  if (use_sparse_conv(x5, p, g, /*grad_x=*/false)) {
+    return sparse_masked_conv_forward(x5, w, p, bias, g);
+  }
   auto out = at::empty({g.K, g.B, g.O, g.Ho, g.Wo}, x5.options());
   auto out5 = out.view({g.K, g.B, g.G, g.Og, g.L});
   const int64_t nk = g.shared() ? g.K : 1;  // modules per convolution call
@@ -124,8 +130,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   const auto x = x5.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed3.contiguous();
+  const bool sparse_gx = need_gx && use_sparse_conv(grad_out5, p, g, /*grad_x=*/true);
+  if (sparse_gx) gx = sparse_masked_conv_grad_x(grad_out5.contiguous(), w, p, g);
+  const bool dense_gx = need_gx && !sparse_gx;
+  if (!dense_gx && !need_gs) return {gx, gs, gb};
   const auto go5 = grad_out5.reshape({g.K, g.B, g.G, g.Og, g.L});
-  if (need_gx) gx = at::empty({g.Kx, g.B, g.C, g.H, g.W}, x.options());
+  if (dense_gx) gx = at::empty({g.Kx, g.B, g.C, g.H, g.W}, x.options());
   if (need_gs) gs = at::empty({g.K, g.O, g.R}, x.options());
   auto gs4 = need_gs ? gs.view({g.K, g.G, g.Og, g.R}) : at::Tensor();
   const int64_t nk = g.shared() ? g.K : 1;  // modules per convolution call
@@ -135,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t o0 = t * rows, tn = std::min(rows, g.Og - o0);
     for (int64_t k0 = 0; k0 < g.K; k0 += nk) {
-      if (need_gx) {  // grad_weight needs only the weight's shape
+      if (dense_gx) {  // grad_weight needs only the weight's shape
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_conv2d_backward", [&] {
           for (int64_t grp = 0; grp < g.G; ++grp) {
             unpack_tile<scalar_t>(w.const_data_ptr<scalar_t>(), p.const_data_ptr<int32_t>(), g, k0, nk,
@@ -151,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
       auto [dx, dw, unused] = at::convolution_backward(
           go, x[kx], buf.narrow(0, 0, g.G * nk * tn), c10::nullopt, {g.stride[0], g.stride[1]},
           {g.padding[0], g.padding[1]}, {g.dilation[0], g.dilation[1]}, false, {0, 0}, g.G,
-          {need_gx, need_gs, false});
-      if (need_gx) {
+          {dense_gx, need_gs, false});
+      if (dense_gx) {
         if (t == 0) {
           gx[kx].copy_(dx);
         } else {

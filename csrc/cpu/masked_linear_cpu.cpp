@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "../checks.h"
+#include "finite.h"
 #include "masked_linear_kernels.h"
 
 namespace modsplit {
@@ -93,19 +94,6 @@ double sampled_density(const at::Tensor& p3, int64_t I) {
     }
   }
   return static_cast<double>(bits) / static_cast<double>(seen * I);
-}
-
-// The bit-walk and lane-mask paths visit only kept weights. That equals x (W*M)^T only while x is
-// finite: a NaN/inf input times a masked-out zero must still give NaN, as in F.linear(x, W*M).
-// One pass over a contiguous float32 tensor (the callers' x3 / g3), no temporaries: a float is
-// finite iff its exponent bits are not all ones.
-bool all_finite(const at::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat && t.is_contiguous());
-  const auto* p = reinterpret_cast<const uint32_t*>(t.const_data_ptr<float>());
-  const int64_t n = t.numel();
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
-  return bad == 0;
 }
 
 bool use_bit_walk(const at::Tensor& w, const at::Tensor& p3, int64_t rows) {
@@ -381,7 +369,7 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
     return out3;
   }
   auto out3 = at::empty({p3.size(0), x3.size(1), w.size(0)}, w.options());
-  const bool skip_ok = w.scalar_type() == at::kFloat && all_finite(x3);
+  const bool skip_ok = w.scalar_type() == at::kFloat && cpu::all_finite(x3);
   if (skip_ok && x3.size(1) <= kGemvRows) {
     forward_gemv(x3, w, p3, b, out3);
   } else if (skip_ok && use_bit_walk(w, p3, x3.size(1))) {
@@ -413,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   }
   if (output_mask[0]) {
     gx = at::empty(x3.sizes(), w.options());
-    if (use_bit_walk(w, p3, g3.size(1)) && all_finite(g3)) {
+    if (use_bit_walk(w, p3, g3.size(1)) && cpu::all_finite(g3)) {
       grad_x_bit_walk(g3, w, p3, gx);
     } else {
       grad_x_tiled(g3, w, p3, gx);

@@ -1,0 +1,38 @@
+// The sparse path of multi_masked_conv2d on the CPU: at low density the forward and grad_x touch
+// only the kept weights (direct sparse convolution, sparse_conv_kernels.h) instead of
+// convolving with the unpacked W*M_k; grad_scores stays a dense oneDNN weight gradient (it is
+// dense by construction). Taken when the kept fraction of the bank (popcount / (K*O*R)) is at
+// most sparse_conv_max_density(): kSparseConvMaxDensity, or $MODSPLIT_SPARSE_CONV_MAX_DENSITY
+// (read at every call; 0 = always dense, 1 = sparse wherever eligible). Eligible: float32 or
+// float64 (the backward of float16 / bfloat16 runs in float32, so its grad_x is eligible too),
+// finite input, one group, dilation 1; grad_x also needs stride 1 and padding < kernel size (it is the
+// convolution of grad_out with the flipped, transposed kept weights).
+#pragma once
+#include <ATen/ATen.h>
+
+#include "../conv_geometry.h"
+
+namespace modsplit {
+
+// Measured crossover (benchmarks/RESULTS.md, "masked conv2d: sparse vs dense path").
+constexpr double kSparseConvMaxDensity = 0.25;
+constexpr const char* kEnvSparseConvMaxDensity = "MODSPLIT_SPARSE_CONV_MAX_DENSITY";
+
+double sparse_conv_max_density();
+
+// Whether the forward (grad_x = false; input = x5) or grad_x (grad_x = true; input = grad_out5)
+// of a bank with packed int32 [K, O, words] (contiguous) takes the sparse path. A non-finite
+// input never does: NaN/inf times a masked-out weight must give NaN, as in F.conv2d on W*M.
+bool use_sparse_conv(const at::Tensor& input, const at::Tensor& packed3, const ConvGeom& g,
+                     bool grad_x);
+
+// out [K, B, O, Ho, Wo] = conv2d of x5 [Kx, B, C, H, W] with W*M_k per module, plus bias [O].
+at::Tensor sparse_masked_conv_forward(const at::Tensor& x5, const at::Tensor& weight,
+                                      const at::Tensor& packed3,
+                                      const c10::optional<at::Tensor>& bias, const ConvGeom& g);
+
+// grad_x [Kx, B, C, H, W] of grad_out5 [K, B, O, Ho, Wo] (summed over the modules when Kx = 1).
+at::Tensor sparse_masked_conv_grad_x(const at::Tensor& grad_out5, const at::Tensor& weight,
+                                     const at::Tensor& packed3, const ConvGeom& g);
+
+}  // namespace modsplit
