@@ -76,10 +76,11 @@ def test_sparse_linear_non_contiguous_input(impl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparse_conv2d_matches_reference(impl, dtype):
     fn = IMPLS[impl].sparse_conv2d
-    # 17x33: register blocks + tail; strides 2 and 3 split the input into phases (2x2 kernels:
-    # every phase read; 1x1: one phase at any stride)
+    # 17x33: register blocks + tail; 3x75: rows wider than one register block (64 outputs),
+    # cut into pieces; strides 2 and 3 split the input into phases (2x2 kernels: every phase
+    # read; 1x1: one phase at any stride)
     cases = itertools.product([(1, 1, 1), (2, 3, 1), (3, 2, 3), (2, 5, 3), (2, 3, 2)],
-                              [(1, 1), (5, 9), (8, 8), (17, 33)],
+                              [(1, 1), (5, 9), (8, 8), (17, 33), (3, 75)],
                               [1, 2, 3], [0, 1, 2], [0.01, 0.2, 1.0])
     for (k, c, ks), (h, wd), stride, pad, density in cases:
         if h + 2 * pad < ks or wd + 2 * pad < ks:

@@ -6,10 +6,11 @@
 // channel o is entries row_ptr[k, o] .. row_ptr[k, o+1]-1, a column is c*kh*kw + i*kw + j of an
 // [O, C, kh, kw] weight. Input x [S, B, C, H, W] with S = 1 (shared by all modules) or S = K;
 // output [K, B, O, Ho, Wo]. Every kept (c, i, j, v) adds v times the shifted input plane c to the
-// output plane, over the zero-padded input split into the stride's phases (fill_phases), so that
-// at any stride a kept tap reads one contiguous range (conv_planes: float32 in register blocks of
-// up to 64 outputs that stay in registers over all kept weights of the row). Bias [K, O] and a
-// ReLU are fused. Work ~ kept weights x B x Ho x Wo; dilation 1, one group.
+// output plane, over the zero-padded input sample split into the stride's phases (fill_sample,
+// one sample at a time into a thread-local buffer), so that at any stride a kept tap reads one
+// contiguous range (conv_planes: float32 in register blocks of up to 64 outputs that stay in
+// registers over all kept weights of the row). Bias [K, O] and a ReLU are fused.
+// Work ~ kept weights x B x Ho x Wo; dilation 1, one group.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,9 +26,8 @@
 namespace modsplit {
 namespace sparse_conv {
 
-// Sparse conv, float32: outputs per register block (kBlockVecs vectors of 8 floats).
+// Sparse conv, float32: vectors of 8 outputs per register block.
 constexpr int kBlockVecs = 8;
-constexpr int64_t kBlock = 8 * kBlockVecs;
 constexpr int64_t kParallelWork = int64_t(1) << 15;  // multiply-adds per task, at least
 
 inline int64_t grain_for(int64_t work_per_item) {
@@ -59,66 +59,119 @@ inline PhaseLayout phase_layout(const ConvShape& s) {
   return L;
 }
 
-// xq [S*B*C, ph_h, ph_w, Hq, Wq] <- x [S, B, C, H, W] (contiguous): every element written once
-// (zeros outside the input), no separate fill.
+// xs [C, ph_h, ph_w, Hq, Wq] <- one input sample x [C, H, W] (contiguous): every element
+// written once (zeros outside the input), no separate fill.
 template <typename T>
-void fill_phases(const T* x, T* xq, const ConvShape& s, const PhaseLayout& L) {
+void fill_sample(const T* x, T* xs, const ConvShape& s, const PhaseLayout& L) {
   const int64_t in_plane = s.H * s.W;
-  at::parallel_for(0, s.S * s.B * s.C, grain_for(L.chan), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* src = x + n * in_plane;
-      for (int64_t pi = 0; pi < L.ph_h; ++pi) {
-        for (int64_t pj = 0; pj < L.ph_w; ++pj) {
-          T* dst = xq + n * L.chan + (pi * L.ph_w + pj) * L.plane;
-          for (int64_t r = 0; r < L.Hq; ++r) {
-            T* __restrict__ row = dst + r * L.Wq;
-            const int64_t h = r * s.sh + pi - s.ph;
-            if (h < 0 || h >= s.H) {
-              std::fill(row, row + L.Wq, T(0));
-              continue;
-            }
-            const T* __restrict__ in = src + h * s.W;
-            if (s.sw == 1) {  // [pw zeros][W values][zeros]
-              const int64_t lead = std::min(s.pw, L.Wq), n_in = std::min(s.W, L.Wq - lead);
-              std::fill(row, row + lead, T(0));
-              std::copy(in, in + n_in, row + lead);
-              std::fill(row + lead + n_in, row + L.Wq, T(0));
-            } else {
-              for (int64_t c = 0; c < L.Wq; ++c) {
-                const int64_t w = c * s.sw + pj - s.pw;
-                row[c] = (w >= 0 && w < s.W) ? in[w] : T(0);
-              }
+  for (int64_t n = 0; n < s.C; ++n) {
+    const T* src = x + n * in_plane;
+    for (int64_t pi = 0; pi < L.ph_h; ++pi) {
+      for (int64_t pj = 0; pj < L.ph_w; ++pj) {
+        T* dst = xs + n * L.chan + (pi * L.ph_w + pj) * L.plane;
+        for (int64_t r = 0; r < L.Hq; ++r) {
+          T* __restrict__ row = dst + r * L.Wq;
+          const int64_t h = r * s.sh + pi - s.ph;
+          if (h < 0 || h >= s.H) {
+            std::fill(row, row + L.Wq, T(0));
+            continue;
+          }
+          const T* __restrict__ in = src + h * s.W;
+          if (s.sw == 1) {  // [pw zeros][W values][zeros]
+            const int64_t lead = std::min(s.pw, L.Wq), n_in = std::min(s.W, L.Wq - lead);
+            std::fill(row, row + lead, T(0));
+            std::copy(in, in + n_in, row + lead);
+            std::fill(row + lead + n_in, row + L.Wq, T(0));
+          } else {
+            for (int64_t c = 0; c < L.Wq; ++c) {
+              const int64_t w = c * s.sw + pj - s.pw;
+              row[c] = (w >= 0 && w < s.W) ? in[w] : T(0);
             }
           }
         }
       }
     }
-  });
+  }
 }
 
-// Output plane (k, b, o) as one span of (Ho - 1) * Wq + Wo values over the phase-split input (row
-// pitch Wq): every kept weight adds w times a contiguous range of one phase plane. float32 runs
-// the span in register blocks of up to 64 outputs that stay in registers over all kept weights of
-// the row (one load per multiply-add); its last block may read up to 7 floats past a plane, which
-// the input's allocation provides (kSlack). Float64 runs one axpy per kept weight. Outputs beyond
-// Wo in a row are dropped when written out.
+// Output plane (k, b, o) over the phase-split input (row pitch Wq): output (oh, ow) of a kept
+// weight reads its phase plane at offs + oh * Wq + ow, so every kept weight adds w times a
+// contiguous range per output row.
+//  * float32: register blocks of up to kBlockVecs vectors of 8 outputs, made of whole output rows
+//    (or 64-column pieces of wider rows): a block stays in registers over all kept weights of the
+//    row (one load per multiply-add) and is stored straight into y (a row's last vector stores
+//    only its Wo % 8 valid lanes). A row's last vector may read up to 7 floats past its input
+//    range, at most past the sample's last plane, which the sample buffer provides (kSlack).
+//  * float64: one axpy per kept weight over the span (Ho - 1) * Wq + Wo in a buffer, whose
+//    outputs beyond Wo in a row are dropped when written out.
 constexpr int64_t kSlack = 8;
+
+// A float32 register block: vector u reads the input at in_off[u] (relative to a kept weight's
+// offset) and writes lanes[u] outputs at out_off[u] of the output plane.
+struct RowBlock {
+  int vecs;
+  int64_t in_off[kBlockVecs], out_off[kBlockVecs];
+  int lanes[kBlockVecs];
+};
+
+// The blocks of an output plane, the same for every (k, b, o).
+inline std::vector<RowBlock> row_blocks(const ConvShape& s, const PhaseLayout& L) {
+  const int64_t row_vecs = std::min<int64_t>((s.Wo + 7) / 8, kBlockVecs);  // per row piece
+  const int64_t rows = std::max<int64_t>(1, kBlockVecs / row_vecs);
+  std::vector<RowBlock> blocks;
+  for (int64_t c0 = 0; c0 < s.Wo; c0 += 8 * row_vecs) {
+    const int64_t width = std::min(8 * row_vecs, s.Wo - c0), nv = (width + 7) / 8;
+    for (int64_t oh0 = 0; oh0 < s.Ho; oh0 += rows) {
+      RowBlock blk{};
+      for (int64_t oh = oh0; oh < std::min(s.Ho, oh0 + rows); ++oh) {
+        for (int64_t e = 0; e < nv; ++e) {
+          const int u = blk.vecs++;
+          blk.in_off[u] = oh * L.Wq + c0 + 8 * e;
+          blk.out_off[u] = oh * s.Wo + c0 + 8 * e;
+          blk.lanes[u] = static_cast<int>(std::min<int64_t>(8, width - 8 * e));
+        }
+      }
+      blocks.push_back(blk);
+    }
+  }
+  return blocks;
+}
 
 template <int V>
 inline void conv_block(const float* xb, const int64_t* offs, const float* v, int64_t n, float b0,
-                       float* acc) {
+                       const RowBlock& blk, float* yp, bool relu) {
   cpu::v8f r[V];
-  for (int u = 0; u < V; ++u) r[u] = cpu::v8f{} + b0;
+  int64_t in_off[V];
+  for (int u = 0; u < V; ++u) {
+    r[u] = cpu::v8f{} + b0;
+    in_off[u] = blk.in_off[u];
+  }
   for (int64_t p = 0; p < n; ++p) {
     const float w = v[p];
     const float* src = xb + offs[p];
-    for (int u = 0; u < V; ++u) r[u] += w * *reinterpret_cast<const cpu::v8f_u*>(src + 8 * u);
+    for (int u = 0; u < V; ++u) {
+      r[u] += w * *reinterpret_cast<const cpu::v8f_u*>(src + in_off[u]);
+    }
   }
-  for (int u = 0; u < V; ++u) *reinterpret_cast<cpu::v8f_u*>(acc + 8 * u) = r[u];
+  for (int u = 0; u < V; ++u) {
+    if (relu) r[u] = reinterpret_cast<cpu::v8f>(reinterpret_cast<cpu::v8i>(r[u]) & (r[u] > 0.f));
+    float* out = yp + blk.out_off[u];
+    if (blk.lanes[u] == 8) {
+      *reinterpret_cast<cpu::v8f_u*>(out) = r[u];
+    } else {
+      for (int e = 0; e < blk.lanes[u]; ++e) out[e] = r[u][e];
+    }
+  }
 }
 
+// y [K, B, O, Ho, Wo] of x [S, B, C, H, W] (contiguous). Work items are (input sample, part of
+// the output planes that read it: all K*O when the input is shared, else the module's O), so a
+// sample is phase-split once into a thread-local buffer (L2-sized for small layers) and read by
+// all its output planes from there: x is read from memory once and no padded copy of the whole
+// batch is written. A sample's planes are split into parts only when samples are fewer than
+// 4 x the threads (small inference batches).
 template <typename T>
-void conv_planes(const T* xq, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
+void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
                  T* y, int64_t K, const ConvShape& s, const PhaseLayout& L, bool relu) {
   const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * L.Wq + s.Wo, plane = s.Ho * s.Wo;
   const int64_t nnz = rp[K * (s.O + 1) - 1];
@@ -135,38 +188,55 @@ void conv_planes(const T* xq, const int64_t* rp, const int32_t* ci, const T* v, 
   }
   std::vector<int64_t> offs(static_cast<size_t>(nnz));
   for (int64_t p = 0; p < nnz; ++p) offs[p] = col_off[ci[p]];
-  at::parallel_for(0, K * s.B * s.O, grain_for(span * avg_nnz), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(static_cast<size_t>((span + kSlack - 1) / kSlack * kSlack));
+  const auto blocks = row_blocks(s, L);
+  const int64_t samples = s.S * s.B, per_sample = (s.S == 1 ? K : 1) * s.O;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = samples >= 4 * threads
+                            ? 1
+                            : std::min(per_sample, (4 * threads + samples - 1) / samples);
+  const int64_t part_rows = (per_sample + parts - 1) / parts;
+  at::parallel_for(0, samples * parts, grain_for(part_rows * span * avg_nnz),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<T> xs(static_cast<size_t>(s.C * L.chan + kSlack), T(0));  // slack stays 0
+    std::vector<T> buf(std::is_same_v<T, float> ? 0 : static_cast<size_t>(span));
     T* __restrict__ acc = buf.data();
+    int64_t filled = -1;  // the sample in xs
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t o = item % s.O, b = (item / s.O) % s.B, k = item / (s.O * s.B);
-      const T* xb = xq + ((s.S == 1 ? 0 : k) * s.B + b) * s.C * L.chan;
-      const T b0 = bias ? bias[k * s.O + o] : T(0);
-      const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
-      if constexpr (std::is_same_v<T, float>) {
-        for (int64_t q0 = 0; q0 < span; q0 += kBlock) {
-          const int vecs = static_cast<int>(std::min<int64_t>(kBlockVecs, (span - q0 + 7) / 8));
-          cpu::dispatch_vecs(vecs, [&](auto vc) {
-            conv_block<decltype(vc)::value>(xb + q0, offs.data() + p0, v + p0, p1 - p0, b0,
-                                            acc + q0);
-          });
-        }
-      } else {
-        for (int64_t q = 0; q < span; ++q) acc[q] = b0;
-        for (int64_t p = p0; p < p1; ++p) {
-          const T w = v[p];
-          const T* __restrict__ src = xb + offs[p];
-          for (int64_t q = 0; q < span; ++q) acc[q] += w * src[q];
-        }
+      const int64_t sample = item / parts, part = item % parts;
+      if (sample != filled) {
+        fill_sample(x + sample * s.C * s.H * s.W, xs.data(), s, L);
+        filled = sample;
       }
-      T* yp = y + item * plane;
-      for (int64_t oh = 0; oh < s.Ho; ++oh) {
-        const T* row = acc + oh * L.Wq;
-        T* out = yp + oh * s.Wo;
-        if (relu) {
-          for (int64_t ow = 0; ow < s.Wo; ++ow) out[ow] = row[ow] > T(0) ? row[ow] : T(0);
+      const int64_t b = sample % s.B;
+      const int64_t r1 = std::min(per_sample, (part + 1) * part_rows);
+      for (int64_t r = part * part_rows; r < r1; ++r) {
+        const int64_t k = s.S == 1 ? r / s.O : sample / s.B, o = r % s.O;
+        const T b0 = bias ? bias[k * s.O + o] : T(0);
+        const int64_t p0 = rp[k * (s.O + 1) + o], p1 = rp[k * (s.O + 1) + o + 1];
+        T* yp = y + ((k * s.B + b) * s.O + o) * plane;
+        if constexpr (std::is_same_v<T, float>) {
+          for (const RowBlock& blk : blocks) {
+            cpu::dispatch_vecs(blk.vecs, [&](auto vc) {
+              conv_block<decltype(vc)::value>(xs.data(), offs.data() + p0, v + p0, p1 - p0, b0,
+                                              blk, yp, relu);
+            });
+          }
         } else {
-          std::copy(row, row + s.Wo, out);
+          for (int64_t q = 0; q < span; ++q) acc[q] = b0;
+          for (int64_t p = p0; p < p1; ++p) {
+            const T w = v[p];
+            const T* __restrict__ src = xs.data() + offs[p];
+            for (int64_t q = 0; q < span; ++q) acc[q] += w * src[q];
+          }
+          for (int64_t oh = 0; oh < s.Ho; ++oh) {
+            const T* row = acc + oh * L.Wq;
+            T* out = yp + oh * s.Wo;
+            if (relu) {
+              for (int64_t ow = 0; ow < s.Wo; ++ow) out[ow] = row[ow] > T(0) ? row[ow] : T(0);
+            } else {
+              std::copy(row, row + s.Wo, out);
+            }
+          }
         }
       }
     }
@@ -186,11 +256,8 @@ inline at::Tensor run(const at::Tensor& x, const at::Tensor& row_ptr, const at::
   if (out.numel() == 0) return out;
   const PhaseLayout L = phase_layout(s);
   auto xc = x.contiguous();
-  auto store = at::empty({s.S * s.B * s.C * L.chan + kSlack}, x.options());
-  store.narrow(0, s.S * s.B * s.C * L.chan, kSlack).zero_();  // read only by dropped outputs
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-    fill_phases<scalar_t>(xc.data_ptr<scalar_t>(), store.data_ptr<scalar_t>(), s, L);
-    conv_planes<scalar_t>(store.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
+    conv_planes<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
                           ci.data_ptr<int32_t>(), v.data_ptr<scalar_t>(),
                           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
                           out.data_ptr<scalar_t>(), K, s, L, relu);
