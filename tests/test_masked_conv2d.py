@@ -263,7 +263,7 @@ def _equal(a, b):
 
 @pytest.mark.parametrize("density,path", [(0.1, "sparse"), (0.5, "dense")])
 def test_default_threshold_routes_by_density(monkeypatch, density, path):
-    """Unset, the variable means the built-in crossover (0.25): a bank at density 0.1 takes the
+    """Unset, the variable means the built-in crossover (0.3): a bank at density 0.1 takes the
     sparse path, one at 0.5 the dense path. The paths sum in other orders (float32 results
     differ in the last bits), so each run is matched bit for bit with a forced one."""
     x, weight, packed, bias, args = _make(CONFIGS[5], "cpu", torch.float32, K=3, shared=False,

@@ -15,7 +15,7 @@
 namespace modsplit {
 
 // Measured crossover (benchmarks/RESULTS.md, "masked conv2d: sparse vs dense path").
-constexpr double kSparseConvMaxDensity = 0.25;
+constexpr double kSparseConvMaxDensity = 0.3;
 constexpr const char* kEnvSparseConvMaxDensity = "MODSPLIT_SPARSE_CONV_MAX_DENSITY";
 
 double sparse_conv_max_density();
