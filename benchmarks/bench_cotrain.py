@@ -8,7 +8,10 @@ Workloads (density 0.1, batch 32, SGD lr 0.1 / Nesterov 0.9 / weight decay 5e-4,
 class-weighted CE + stemming term alpha 1, p 1 against a fixed anchor, as in epochs >= 2):
   fc1   FC1 (784-49-10) on MNIST, K = 10
   conv  small_vgg(3, 10, width 16) (4 conv 3x3 + BN, 16/32 channels, GAP, Linear) on CIFAR-10,
-        K = 10
+        K = 10, the BatchNorms frozen (the base model's statistics, batchnorm="frozen")
+  conv-mbn  the same with per-module batch statistics (batchnorm="module", decompose's
+        default: modsplit's ModuleBatchNorm in training mode; the batched side's F.batch_norm
+        in training mode over its [B, K*C, H, W] activations)
   fc2, fc3, fc4   FC2-FC4 on MNIST, K = 10; mnist2  mnist2_fc(hidden 64) on two-digit MNIST,
         K = 100 (for the sampled-negatives row: --ratio r)
 
@@ -62,7 +65,8 @@ LR, GRAFT_LR, MOMENTUM, WD = 0.1, 0.01, 0.9, 5e-4
 # ---- workloads ----------------------------------------------------------------------------------
 
 # Workloads: name -> number of classes = K (the conv net is "conv").
-WORKLOADS = {"fc1": 10, "fc2": 10, "fc3": 10, "fc4": 10, "mnist2": 100, "conv": 10}
+WORKLOADS = {"fc1": 10, "fc2": 10, "fc3": 10, "fc4": 10, "mnist2": 100, "conv": 10,
+             "conv-mbn": 10}
 
 
 def workload(name, steps, seed=0):
@@ -127,10 +131,10 @@ class Batched(nn.Module):
     """The K-module network as a competent PyTorch user writes it (see the module docstring).
     forward(x [B, ...]) -> logits [K, B, N]."""
 
-    def __init__(self, model, scores, density):
+    def __init__(self, model, scores, density, batch_stats=False):
         super().__init__()
         self.layers = _flat_layers(copy.deepcopy(model).requires_grad_(False))
-        self.density = density
+        self.density, self.batch_stats = density, batch_stats
         self.scores = nn.ParameterList([nn.Parameter(s.detach().clone()) for s in scores])
         for i, m in enumerate(self.layers):  # BatchNorm statistics repeated for the K modules
             if isinstance(m, nn.BatchNorm2d):
@@ -161,6 +165,9 @@ class Batched(nn.Module):
                     bias = m.bias.repeat(K) if m.bias is not None else None
                     x = F.conv2d(x, wm.reshape(-1, *m.weight.shape[1:]), bias, m.stride,
                                  m.padding, m.dilation, K)
+            elif isinstance(m, nn.BatchNorm2d) and self.batch_stats:  # per (module, channel)
+                x = F.batch_norm(x, None, None, getattr(self, f"bn{i}_weight"),
+                                 getattr(self, f"bn{i}_bias"), True, 0.0, m.eps)
             elif isinstance(m, nn.BatchNorm2d):
                 x = F.batch_norm(x, *(getattr(self, f"bn{i}_{n}") for n in
                                       ("running_mean", "running_var", "weight", "bias")),
@@ -218,8 +225,9 @@ def fastest_sgd_impl(scores, rounds=20):
 class BatchedSide:
     """The batched pure-PyTorch co-training step, eager or compiled."""
 
-    def __init__(self, model, scores, grafts, classes, weights, anchors, compiled, sgd_impl):
-        self.net = Batched(model, scores, DENSITY)
+    def __init__(self, model, scores, grafts, classes, weights, anchors, compiled, sgd_impl,
+                 batch_stats=False):
+        self.net = Batched(model, scores, DENSITY, batch_stats)
         self.grafts = copy.deepcopy(grafts)
         self.classes, self.weights, self.anchors = classes, weights, anchors
         self.opt = _sgd([(list(self.net.scores), LR), (list(self.grafts.parameters()), GRAFT_LR)],
@@ -346,7 +354,9 @@ def check_first_step(sides, batch, atol=1e-5):
 
 def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False):
     model, batches, weights, counts = workload(name, steps)
-    net = convert(model, K, DENSITY, seed=0)
+    batch_stats = name == "conv-mbn"
+    net = convert(model, K, DENSITY, seed=0, batchnorm="module" if batch_stats else "frozen")
+    net.train_module_norms(True)  # per-module batch statistics, as decompose trains them
     scores = [s.detach() for s in net.score_parameters()]
     anchors = [s.mean(0) + 0.01 * torch.randn_like(s[0]) for s in scores]  # S_avg-like, [*W.shape]
     grafts = Grafts.init_for(range(K), K)
@@ -354,10 +364,10 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False
     impl = fastest_sgd_impl(scores)
     sides = {"modsplit": ModsplitSide(model, net, grafts, classes, weights, anchors),
              "batched eager": BatchedSide(model, scores, grafts, classes, weights, anchors, False,
-                                          impl)}
+                                          impl, batch_stats)}
     if compiled:
         sides["batched compiled"] = BatchedSide(model, scores, grafts, classes, weights,
-                                                anchors, True, impl)
+                                                anchors, True, impl, batch_stats)
     if ratio is not None:
         sides[f"modsplit, sampled negatives r={ratio:g}"] = ModsplitSide(
             model, net, grafts, classes, weights, anchors, ratio, counts)
@@ -435,6 +445,15 @@ def main(argv=None):
 def test_first_step_agrees():
     """pytest entry: every side computes the same masks and loss on the first step (FC1)."""
     sides, batches, _ = build_sides("fc1", 1, False, compiled=False)
+    check_first_step(sides, batches[0])
+
+
+def test_first_step_agrees_with_module_batchnorm():
+    """The same with per-module batch statistics (conv-mbn): ModuleBatchNorm's kernel against
+    the batched side's F.batch_norm in training mode."""
+    global K
+    K = WORKLOADS["conv-mbn"]
+    sides, batches, _ = build_sides("conv-mbn", 1, False, compiled=False)
     check_first_step(sides, batches[0])
 
 

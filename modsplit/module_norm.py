@@ -9,7 +9,8 @@ affine parameters (frozen) and gives every module its own statistics:
   training mode  each module's rows of the module-folded batch [K*B, C, ...] are normalised with
                  their own batch mean and (biased) variance, as BatchNorm does in training, and
                  each module's running statistics are updated with them (momentum as the base
-                 layer's, unbiased variance);
+                 layer's, unbiased variance); one op, modsplit.ops.module_batch_norm (a C++
+                 kernel on the CPU);
   eval mode      each module's rows use its own running statistics.
 
 decompose() puts these layers in training mode for its optimisation steps and in eval mode for
@@ -23,6 +24,8 @@ rows.
 """
 import torch
 import torch.nn as nn
+
+from modsplit.ops import norm as norm_ops
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # convert / DecomposeConfig batchnorm modes: per-module statistics, or the base model's frozen
@@ -99,18 +102,20 @@ class ModuleBatchNorm(nn.Module):
         if x.shape[0] % groups:
             raise ValueError(f"modsplit: {type(self).__name__} expects the batch dim to hold {k} "
                              f"folded module copies, got batch {x.shape[0]}")
-        xk = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])  # [G, B, C, *]
-        dims = (1, *range(3, xk.dim()))
-        if self.training:
-            var, mean = torch.var_mean(xk, dim=dims, correction=0)  # [G, C]
+        if self.training:  # one op (a C++ kernel on the CPU): statistics, normalisation, affine
+            y, mean, invstd = norm_ops.module_batch_norm(x, groups, self.weight, self.bias,
+                                                         self.eps)
             with torch.no_grad():
-                n = xk.numel() // (groups * self.num_features)
-                m, v = self.momentum, var * (n / max(n - 1, 1))
-                self.running_mean[idx] = (1 - m) * self.running_mean[idx] + m * mean
+                n = x.numel() // (groups * self.num_features)
+                var = invstd.double().pow(-2).sub(self.eps).clamp(min=0)  # biased, [G, C]
+                m, v = self.momentum, (var * (n / max(n - 1, 1))).to(self.running_var.dtype)
+                self.running_mean[idx] = ((1 - m) * self.running_mean[idx]
+                                          + m * mean.to(self.running_mean.dtype))
                 self.running_var[idx] = (1 - m) * self.running_var[idx] + m * v
-        else:
-            mean, var = self.running_mean[idx[:groups]], self.running_var[idx[:groups]]
+            return y
+        mean, var = self.running_mean[idx[:groups]], self.running_var[idx[:groups]]
         scale, shift = self._affine(mean, var)
+        xk = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])  # [G, B, C, *]
         shape = (groups, 1, self.num_features, *[1] * (xk.dim() - 3))
         y = torch.addcmul(shift.reshape(shape), xk, scale.reshape(shape))
         return y.reshape(x.shape)

@@ -273,3 +273,36 @@ def update_topk_bracket_(scores, density, bracket):
     missed = known & ((tau < tau_old - half_old) | (tau > tau_old + half_old))
     bracket[:, 0] = tau
     bracket[:, 1] = torch.where(missed, torch.maximum(half, 2 * half_old), half)
+
+
+def _groups_view(x, groups):
+    """x [G*N, C, *] -> [G, N, C, S] (S = the product of the trailing dims, 1 without any)."""
+    return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
+
+
+def module_batch_norm(x, groups, weight, bias, eps):
+    """Training-mode BatchNorm with one set of batch statistics per group of rows: x float
+    [G*N, C, *] (G module groups of N rows each, C channels), weight / bias [C] or None ->
+    (y like x, mean [G, C], invstd [G, C]) with the biased variance, as nn.BatchNorm in
+    training mode computes per group."""
+    xg = _groups_view(x, groups)
+    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    y = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
+    if weight is not None:
+        y = y * weight[:, None]
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.reshape(x.shape), mean, invstd
+
+
+def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd):
+    """-> (grad_x like x, grad_weight [C], grad_bias [C]) of module_batch_norm."""
+    xg, gy = _groups_view(x, groups), _groups_view(grad_y, groups)
+    n = xg.shape[1] * xg.shape[3]
+    xhat = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
+    g = gy if weight is None else gy * weight[:, None]
+    mean_g = g.sum((1, 3), keepdim=True) / n
+    mean_gx = (g * xhat).sum((1, 3), keepdim=True) / n
+    grad_x = invstd[:, None, :, None] * (g - mean_g - xhat * mean_gx)
+    return grad_x.reshape(x.shape), (gy * xhat).sum((0, 1, 3)), gy.sum((0, 1, 3))

@@ -430,3 +430,48 @@ def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, paddin
                  None if bias is None else bias.reshape(-1), stride, padding, 1, k)
     y = y.reshape(b, k, o, *y.shape[2:]).transpose(0, 1)
     return y.relu() if relu else y
+
+
+# ---- per-module BatchNorm (training mode) -------------------------------------------------------
+
+def _check_module_norm(x, groups, weight, bias=None):
+    _check_float("x", x)
+    _check(x.dim() >= 2, f"x must be [G*N, C, *], got shape {list(x.shape)}")
+    _check(groups >= 1 and x.shape[0] % groups == 0 and x.numel() > 0,
+           f"groups={groups} must be positive and divide the rows of x (shape "
+           f"{list(x.shape)})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check(t.dtype == x.dtype and tuple(t.shape) == (x.shape[1],) and t.device == x.device,
+                   f"{name} must be {x.dtype} [{x.shape[1]}] on {x.device}, got {t.dtype} "
+                   f"{list(t.shape)} on {t.device}")
+
+
+def _stats_dtype(x):
+    """float16 / bfloat16 statistics are computed in float32 (as nn.BatchNorm does)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def module_batch_norm(x, groups, weight, bias, eps):
+    """reference.module_batch_norm after the kernels' argument checks; float16 / bfloat16 run in
+    float32 (y in x's dtype, mean / invstd float32)."""
+    _check_module_norm(x, groups, weight, bias)
+    _check(eps >= 0, f"eps must be >= 0, got {eps}")
+    up = [None if t is None else t.to(_stats_dtype(x)) for t in (x, weight, bias)]
+    y, mean, invstd = ref.module_batch_norm(up[0], groups, *up[1:], eps)
+    return y.to(x.dtype), mean, invstd
+
+
+def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_mask):
+    """reference.module_batch_norm_backward -> (grad_x, grad_weight, grad_bias), None where
+    output_mask is False."""
+    _check_module_norm(x, groups, weight)
+    _check(grad_y.shape == x.shape and grad_y.dtype == x.dtype,
+           f"grad_y must be {x.dtype} {list(x.shape)}, got {grad_y.dtype} {list(grad_y.shape)}")
+    stats = (groups, x.shape[1])
+    for name, t in (("mean", mean), ("invstd", invstd)):
+        _check(tuple(t.shape) == stats and t.dtype == _stats_dtype(x),
+               f"{name} must be {_stats_dtype(x)} {list(stats)}, got {t.dtype} {list(t.shape)}")
+    up = [None if t is None else t.to(_stats_dtype(x)) for t in (grad_y, x, weight)]
+    grads = ref.module_batch_norm_backward(up[0], up[1], groups, up[2], mean, invstd)
+    return tuple(g.to(x.dtype) if want else None for g, want in zip(grads, output_mask))

@@ -68,9 +68,13 @@ def _with_backend(name, fn):
         return fn()
 
 
-def _with_env_backend(value, fn):
-    with _env(backend.ENV_VAR, value):
+def _with_env(name, value, fn):
+    with _env(name, value):
         return fn()
+
+
+def _with_env_backend(value, fn):
+    return _with_env(backend.ENV_VAR, value, fn)
 
 
 # Linear: weight [5, 40] (2 words per row), x [3, 40], bank of K=2.
@@ -295,6 +299,12 @@ def _cases():
         Case("$MODSPLIT_BACKEND", "unknown name 'bar', then an op call",
              lambda: _with_env_backend("bar", lambda: ops.topk_mask(W, 0.5)), ValueError,
              r"'bar'.*MODSPLIT_BACKEND|MODSPLIT_BACKEND.*'bar'"),
+        Case("$MODSPLIT_SPARSE_CONV_MAX_DENSITY", "'dense', then a conv op call on the CPU",
+             lambda: _with_env("MODSPLIT_SPARSE_CONV_MAX_DENSITY", "dense",
+                               lambda: ops.multi_masked_conv2d(
+                                   CX, _rand(6, 4, 3, 3), _packed(3, 6, 4, 3, 3, batch_dims=1),
+                                   None)),
+             RuntimeError, r"MODSPLIT_SPARSE_CONV_MAX_DENSITY.*'dense'"),
         Case("backend.use", "'cuda' with a CPU tensor",
              lambda: _with_backend("cuda", lambda: ops.masked_linear(X, W, P)), RuntimeError,
              r"\bbackend\b.*'cuda'.*cpu"),

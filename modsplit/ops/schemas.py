@@ -54,10 +54,19 @@ SCHEMAS = {
                                "Tensor? anchor, float lr, float momentum, float weight_decay, "
                                "float stem_coef, bool nesterov, bool init_buffer, bool sign_grad, "
                                "float density, Tensor(c!) bracket) -> (Tensor, Tensor)"),
+    # Training-mode BatchNorm with per-module-group batch statistics (modsplit.module_norm):
+    # x [G*N, C, *] (G groups of N rows), weight / bias [C] -> (y like x, mean [G, C],
+    # invstd [G, C]).
+    "module_batch_norm": ("(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps) "
+                          "-> (Tensor, Tensor, Tensor)"),
+    "module_batch_norm_backward": ("(Tensor grad_y, Tensor x, int groups, Tensor? weight, "
+                                   "Tensor mean, Tensor invstd, bool[3] output_mask) "
+                                   "-> (Tensor, Tensor, Tensor)"),
 }
 
 # Ops with compiled kernels on the CPU only (elsewhere modsplit.ops runs their torch-backend twins).
-CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d")
+CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d", "module_batch_norm",
+            "module_batch_norm_backward")
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():

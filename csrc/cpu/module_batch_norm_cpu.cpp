@@ -1,0 +1,197 @@
+// module_batch_norm / module_batch_norm_backward on the CPU: training-mode BatchNorm with one set
+// of batch statistics per module group (modsplit.module_norm.ModuleBatchNorm).
+//
+// x [G*N, C, *] (contiguous after the call's .contiguous()), seen as [G, N, C, S]: group g's rows
+// n = 0..N-1, channel c, the S positions of the trailing dims; the statistics of (g, c) reduce
+// over N x S, each row a contiguous run of S values. y and grad_x have x's shape. Work items are the G*C pairs (at::parallel_for); per pair:
+//  forward   one pass of shifted sums (shift: the pair's first value, so the variance
+//            E[(x-k)^2] - E[x-k]^2 does not cancel) accumulated in double, then one pass writing
+//            y = (x - mean) * scale + bias;
+//  backward  one pass of sum(g) and sum(g * (x - mean)) (g = grad_y * weight), then one pass
+//            writing grad_x = A * grad_y + B * (x - mean) + C, the BatchNorm gradient with its
+//            per-pair constants folded; grad_weight / grad_bias sum the pairs' partial sums over g.
+// float32 and float64; the statistics (mean, invstd [G, C]) have x's dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+
+namespace modsplit {
+namespace {
+
+constexpr int kChains = 8;  // independent accumulators per sum (latency hiding)
+
+struct NormShape {
+  int64_t G, N, C, S;
+};
+
+NormShape check_norm(const at::Tensor& x, int64_t groups, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "modsplit: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, "modsplit: x must be [G*N, C, *], got shape ", x.sizes());
+  TORCH_CHECK(groups >= 1 && x.size(0) % groups == 0 && x.size(0) > 0 && x.numel() > 0,
+              "modsplit: groups=", groups, " must be positive and divide the rows of x (shape ",
+              x.sizes(), ")");
+  for (const auto& [t, name] : {std::make_pair(&weight, "weight"), std::make_pair(&bias, "bias")}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == x.size(1), "modsplit: ", name,
+                " must be [C=", x.size(1), "], got shape ", (*t)->sizes());
+    check_same_dtype(**t, x, name, "x");
+    check_same_device(**t, x, name, "x");
+  }
+  return {groups, x.size(0) / groups, x.size(1), x.numel() / (x.size(0) * x.size(1))};
+}
+
+// Sums over the N runs of S values of pair (g, c), in double: (sum f(a), sum h(a, b)) where a, b
+// run over the pair's values of two tensors of the same layout.
+template <typename T, typename F1, typename F2>
+std::pair<double, double> pair_sums(const T* a, const T* b, const NormShape& s, int64_t g,
+                                    int64_t c, F1&& f, F2&& h) {
+  double u[kChains] = {}, v[kChains] = {};
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
+    const T* pa = a + off;
+    const T* pb = b + off;
+    int64_t i = 0;
+    for (; i + kChains <= s.S; i += kChains) {
+      for (int e = 0; e < kChains; ++e) {
+        u[e] += f(static_cast<double>(pa[i + e]));
+        v[e] += h(static_cast<double>(pa[i + e]), static_cast<double>(pb[i + e]));
+      }
+    }
+    for (; i < s.S; ++i) {
+      u[0] += f(static_cast<double>(pa[i]));
+      v[0] += h(static_cast<double>(pa[i]), static_cast<double>(pb[i]));
+    }
+  }
+  double su = 0, sv = 0;
+  for (int e = 0; e < kChains; ++e) {
+    su += u[e];
+    sv += v[e];
+  }
+  return {su, sv};
+}
+
+// out = alpha * a + beta * (b - center) + gamma over the pair's values (b may be a); centring
+// before scaling keeps a large mean from cancelling.
+template <typename T>
+void pair_affine(T* out, const T* a, const T* b, const NormShape& s, int64_t g, int64_t c,
+                 T alpha, T beta, T center, T gamma) {
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
+    T* __restrict__ po = out + off;
+    const T* __restrict__ pa = a + off;
+    const T* __restrict__ pb = b + off;
+    for (int64_t i = 0; i < s.S; ++i) po[i] = alpha * pa[i] + beta * (pb[i] - center) + gamma;
+  }
+}
+
+int64_t grain(const NormShape& s) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(s.N * s.S, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
+    const at::Tensor& x_in, int64_t groups, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  const NormShape s = check_norm(x_in, groups, weight, bias);
+  TORCH_CHECK(eps >= 0, "modsplit: eps must be >= 0, got ", eps);
+  const auto x = x_in.contiguous();
+  const auto wc = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto y = at::empty_like(x);
+  auto mean = at::empty({s.G, s.C}, x.options());
+  auto invstd = at::empty({s.G, s.C}, x.options());
+  const double count = static_cast<double>(s.N * s.S);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "module_batch_norm_cpu", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* w = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* pi = invstd.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t g = item / s.C, c = item % s.C;
+        const double k = static_cast<double>(px[(g * s.N * s.C + c) * s.S]);  // the shift
+        const auto [d, dd] = pair_sums(px, px, s, g, c, [k](double a) { return a - k; },
+                                       [k](double a, double) { return (a - k) * (a - k); });
+        const double m = d / count;
+        const double var = std::max(dd / count - m * m, 0.0);
+        const double inv = 1.0 / std::sqrt(var + eps);
+        pm[item] = static_cast<scalar_t>(k + m);
+        pi[item] = static_cast<scalar_t>(inv);
+        const double scale = inv * (w ? static_cast<double>(w[c]) : 1.0);
+        pair_affine(py, px, px, s, g, c, scalar_t(0), static_cast<scalar_t>(scale),
+                    static_cast<scalar_t>(k + m), b ? b[c] : scalar_t(0));
+      }
+    });
+  });
+  return {y, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, int64_t groups,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    std::array<bool, 3> output_mask) {
+  const NormShape s = check_norm(x_in, groups, weight, c10::nullopt);
+  check_same_dtype(grad_y_in, x_in, "grad_y", "x");
+  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "modsplit: grad_y must have x's shape ",
+              x_in.sizes(), ", got ", grad_y_in.sizes());
+  for (const auto& [t, name] : {std::make_pair(&mean, "mean"), std::make_pair(&invstd, "invstd")}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({s.G, s.C}), "modsplit: ", name, " must be [G=",
+                s.G, ", C=", s.C, "], got shape ", t->sizes());
+    check_same_dtype(*t, x_in, name, "x");
+  }
+  const auto x = x_in.contiguous();
+  const auto gy = grad_y_in.contiguous();
+  const auto mc = mean.contiguous();
+  const auto ic = invstd.contiguous();
+  const auto wt = weight.has_value() ? weight->contiguous() : at::Tensor();
+  at::Tensor gx = output_mask[0] ? at::empty_like(x) : at::Tensor();
+  auto sum_g = at::empty({s.G, s.C}, x.options().dtype(at::kDouble));   // sum grad_y
+  auto sum_gx = at::empty({s.G, s.C}, x.options().dtype(at::kDouble));  // sum grad_y * xhat
+  const double count = static_cast<double>(s.N * s.S);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "module_batch_norm_backward_cpu", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pg = gy.const_data_ptr<scalar_t>();
+    const scalar_t* w = wt.defined() ? wt.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pm = mc.const_data_ptr<scalar_t>();
+    const scalar_t* pi = ic.const_data_ptr<scalar_t>();
+    double* sg = sum_g.mutable_data_ptr<double>();
+    double* sgx = sum_gx.mutable_data_ptr<double>();
+    scalar_t* out = output_mask[0] ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t g = item / s.C, c = item % s.C;
+        const double m = static_cast<double>(pm[item]), inv = static_cast<double>(pi[item]);
+        const auto [a, ax] = pair_sums(pg, px, s, g, c, [](double u) { return u; },
+                                       [m](double u, double v) { return u * (v - m); });
+        sg[item] = a;
+        sgx[item] = ax * inv;  // sum grad_y * xhat
+        if (!out) continue;
+        // grad_x = w*inv * (gy - a/n - xhat * (ax*inv)/n) with xhat = (x - m) * inv
+        const double wc = w ? static_cast<double>(w[c]) : 1.0;
+        const double alpha = wc * inv, beta = -wc * inv * inv * inv * ax / count;
+        pair_affine(out, pg, px, s, g, c, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta),
+                    pm[item], static_cast<scalar_t>(-wc * inv * a / count));
+      }
+    });
+  });
+  at::Tensor gw, gb;
+  if (output_mask[1]) gw = sum_gx.sum(0).to(x.scalar_type());
+  if (output_mask[2]) gb = sum_g.sum(0).to(x.scalar_type());
+  return {gx, gw, gb};
+}
+
+}  // namespace
+}  // namespace modsplit
+
+TORCH_LIBRARY_IMPL(modsplit, CPU, m) {
+  m.impl("module_batch_norm", &modsplit::module_batch_norm_cpu);
+  m.impl("module_batch_norm_backward", &modsplit::module_batch_norm_backward_cpu);
+}
