@@ -39,6 +39,13 @@ def _cases(device, dtype):
     conv = ([2, 2], [1, 1], [1, 1], 2)
     cy = ref.multi_masked_conv2d(cx, cw, cbank, None, *conv)
     cgy = rand(*cy.shape)
+    # groups 1 at density 0.1: the CPU's sparse conv path
+    sx, sw = rand(3, 2, 5, 9, 9), rand(7, 5, 3, 3)
+    sbank = ref.multi_topk_mask(rand(3, 7, 5, 3, 3), 0.1)
+    sconv = ([1, 1], [1, 1], [1, 1], 1)
+    sgy = rand(3, 2, 7, 9, 9)
+    nx, nw, nb, ngy = rand(12, 6, 5, 7), rand(6), rand(6), rand(12, 6, 5, 7)  # 3 groups of 4 rows
+    n_mean, n_invstd = ref.module_batch_norm(nx, 3, nw, nb, 1e-5)[1:]
     o = backend.ops_for(dev(x))  # the backward ops have no Python wrapper: the backend's namespace
     return [
         # masks from the scores as the kernel sees them (rounding to 16 bits makes ties)
@@ -77,7 +84,27 @@ def _cases(device, dtype):
          lambda: o.multi_masked_conv2d_backward(dev(cgy), dev(cx), dev(cw), cbank.to(device),
                                                 *conv, [True, True, True]),
          lambda: ref.multi_masked_conv2d_backward(cgy, cx, cw, cbank, *conv), False),
+        ("multi_masked_conv2d (sparse)",
+         lambda: ops.multi_masked_conv2d(dev(sx), dev(sw), sbank.to(device), None, *sconv),
+         lambda: ref.multi_masked_conv2d(sx, sw, sbank, None, *sconv), False),
+        ("multi_masked_conv2d_bwd (sparse)",
+         lambda: o.multi_masked_conv2d_backward(dev(sgy), dev(sx), dev(sw), sbank.to(device),
+                                                *sconv, [True, True, True]),
+         lambda: ref.multi_masked_conv2d_backward(sgy, sx, sw, sbank, *sconv), False),
+        ("module_batch_norm",
+         lambda: ops.module_batch_norm(dev(nx), 3, dev(nw), dev(nb), 1e-5),
+         lambda: ref.module_batch_norm(nx, 3, nw, nb, 1e-5), False),
+        ("module_batch_norm_backward",
+         lambda: _grads(lambda *a: ops.module_batch_norm(a[0], 3, *a[1:], 1e-5)[0],
+                        (dev(nx), dev(nw), dev(nb)), dev(ngy)),
+         lambda: ref.module_batch_norm_backward(ngy, nx, 3, nw, n_mean, n_invstd), False),
     ]
+
+
+def _grads(fn, inputs, grad_out):
+    """The gradients of fn(*inputs) in every input, given grad_out (through the op's autograd)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
 
 def _error(got, want, exact):
