@@ -80,8 +80,9 @@ at::Tensor conv_forward(const at::Tensor& x5, const at::Tensor& weight, const at
                         const c10::optional<at::Tensor>& bias, const ConvGeom& g) {
   const auto w = weight.contiguous();
   const auto p = packed3.contiguous();
-  if (use_sparse_conv(x5, p, g, /*grad_x=*/false)) {
-    return sparse_masked_conv_forward(x5, w, p, bias, g);
+  if (use_sparse_conv(p, g, w.scalar_type(), /*grad_x=*/false)) {
+    auto out = sparse_masked_conv_forward(x5, w, p, bias, g);
+    if (out.defined()) return out;  // else x held a NaN or inf: the dense path below
   }
   auto out = at::empty({g.K, g.B, g.O, g.Ho, g.Wo}, x5.options());
   auto out5 = out.view({g.K, g.B, g.G, g.Og, g.L});
@@ -130,9 +131,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   const auto x = x5.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed3.contiguous();
-  const bool sparse_gx = need_gx && use_sparse_conv(grad_out5, p, g, /*grad_x=*/true);
-  if (sparse_gx) gx = sparse_masked_conv_grad_x(grad_out5.contiguous(), w, p, g);
-  const bool dense_gx = need_gx && !sparse_gx;
+  if (need_gx && use_sparse_conv(p, g, w.scalar_type(), /*grad_x=*/true)) {
+    gx = sparse_masked_conv_grad_x(grad_out5.contiguous(), w, p, g);  // undefined: non-finite
+  }
+  const bool dense_gx = need_gx && !gx.defined();
   if (!dense_gx && !need_gs) return {gx, gs, gb};
   const auto go5 = grad_out5.reshape({g.K, g.B, g.G, g.Og, g.L});
   if (dense_gx) gx = at::empty({g.Kx, g.B, g.C, g.H, g.W}, x.options());

@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <vector>
 
-#include "finite.h"
 #include "sparse_conv_kernels.h"
 
 namespace modsplit {
@@ -102,9 +101,8 @@ double sparse_conv_max_density() {
   return value;
 }
 
-bool use_sparse_conv(const at::Tensor& input, const at::Tensor& packed3, const ConvGeom& g,
+bool use_sparse_conv(const at::Tensor& packed3, const ConvGeom& g, at::ScalarType dtype,
                      bool grad_x) {
-  const auto dtype = input.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
   if (g.G != 1 || g.dilation[0] != 1 || g.dilation[1] != 1 || g.B == 0) return false;
   if (grad_x && (g.stride[0] != 1 || g.stride[1] != 1 || g.padding[0] >= g.kh ||
@@ -114,8 +112,7 @@ bool use_sparse_conv(const at::Tensor& input, const at::Tensor& packed3, const C
   const double max_density = sparse_conv_max_density();
   if (max_density <= 0.0) return false;
   const double kept = static_cast<double>(count_kept(packed3.const_data_ptr<int32_t>(), g));
-  return kept <= max_density * static_cast<double>(g.K * g.O * g.R) &&
-         cpu::all_finite(input.contiguous());
+  return kept <= max_density * static_cast<double>(g.K * g.O * g.R);
 }
 
 at::Tensor sparse_masked_conv_forward(const at::Tensor& x5, const at::Tensor& weight,
@@ -125,7 +122,10 @@ at::Tensor sparse_masked_conv_forward(const at::Tensor& x5, const at::Tensor& we
   const sparse_conv::ConvShape s{g.Kx, g.B, g.C, g.H, g.W, g.O, g.Ho, g.Wo, g.kh, g.kw,
                                  g.stride[0], g.stride[1], g.padding[0], g.padding[1]};
   const auto b = bias.has_value() ? bias->view({1, g.O}).expand({g.K, g.O}) : at::Tensor();
-  return sparse_conv::run(x5, csr.row_ptr, csr.col_idx, csr.values, b, g.K, s, false);
+  bool finite = true;
+  auto out = sparse_conv::run(x5, csr.row_ptr, csr.col_idx, csr.values, b, g.K, s, false,
+                              &finite);
+  return finite ? out : at::Tensor();
 }
 
 at::Tensor sparse_masked_conv_grad_x(const at::Tensor& grad_out5, const at::Tensor& weight,
@@ -135,8 +135,10 @@ at::Tensor sparse_masked_conv_grad_x(const at::Tensor& grad_out5, const at::Tens
   // kernel - 1 - padding, at stride 1: C channels of H x W.
   const sparse_conv::ConvShape s{g.K, g.B, g.O, g.Ho, g.Wo, g.C, g.H, g.W, g.kh, g.kw, 1, 1,
                                  g.kh - 1 - g.padding[0], g.kw - 1 - g.padding[1]};
+  bool finite = true;
   auto gx = sparse_conv::run(grad_out5, csr.row_ptr, csr.col_idx, csr.values, at::Tensor(), g.K,
-                             s, false);
+                             s, false, &finite);
+  if (!finite) return at::Tensor();
   return g.shared() ? gx.sum(0, /*keepdim=*/true) : gx;
 }
 

@@ -5,8 +5,8 @@
 // most sparse_conv_max_density(): kSparseConvMaxDensity, or $MODSPLIT_SPARSE_CONV_MAX_DENSITY
 // (read at every call; 0 = always dense, 1 = sparse wherever eligible). Eligible: float32 or
 // float64 (the backward of float16 / bfloat16 runs in float32, so its grad_x is eligible too),
-// finite input, one group, dilation 1; grad_x also needs stride 1 and padding < kernel size (it is the
-// convolution of grad_out with the flipped, transposed kept weights).
+// one group, dilation 1, a finite input; grad_x also needs stride 1 and padding < kernel size
+// (it is the convolution of grad_out with the flipped, transposed kept weights).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -20,12 +20,14 @@ constexpr const char* kEnvSparseConvMaxDensity = "MODSPLIT_SPARSE_CONV_MAX_DENSI
 
 double sparse_conv_max_density();
 
-// Whether the forward (grad_x = false; input = x5) or grad_x (grad_x = true; input = grad_out5)
-// of a bank with packed int32 [K, O, words] (contiguous) takes the sparse path. A non-finite
-// input never does: NaN/inf times a masked-out weight must give NaN, as in F.conv2d on W*M.
-bool use_sparse_conv(const at::Tensor& input, const at::Tensor& packed3, const ConvGeom& g,
+// Whether the forward (grad_x = false) or grad_x (grad_x = true) of a bank with packed
+// int32 [K, O, words] (contiguous) in dtype takes the sparse path.
+bool use_sparse_conv(const at::Tensor& packed3, const ConvGeom& g, at::ScalarType dtype,
                      bool grad_x);
 
+// The two sparse computations return an undefined tensor when their input held a NaN or inf
+// (seen while each sample is copied into the kernel's buffer): NaN/inf times a masked-out weight
+// must give NaN, as in F.conv2d on W*M, so the caller then runs the dense path.
 // out [K, B, O, Ho, Wo] = conv2d of x5 [Kx, B, C, H, W] with W*M_k per module, plus bias [O].
 at::Tensor sparse_masked_conv_forward(const at::Tensor& x5, const at::Tensor& weight,
                                       const at::Tensor& packed3,

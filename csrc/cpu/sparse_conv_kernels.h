@@ -17,10 +17,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
+#include "finite.h"
 #include "masked_linear_kernels.h"
 
 namespace modsplit {
@@ -60,10 +62,12 @@ inline PhaseLayout phase_layout(const ConvShape& s) {
 }
 
 // xs [C, ph_h, ph_w, Hq, Wq] <- one input sample x [C, H, W] (contiguous): every element
-// written once (zeros outside the input), no separate fill.
+// written once (zeros outside the input), no separate fill. Returns whether the sample's values
+// are all finite (read while the sample passes through the cache anyway).
 template <typename T>
-void fill_sample(const T* x, T* xs, const ConvShape& s, const PhaseLayout& L) {
+bool fill_sample(const T* x, T* xs, const ConvShape& s, const PhaseLayout& L) {
   const int64_t in_plane = s.H * s.W;
+  const bool finite = cpu::finite_values(x, s.C * in_plane);
   for (int64_t n = 0; n < s.C; ++n) {
     const T* src = x + n * in_plane;
     for (int64_t pi = 0; pi < L.ph_h; ++pi) {
@@ -92,6 +96,7 @@ void fill_sample(const T* x, T* xs, const ConvShape& s, const PhaseLayout& L) {
       }
     }
   }
+  return finite;
 }
 
 // Output plane (k, b, o) over the phase-split input (row pitch Wq): output (oh, ow) of a kept
@@ -171,7 +176,7 @@ inline void conv_block(const float* xb, const int64_t* offs, const float* v, int
 // batch is written. A sample's planes are split into parts only when samples are fewer than
 // 4 x the threads (small inference batches).
 template <typename T>
-void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
+bool conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, const T* bias,
                  T* y, int64_t K, const ConvShape& s, const PhaseLayout& L, bool relu) {
   const int64_t taps = s.kh * s.kw, span = (s.Ho - 1) * L.Wq + s.Wo, plane = s.Ho * s.Wo;
   const int64_t nnz = rp[K * (s.O + 1) - 1];
@@ -195,6 +200,7 @@ void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, c
                             ? 1
                             : std::min(per_sample, (4 * threads + samples - 1) / samples);
   const int64_t part_rows = (per_sample + parts - 1) / parts;
+  std::atomic<bool> finite{true};
   at::parallel_for(0, samples * parts, grain_for(part_rows * span * avg_nnz),
                    [&](int64_t begin, int64_t end) {
     std::vector<T> xs(static_cast<size_t>(s.C * L.chan + kSlack), T(0));  // slack stays 0
@@ -204,7 +210,9 @@ void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, c
     for (int64_t item = begin; item < end; ++item) {
       const int64_t sample = item / parts, part = item % parts;
       if (sample != filled) {
-        fill_sample(x + sample * s.C * s.H * s.W, xs.data(), s, L);
+        if (!fill_sample(x + sample * s.C * s.H * s.W, xs.data(), s, L)) {
+          finite.store(false, std::memory_order_relaxed);
+        }
         filled = sample;
       }
       const int64_t b = sample % s.B;
@@ -241,26 +249,30 @@ void conv_planes(const T* x, const int64_t* rp, const int32_t* ci, const T* v, c
       }
     }
   });
+  return finite.load();
 }
 
 // out [K, B, O, Ho, Wo] of x [S, B, C, H, W] and the CSR (checked by the caller); s holds the
-// geometry with O, Ho, Wo set; bias [K, O] or undefined.
+// geometry with O, Ho, Wo set; bias [K, O] or undefined. finite (if given) is set to whether x
+// held only finite values.
 inline at::Tensor run(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& values, const at::Tensor& bias, int64_t K,
-                      const ConvShape& s, bool relu) {
+                      const ConvShape& s, bool relu, bool* finite = nullptr) {
   auto rp = row_ptr.contiguous();
   auto ci = col_idx.contiguous();
   auto v = values.contiguous();
   auto bc = bias.defined() ? bias.contiguous() : at::Tensor();
   auto out = at::empty({K, s.B, s.O, s.Ho, s.Wo}, x.options());
+  if (finite) *finite = true;
   if (out.numel() == 0) return out;
   const PhaseLayout L = phase_layout(s);
   auto xc = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-    conv_planes<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
-                          ci.data_ptr<int32_t>(), v.data_ptr<scalar_t>(),
-                          bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
-                          out.data_ptr<scalar_t>(), K, s, L, relu);
+    const bool all = conv_planes<scalar_t>(xc.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
+                                           ci.data_ptr<int32_t>(), v.data_ptr<scalar_t>(),
+                                           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+                                           out.data_ptr<scalar_t>(), K, s, L, relu);
+    if (finite) *finite = all;
   });
   return out;
 }
