@@ -5,7 +5,8 @@
 // n = 0..N-1, channel c, the S positions of the trailing dims; the statistics of (g, c) reduce
 // over N x S, each row a contiguous run of S values. y and grad_x have x's shape. Work items are the G*C pairs (at::parallel_for); per pair:
 //  forward   one pass of shifted sums (shift: the pair's first value, so the variance
-//            E[(x-k)^2] - E[x-k]^2 does not cancel) accumulated in double, then one pass writing
+//            E[(x-k)^2] - E[x-k]^2 does not cancel; float32 sums in vector lanes over blocks of
+//            1024 values, the blocks' sums in double), then one pass writing
 //            y = (x - mean) * scale + bias;
 //  backward  one pass of sum(g) and sum(g * (x - mean)) (g = grad_y * weight), then one pass
 //            writing grad_x = A * grad_y + B * (x - mean) + C, the BatchNorm gradient with its
@@ -19,6 +20,7 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "masked_linear_kernels.h"
 
 namespace modsplit {
 namespace {
@@ -47,32 +49,70 @@ NormShape check_norm(const at::Tensor& x, int64_t groups, const c10::optional<at
   return {groups, x.size(0) / groups, x.size(1), x.numel() / (x.size(0) * x.size(1))};
 }
 
-// Sums over the N runs of S values of pair (g, c), in double: (sum f(a), sum h(a, b)) where a, b
-// run over the pair's values of two tensors of the same layout.
-template <typename T, typename F1, typename F2>
-std::pair<double, double> pair_sums(const T* a, const T* b, const NormShape& s, int64_t g,
-                                    int64_t c, F1&& f, F2&& h) {
-  double u[kChains] = {}, v[kChains] = {};
-  for (int64_t n = 0; n < s.N; ++n) {
-    const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
-    const T* pa = a + off;
-    const T* pb = b + off;
-    int64_t i = 0;
-    for (; i + kChains <= s.S; i += kChains) {
-      for (int e = 0; e < kChains; ++e) {
-        u[e] += f(static_cast<double>(pa[i + e]));
-        v[e] += h(static_cast<double>(pa[i + e]), static_cast<double>(pb[i + e]));
-      }
+// (sum (a - ca), sum (a - ca) * (b - cb)) over n values of two arrays (b may be a), added to
+// (su, sv). float32: two 8-lane vector accumulators per sum over blocks of up to kBlock values,
+// each block's lanes then added in double, so the error does not grow with the count; float64:
+// kChains scalar accumulators.
+constexpr int64_t kBlock = 1024;
+
+inline void run_moments(const float* pa, float ca, const float* pb, float cb, int64_t n,
+                        double& su, double& sv) {
+  using cpu::v8f;
+  using cpu::v8f_u;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(n, i0 + kBlock);
+    v8f u0{}, u1{}, v0{}, v1{};
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+      const v8f a0 = *reinterpret_cast<const v8f_u*>(pa + i) - ca;
+      const v8f a1 = *reinterpret_cast<const v8f_u*>(pa + i + 8) - ca;
+      u0 += a0;
+      u1 += a1;
+      v0 += a0 * (*reinterpret_cast<const v8f_u*>(pb + i) - cb);
+      v1 += a1 * (*reinterpret_cast<const v8f_u*>(pb + i + 8) - cb);
     }
-    for (; i < s.S; ++i) {
-      u[0] += f(static_cast<double>(pa[i]));
-      v[0] += h(static_cast<double>(pa[i]), static_cast<double>(pb[i]));
+    const v8f u = u0 + u1, v = v0 + v1;
+    for (int e = 0; e < 8; ++e) {
+      su += static_cast<double>(u[e]);
+      sv += static_cast<double>(v[e]);
+    }
+    for (; i < i1; ++i) {
+      const float da = pa[i] - ca;
+      su += static_cast<double>(da);
+      sv += static_cast<double>(da) * static_cast<double>(pb[i] - cb);
     }
   }
-  double su = 0, sv = 0;
+}
+
+inline void run_moments(const double* pa, double ca, const double* pb, double cb, int64_t n,
+                        double& su, double& sv) {
+  double u[kChains] = {}, v[kChains] = {};
+  int64_t i = 0;
+  for (; i + kChains <= n; i += kChains) {
+    for (int e = 0; e < kChains; ++e) {
+      const double da = pa[i + e] - ca;
+      u[e] += da;
+      v[e] += da * (pb[i + e] - cb);
+    }
+  }
+  for (; i < n; ++i) {
+    u[0] += pa[i] - ca;
+    v[0] += (pa[i] - ca) * (pb[i] - cb);
+  }
   for (int e = 0; e < kChains; ++e) {
     su += u[e];
     sv += v[e];
+  }
+}
+
+// The same over the N runs of S values of pair (g, c) of two tensors of the same layout.
+template <typename T>
+std::pair<double, double> pair_moments(const T* a, T ca, const T* b, T cb, const NormShape& s,
+                                       int64_t g, int64_t c) {
+  double su = 0, sv = 0;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
+    run_moments(a + off, ca, b + off, cb, s.S, su, sv);
   }
   return {su, sv};
 }
@@ -117,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
     at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / s.C, c = item % s.C;
-        const double k = static_cast<double>(px[(g * s.N * s.C + c) * s.S]);  // the shift
-        const auto [d, dd] = pair_sums(px, px, s, g, c, [k](double a) { return a - k; },
-                                       [k](double a, double) { return (a - k) * (a - k); });
+        const scalar_t shift = px[(g * s.N * s.C + c) * s.S];  // the pair's first value
+        const double k = static_cast<double>(shift);
+        const auto [d, dd] = pair_moments(px, shift, px, shift, s, g, c);
         const double m = d / count;
         const double var = std::max(dd / count - m * m, 0.0);
         const double inv = 1.0 / std::sqrt(var + eps);
@@ -168,9 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
     at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / s.C, c = item % s.C;
-        const double m = static_cast<double>(pm[item]), inv = static_cast<double>(pi[item]);
-        const auto [a, ax] = pair_sums(pg, px, s, g, c, [](double u) { return u; },
-                                       [m](double u, double v) { return u * (v - m); });
+        const double inv = static_cast<double>(pi[item]);
+        const auto [a, ax] = pair_moments(pg, scalar_t(0), px, pm[item], s, g, c);
         sg[item] = a;
         sgx[item] = ax * inv;  // sum grad_y * xhat
         if (!out) continue;
