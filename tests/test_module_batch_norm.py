@@ -1,8 +1,9 @@
 """module_batch_norm / module_batch_norm_backward (training-mode BatchNorm with per-module-group
 statistics, the training path of ModuleBatchNorm) against modsplit.reference.
 
-x [G*N, C, *] (G groups of N rows). The CPU kernels take float32 / float64; float16 / bfloat16 run the torch twin
-(statistics in float32). Both are checked against the reference run in float64."""
+x [G*N, C, *] (G groups of N rows). The CPU kernels take float32 / float64; float16 / bfloat16
+run the torch twin (statistics in float32). Both are checked against the reference run in
+float64."""
 import itertools
 
 import pytest

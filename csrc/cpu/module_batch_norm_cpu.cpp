@@ -3,7 +3,8 @@
 //
 // x [G*N, C, *] (contiguous after the call's .contiguous()), seen as [G, N, C, S]: group g's rows
 // n = 0..N-1, channel c, the S positions of the trailing dims; the statistics of (g, c) reduce
-// over N x S, each row a contiguous run of S values. y and grad_x have x's shape. Work items are the G*C pairs (at::parallel_for); per pair:
+// over N x S, each row a contiguous run of S values. y and grad_x have x's shape. Work items
+// are the G*C pairs (at::parallel_for); per pair:
 //  forward   one pass of shifted sums (shift: the pair's first value, so the variance
 //            E[(x-k)^2] - E[x-k]^2 does not cancel; float32 sums in vector lanes over blocks of
 //            1024 values, the blocks' sums in double), then one pass writing
