@@ -261,12 +261,21 @@ def _equal(a, b):
     return torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
 
 
-@pytest.mark.parametrize("density,path", [(0.1, "sparse"), (0.5, "dense")])
-def test_default_threshold_routes_by_density(monkeypatch, density, path):
-    """Unset, the variable means the built-in crossover (0.3): a bank at density 0.1 takes the
-    sparse path, one at 0.5 the dense path. The paths sum in other orders (float32 results
-    differ in the last bits), so each run is matched bit for bit with a forced one."""
-    x, weight, packed, bias, args = _make(CONFIGS[5], "cpu", torch.float32, K=3, shared=False,
+ROUTING_CFG = (2, 16, 8, 12, 12, 3, 3, 1, 1, 1, 1, True)  # 12 x 12 planes, R = 144
+TINY_PLANES_CFG = (2, 40, 16, 4, 4, 3, 3, 2, 1, 1, 1, True)  # 2 x 2 output planes
+
+
+@pytest.mark.parametrize("cfg,density,path", [
+    (ROUTING_CFG, 0.1, "sparse"), (ROUTING_CFG, 0.5, "dense"),
+    (TINY_PLANES_CFG, 0.1, "dense"),  # fewer than 16 outputs per plane: dense at any density
+], ids=["sparse", "dense by density", "dense by plane size"])
+def test_default_rule_routes_by_density_and_plane_size(monkeypatch, cfg, density, path):
+    """Unset, the variable means the built-in rule (density at most 0.3, planes of at least 16
+    positions): a 12 x 12 layer at density 0.1 takes the sparse path, at 0.5 the dense path, a
+    layer with 2 x 2 outputs the dense one. The paths sum in other orders (float32 results
+    differ in the last bits), so each run is matched bit for bit with a forced one; forcing
+    ("1") takes the sparse path on small planes too."""
+    x, weight, packed, bias, args = _make(cfg, "cpu", torch.float32, K=3, shared=False,
                                           density=density)
     monkeypatch.delenv(ENV_SPARSE, raising=False)
     auto = _both_outputs(x, weight, packed, bias, args)

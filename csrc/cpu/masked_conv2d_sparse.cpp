@@ -91,9 +91,10 @@ Csr gather_kept(const at::Tensor& weight, const at::Tensor& packed3, const ConvG
 
 }  // namespace
 
-double sparse_conv_max_density() {
+double sparse_conv_max_density(bool* from_env) {
   const char* raw = std::getenv(kEnvSparseConvMaxDensity);
-  if (raw == nullptr || *raw == '\0') return kSparseConvMaxDensity;
+  *from_env = raw != nullptr && *raw != '\0';
+  if (!*from_env) return kSparseConvMaxDensity;
   char* end = nullptr;
   const double value = std::strtod(raw, &end);
   TORCH_CHECK(end != raw && *end == '\0' && value >= 0.0, "modsplit: $",
@@ -109,8 +110,13 @@ bool use_sparse_conv(const at::Tensor& packed3, const ConvGeom& g, at::ScalarTyp
                  g.padding[1] >= g.kw)) {
     return false;
   }
-  const double max_density = sparse_conv_max_density();
+  bool from_env = false;
+  const double max_density = sparse_conv_max_density(&from_env);
   if (max_density <= 0.0) return false;
+  // The built-in rule also keeps planes of fewer than kSparseConvMinPlane outputs dense: a
+  // register block of such a plane is mostly idle lanes.
+  const int64_t plane = grad_x ? g.H * g.W : g.Ho * g.Wo;
+  if (!from_env && plane < kSparseConvMinPlane) return false;
   const double kept = static_cast<double>(count_kept(packed3.const_data_ptr<int32_t>(), g));
   return kept <= max_density * static_cast<double>(g.K * g.O * g.R);
 }
