@@ -150,6 +150,17 @@ def _auto_ops(device: torch.device):
     return torch_backend
 
 
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def uses_cpu_kernel(tensor: torch.Tensor) -> bool:
+    """Whether an op whose compiled kernel runs on the CPU only (the fused score updates,
+    module_batch_norm) runs it for `tensor`: a float32 / float64 CPU tensor, a CPU build, and
+    the "auto" or "cpu" backend; elsewhere those ops run their torch-backend twins."""
+    return (tensor.device.type == "cpu" and tensor.dtype in _CPU_KERNEL_DTYPES
+            and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu"))
+
+
 def ops_for(tensor: torch.Tensor):
     """The op namespace (torch.ops.modsplit, torch.ops.modsplit_triton, or the torch backend's
     module) that runs `tensor` under the selected backend; raises a BackendError if that backend

@@ -6,12 +6,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modsplit import checkpoint, files, memory, metrics
+from modsplit.backend import uses_cpu_kernel
 from modsplit.bank import Grafts, ModuleBank
 from modsplit.convert import convert
 from modsplit.decompose_config import SCHEDULES, DecomposeConfig
 from modsplit.errors import CheckpointError
 from modsplit.functional import raw_score_grad
-from modsplit.score_update import CoTrainSGD, stem_coefficient, uses_cpu_kernel
+from modsplit.score_update import CoTrainSGD, stem_coefficient
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
 from modsplit.module_norm import load_norm_statistics, norm_statistics

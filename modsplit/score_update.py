@@ -24,9 +24,7 @@ import math
 import torch
 
 from modsplit import _extension, torch_backend
-from modsplit.backend import get_backend
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+from modsplit.backend import uses_cpu_kernel
 
 
 def cotrain_sgd_step_(scores, momentum_buffer, grad, anchor, lr, momentum, weight_decay,
@@ -77,12 +75,6 @@ def cotrain_sgd_topk_step_(scores, momentum_buffer, grad, anchor, lr, momentum, 
     torch.autograd.graph.increment_version(scores)
     torch.autograd.graph.increment_version(momentum_buffer)
     return stem, packed
-
-
-def uses_cpu_kernel(scores) -> bool:
-    """Whether the score updates of `scores` run the C++ kernels: float32 / float64 CPU scores, a CPU build, backend "auto" or "cpu"."""
-    return (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES
-            and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu"))
 
 
 @torch.library.register_fake("modsplit::cotrain_sgd_topk_step_")

@@ -86,6 +86,7 @@ def test_autograd_matches_reference(dtype):
         y = fn(*leaves, 1e-5)[0]
         (y.double() * torch.linspace(-1, 1, y.numel()).view_as(y).double()).sum().backward()
         grads.append([t.grad for t in leaves])
+    assert all(g is not None for side in grads for g in side)  # x, weight and bias get gradients
     for got, want in zip(*grads):
         _close(got, want, dtype)
 

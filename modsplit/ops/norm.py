@@ -8,15 +8,8 @@ autograd is that of its ATen ops.
 """
 import torch
 
-from modsplit import _extension, torch_backend
-from modsplit.backend import get_backend
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
-def _uses_kernel(x) -> bool:
-    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-            and _extension.has_kernels("cpu") and get_backend() in ("auto", "cpu"))
+from modsplit import torch_backend
+from modsplit.backend import uses_cpu_kernel
 
 
 def module_batch_norm(x, groups, weight=None, bias=None, eps=1e-5):
@@ -24,7 +17,7 @@ def module_batch_norm(x, groups, weight=None, bias=None, eps=1e-5):
     affine map. x float [G*N, C, *] (groups = G groups of N rows, C channels), weight / bias
     [C] or None -> (y like x, in x's dtype; mean [G, C]; invstd [G, C]; the statistics are
     float32 for float16 / bfloat16 x). Differentiable in x, weight and bias."""
-    if _uses_kernel(x):
+    if uses_cpu_kernel(x):
         return torch.ops.modsplit.module_batch_norm(x, int(groups), weight, bias, float(eps))
     return torch_backend.module_batch_norm(x, int(groups), weight, bias, float(eps))
 
