@@ -34,6 +34,9 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
   modsplit, top-k not fused   (extra row with --unfused-row) decompose's step with
                         fuse_topk=False: the top-k of the next forward instead of the one fused
                         into the score update (the step before stop 14);
+  modsplit, layers not fused  (extra row with --unfused-row) decompose's step on the network
+                        itself instead of its fused view (MultiModuleNet.fuse_layers = False:
+                        BatchNorm, ReLU and max-pool as ATen ops; the step before stop 16);
   per-module loop       (extra row, FC1 only) K separate edge-popup models with a sort-based
                         GetSubnet and one optimizer each.
 Before timing, one step of every side from the same scores and grafts is checked to give the same
@@ -252,8 +255,9 @@ class ModsplitSide:
     decompose's inclusion probabilities min(1, B n_c / n)."""
 
     def __init__(self, model, net, grafts, classes, weights, anchors, ratio=None, counts=None,
-                 fuse_topk=True):
+                 fuse_topk=True, fuse_layers=True):
         self.net, self.grafts = copy.deepcopy(net), copy.deepcopy(grafts)
+        self.net.fuse_layers = fuse_layers
         self.fuse_topk = fuse_topk
         self.classes, self.weights, self.anchors = classes, weights, anchors
         self.ratio, self.steps = ratio, 0
@@ -374,6 +378,8 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False
     if unfused:
         sides["modsplit, top-k not fused"] = ModsplitSide(model, net, grafts, classes, weights,
                                                           anchors, fuse_topk=False)
+        sides["modsplit, layers not fused"] = ModsplitSide(model, net, grafts, classes, weights,
+                                                           anchors, fuse_layers=False)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl
@@ -385,6 +391,7 @@ def run(name, rounds, steps, with_loop, ratio=None, unfused=False):
     sides, batches, impl = build_sides(name, steps, with_loop, ratio=ratio, unfused=unfused)
     check_first_step({k: v for k, v in sides.items() if k in ("modsplit", "batched eager",
                                                                 "modsplit, top-k not fused",
+                                                                "modsplit, layers not fused",
                                                                 "batched compiled")}, batches[0])
     times = {k: [] for k in sides}
     for r in range(rounds + 1):  # round 0 is the warm-up of every side
@@ -419,7 +426,8 @@ def main(argv=None):
     ap.add_argument("--ratio", type=float, default=None,
                     help="also time modsplit with sampled negatives (neg_ratio) r")
     ap.add_argument("--unfused-row", action="store_true",
-                    help="also time modsplit with the top-k not fused into the score update")
+                    help="also time modsplit with the top-k not fused into the score update, "
+                    "and with the layers not fused (no fused view)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--json", help="write the results there")
     args = ap.parse_args(argv)

@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from modsplit.fused_layers import FusedView
 from modsplit.layers import SCORE_INITS, MaskedConv2d, MaskedLinear
 from modsplit.module_norm import BATCHNORM_MODES, ModuleBatchNorm, replace_batchnorms
 
@@ -34,12 +35,33 @@ class MultiModuleNet(nn.Module):
     training flag, set by train_module_norms(), picks batch or running statistics); with
     "frozen" its nn.BatchNorm layers must stay in eval mode: in train mode they would mix the
     statistics of all modules' activations.
+    fuse_layers: run the network through its fused view (modsplit.fused_layers: BatchNorm +
+    ReLU pairs and 2 x 2 max pools on one-pass CPU kernels; the same computation); the view is
+    rebuilt whenever the network's modules change.
     """
 
-    def __init__(self, net: nn.Module, n_modules: int, density: float, shared_input: bool = True):
+    def __init__(self, net: nn.Module, n_modules: int, density: float, shared_input: bool = True,
+                 fuse_layers: bool = True):
         super().__init__()
         self.net, self.n_modules, self.density = net, int(n_modules), float(density)
         self.active, self.shared_input = None, bool(shared_input)
+        self.fuse_layers = bool(fuse_layers)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fused", None)  # a cache: rebuilt on the next forward
+        return state
+
+    def _body(self) -> nn.Module:
+        """The module that runs the network: its fused view, or the network itself."""
+        if not getattr(self, "fuse_layers", False):  # absent in nets pickled before it
+            return self.net
+        key = tuple(self.net.modules())  # references: a changed module is a changed key
+        cached = self.__dict__.get("_fused")
+        if cached is None or cached[0] != key:
+            cached = (key, FusedView(self.net))
+            self.__dict__["_fused"] = cached
+        return cached[1].sync()
 
     def masked_layers(self) -> dict:
         """{name in the original model: MaskedLinear | MaskedConv2d}, in module order."""
@@ -90,7 +112,7 @@ class MultiModuleNet(nn.Module):
         if x.dim() < 2 or x.shape[0] != k:
             raise ValueError(f"modsplit: forward_per_module expects x [K={k}, B, ...], got shape "
                              f"{tuple(x.shape)}")
-        y = self.net(x.reshape(k * x.shape[1], *x.shape[2:]))
+        y = self._body()(x.reshape(k * x.shape[1], *x.shape[2:]))
         return y.reshape(k, x.shape[1], *y.shape[1:])
 
     def _run_shared(self, x, k):
@@ -101,7 +123,7 @@ class MultiModuleNet(nn.Module):
         for m in layers:
             m.shared_rows = x.shape[0]
         try:
-            y = self.net(x)
+            y = self._body()(x)
         except RuntimeError as err:
             return None, f"it raised {str(err).splitlines()[0]!r}"
         finally:
@@ -118,7 +140,7 @@ class MultiModuleNet(nn.Module):
         if getattr(self, "shared_input", False) and k > 1:  # absent in nets pickled before it
             y, why = self._run_shared(x, k)
         if y is None:
-            y = self.net(repeat_folded(x, k))
+            y = self._body()(repeat_folded(x, k))
             if why is not None:  # the repeated input works where the shared one did not
                 warnings.warn(f"modsplit: the network does not run on an input shared by the "
                               f"modules ({why}); repeating it once per module from now on "

@@ -25,6 +25,7 @@ rows.
 import torch
 import torch.nn as nn
 
+from modsplit.ops import affine as affine_ops
 from modsplit.ops import norm as norm_ops
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -93,7 +94,9 @@ class ModuleBatchNorm(nn.Module):
                              f"({'2d' if self.spatial else '1d'}) got input of shape "
                              f"{tuple(x.shape)}")
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """x float [K'*B, C, *] -> like x; relu: ReLU applied too, in the same pass
+        (modsplit.fused_layers)."""
         self._check(x)
         idx = self._rows(x.device)
         k = len(idx)
@@ -104,7 +107,7 @@ class ModuleBatchNorm(nn.Module):
                              f"folded module copies, got batch {x.shape[0]}")
         if self.training:  # one op (a C++ kernel on the CPU): statistics, normalisation, affine
             y, mean, invstd = norm_ops.module_batch_norm(x, groups, self.weight, self.bias,
-                                                         self.eps)
+                                                         self.eps, relu)
             with torch.no_grad():
                 n = x.numel() // (groups * self.num_features)
                 var = invstd.double().pow(-2).sub(self.eps).clamp(min=0)  # biased, [G, C]
@@ -115,10 +118,7 @@ class ModuleBatchNorm(nn.Module):
             return y
         mean, var = self.running_mean[idx[:groups]], self.running_var[idx[:groups]]
         scale, shift = self._affine(mean, var)
-        xk = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])  # [G, B, C, *]
-        shape = (groups, 1, self.num_features, *[1] * (xk.dim() - 3))
-        y = torch.addcmul(shift.reshape(shape), xk, scale.reshape(shape))
-        return y.reshape(x.shape)
+        return affine_ops.channel_affine(x, groups, scale.to(x.dtype), shift.to(x.dtype), relu)
 
     def module_affine(self, modules) -> tuple:
         """(scale, shift) float [len(modules), C] of the listed modules in eval mode:

@@ -280,11 +280,11 @@ def _groups_view(x, groups):
     return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
 
 
-def module_batch_norm(x, groups, weight, bias, eps):
+def module_batch_norm(x, groups, weight, bias, eps, relu=False):
     """Training-mode BatchNorm with one set of batch statistics per group of rows: x float
     [G*N, C, *] (G module groups of N rows each, C channels), weight / bias [C] or None ->
     (y like x, mean [G, C], invstd [G, C]) with the biased variance, as nn.BatchNorm in
-    training mode computes per group."""
+    training mode computes per group; relu: torch.relu(y)."""
     xg = _groups_view(x, groups)
     var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
     invstd = torch.rsqrt(var + eps)
@@ -293,11 +293,16 @@ def module_batch_norm(x, groups, weight, bias, eps):
         y = y * weight[:, None]
     if bias is not None:
         y = y + bias[:, None]
+    if relu:
+        y = torch.relu(y)
     return y.reshape(x.shape), mean, invstd
 
 
-def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd):
-    """-> (grad_x like x, grad_weight [C], grad_bias [C]) of module_batch_norm."""
+def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, out=None):
+    """-> (grad_x like x, grad_weight [C], grad_bias [C]) of module_batch_norm; out: its
+    output under relu (grad_y counts where out > 0: torch's ReLU gradient rule)."""
+    if out is not None:
+        grad_y = torch.where(out <= 0, torch.zeros_like(grad_y), grad_y)
     xg, gy = _groups_view(x, groups), _groups_view(grad_y, groups)
     n = xg.shape[1] * xg.shape[3]
     xhat = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
@@ -306,3 +311,52 @@ def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd):
     mean_gx = (g * xhat).sum((1, 3), keepdim=True) / n
     grad_x = invstd[:, None, :, None] * (g - mean_g - xhat * mean_gx)
     return grad_x.reshape(x.shape), (gy * xhat).sum((0, 1, 3)), gy.sum((0, 1, 3))
+
+
+def channel_affine(x, groups, scale, shift, relu=False):
+    """A per-(group, channel) affine map: x float [G*N, C, *] (G groups of N rows), scale / shift
+    [G, C] -> y like x, y = x * scale[g, c] + shift[g, c] on group g's rows, then torch.relu
+    with relu (BatchNorm in eval mode, then ReLU)."""
+    xg = _groups_view(x, groups)
+    y = xg * scale[:, None, :, None] + shift[:, None, :, None]
+    return (torch.relu(y) if relu else y).reshape(x.shape)
+
+
+def channel_affine_backward(grad_y, out, groups, scale, relu):
+    """-> grad_x like grad_y of channel_affine: grad_y * scale[g, c], zero where the forward's
+    output out <= 0 with relu (torch's ReLU gradient rule: a NaN output passes its gradient)."""
+    g = _groups_view(grad_y, groups) * scale[:, None, :, None]
+    if relu:
+        g = torch.where(_groups_view(out, groups) <= 0, torch.zeros_like(g), g)
+    return g.reshape(grad_y.shape)
+
+
+def max_pool2x2(x):
+    """nn.MaxPool2d(2) keeping window positions: x float [N, C, H, W] -> (y [N, C, H/2, W/2],
+    indices uint8 [N, C, H/2, W/2] = 2 * dy + dx of each maximum). The positions (0,0), (0,1),
+    (1,0), (1,1) are scanned from -inf; a larger or NaN value replaces the maximum (ties keep
+    the first position, NaN propagates), as ATen's max_pool2d does."""
+    n, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    win = (x[:, :, :2 * ho, :2 * wo].reshape(n, c, ho, 2, wo, 2).permute(0, 1, 2, 4, 3, 5)
+           .reshape(n, c, ho, wo, 4))
+    m = torch.full((n, c, ho, wo), -math.inf, dtype=x.dtype, device=x.device)
+    k = torch.zeros((n, c, ho, wo), dtype=torch.uint8, device=x.device)
+    for j in range(4):
+        v = win[..., j]
+        upd = (v > m) | torch.isnan(v)
+        m = torch.where(upd, v, m)
+        k = torch.where(upd, torch.full_like(k, j), k)
+    return m, k
+
+
+def max_pool2x2_backward(grad_y, indices, input_size):
+    """-> grad_x float [N, C, H, W] (input_size = (H, W)) of max_pool2x2: each output's gradient
+    at its window's recorded position, zero elsewhere."""
+    h, w = (int(v) for v in input_size)
+    n, c, ho, wo = grad_y.shape
+    hit = indices.long()[..., None] == torch.arange(4, device=grad_y.device)
+    win = torch.where(hit, grad_y[..., None], torch.zeros((), dtype=grad_y.dtype,
+                                                          device=grad_y.device))
+    win = win.reshape(n, c, ho, wo, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
+    return F.pad(win, (0, w - 2 * wo, 0, h - 2 * ho))

@@ -46,6 +46,15 @@ def _cases(device, dtype):
     sgy = rand(3, 2, 7, 9, 9)
     nx, nw, nb, ngy = rand(12, 6, 5, 7), rand(6), rand(6), rand(12, 6, 5, 7)  # 3 groups of 4 rows
     n_mean, n_invstd = ref.module_batch_norm(nx, 3, nw, nb, 1e-5)[1:]
+    # affine outputs kept at least 0.2 from 0, so that no rounding moves one across the ReLU
+    ascale = torch.rand(3, 6, generator=g, dtype=torch.float64) + 0.5
+    ashift, agy = rand(3, 6), rand(12, 6, 5, 7)
+    target = rand(12, 6, 5, 7)
+    target = target.sign() * (target.abs() + 0.2)
+    ax = ((target.view(3, 4, 6, 35) - ashift[:, None, :, None])
+          / ascale[:, None, :, None]).view(12, 6, 5, 7)
+    ay = ref.channel_affine(ax, 3, ascale, ashift, True)
+    px, pgy = rand(3, 4, 9, 19), rand(3, 4, 4, 9)
     o = backend.ops_for(dev(x))  # the backward ops have no Python wrapper: the backend's namespace
     return [
         # masks from the scores as the kernel sees them (rounding to 16 bits makes ties)
@@ -98,6 +107,19 @@ def _cases(device, dtype):
          lambda: _grads(lambda *a: ops.module_batch_norm(a[0], 3, *a[1:], 1e-5)[0],
                         (dev(nx), dev(nw), dev(nb)), dev(ngy)),
          lambda: ref.module_batch_norm_backward(ngy, nx, 3, nw, n_mean, n_invstd), False),
+        ("channel_affine (relu)",
+         lambda: ops.channel_affine(dev(ax), 3, dev(ascale), dev(ashift), True),
+         lambda: ay, False),
+        ("channel_affine_backward",
+         lambda: _grads(lambda a: ops.channel_affine(a, 3, dev(ascale), dev(ashift), True),
+                        (dev(ax),), dev(agy)),
+         lambda: ref.channel_affine_backward(agy, ay, 3, ascale, True), False),
+        ("max_pool2x2 (window positions)", lambda: ops.max_pool2x2(dev(px))[1],
+         lambda: ref.max_pool2x2(px.to(dtype))[1], True),
+        ("max_pool2x2_backward",
+         lambda: _grads(lambda a: ops.max_pool2x2(a)[0], (dev(px),), dev(pgy)),
+         lambda: ref.max_pool2x2_backward(pgy, ref.max_pool2x2(px.to(dtype))[1], (9, 19)),
+         False),
     ]
 
 

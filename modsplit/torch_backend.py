@@ -452,17 +452,17 @@ def _stats_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def module_batch_norm(x, groups, weight, bias, eps):
+def module_batch_norm(x, groups, weight, bias, eps, relu=False):
     """reference.module_batch_norm after the kernels' argument checks; float16 / bfloat16 run in
     float32 (y in x's dtype, mean / invstd float32)."""
     _check_module_norm(x, groups, weight, bias)
     _check(eps >= 0, f"eps must be >= 0, got {eps}")
     up = [None if t is None else t.to(_stats_dtype(x)) for t in (x, weight, bias)]
-    y, mean, invstd = ref.module_batch_norm(up[0], groups, *up[1:], eps)
+    y, mean, invstd = ref.module_batch_norm(up[0], groups, *up[1:], eps, relu)
     return y.to(x.dtype), mean, invstd
 
 
-def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_mask):
+def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_mask, out=None):
     """reference.module_batch_norm_backward -> (grad_x, grad_weight, grad_bias), None where
     output_mask is False."""
     _check_module_norm(x, groups, weight)
@@ -472,6 +472,71 @@ def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_m
     for name, t in (("mean", mean), ("invstd", invstd)):
         _check(tuple(t.shape) == stats and t.dtype == _stats_dtype(x),
                f"{name} must be {_stats_dtype(x)} {list(stats)}, got {t.dtype} {list(t.shape)}")
-    up = [None if t is None else t.to(_stats_dtype(x)) for t in (grad_y, x, weight)]
-    grads = ref.module_batch_norm_backward(up[0], up[1], groups, up[2], mean, invstd)
+    if out is not None:
+        _check(out.shape == x.shape and out.dtype == x.dtype,
+               f"out must be {x.dtype} {list(x.shape)}, got {out.dtype} {list(out.shape)}")
+    up = [None if t is None else t.to(_stats_dtype(x)) for t in (grad_y, x, weight, out)]
+    grads = ref.module_batch_norm_backward(up[0], up[1], groups, up[2], mean, invstd, up[3])
     return tuple(g.to(x.dtype) if want else None for g, want in zip(grads, output_mask))
+
+
+def _check_affine(t, name, groups, scale):
+    _check_float(name, t)
+    _check(t.dim() >= 2, f"{name} must be [G*N, C, *], got shape {list(t.shape)}")
+    _check(groups >= 1 and t.shape[0] % groups == 0,
+           f"groups={groups} must be positive and divide the rows of {name} (shape "
+           f"{list(t.shape)})")
+    want = (groups, t.shape[1])
+    _check(tuple(scale.shape) == want and scale.dtype == t.dtype and scale.device == t.device,
+           f"scale must be {t.dtype} {list(want)} on {t.device}, got {scale.dtype} "
+           f"{list(scale.shape)} on {scale.device}")
+
+
+def channel_affine(x, groups, scale, shift, relu=False):
+    """reference.channel_affine after the kernels' argument checks (any float dtype;
+    differentiable through its ATen ops)."""
+    _check_affine(x, "x", groups, scale)
+    _check(shift.shape == scale.shape and shift.dtype == x.dtype and shift.device == x.device,
+           f"shift must be {x.dtype} {list(scale.shape)} on {x.device}, got {shift.dtype} "
+           f"{list(shift.shape)} on {shift.device}")
+    return ref.channel_affine(x, groups, scale, shift, relu)
+
+
+def channel_affine_backward(grad_y, out, groups, scale, relu):
+    """reference.channel_affine_backward after the kernels' argument checks."""
+    _check_affine(grad_y, "grad_y", groups, scale)
+    if relu:
+        _check(out is not None, "channel_affine_backward with relu needs out (the forward's "
+                                "output)")
+        _check(out.shape == grad_y.shape and out.dtype == grad_y.dtype,
+               f"out must be {grad_y.dtype} {list(grad_y.shape)}, got {out.dtype} "
+               f"{list(out.shape)}")
+    return ref.channel_affine_backward(grad_y, out, groups, scale, relu)
+
+
+def max_pool2x2(x):
+    """reference.max_pool2x2 through ATen's max_pool2d (same scan rule), its int64 flat indices
+    turned into window positions; y is differentiable through ATen's autograd."""
+    _check_float("x", x)
+    _check(x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2,
+           f"x must be [N, C, H, W] with H, W >= 2, got shape {list(x.shape)}")
+    y, flat = F.max_pool2d(x, 2, return_indices=True)
+    w = x.shape[3]
+    rows = torch.arange(y.shape[2], device=x.device)[:, None]
+    cols = torch.arange(y.shape[3], device=x.device)
+    k = (flat.div(w, rounding_mode="floor") - 2 * rows) * 2 + (flat.remainder(w) - 2 * cols)
+    return y, k.to(torch.uint8)
+
+
+def max_pool2x2_backward(grad_y, indices, input_size):
+    """reference.max_pool2x2_backward after the kernels' argument checks."""
+    _check_float("grad_y", grad_y)
+    _check(grad_y.dim() == 4, f"grad_y must be [N, C, H/2, W/2], got shape "
+                              f"{list(grad_y.shape)}")
+    h, w = (int(v) for v in input_size)
+    _check(h // 2 == grad_y.shape[2] and w // 2 == grad_y.shape[3] and h >= 2 and w >= 2,
+           f"input_size {[h, w]} does not pool to grad_y's shape {list(grad_y.shape)}")
+    _check(indices.dtype == torch.uint8 and indices.shape == grad_y.shape,
+           f"indices must be uint8 {list(grad_y.shape)}, got {indices.dtype} "
+           f"{list(indices.shape)}")
+    return ref.max_pool2x2_backward(grad_y, indices, (h, w))

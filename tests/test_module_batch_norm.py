@@ -167,3 +167,60 @@ def test_bad_inputs_name_the_argument(impl, case, match):
     fn = ops.module_batch_norm if impl == "kernel" else torch_backend.module_batch_norm
     with pytest.raises((RuntimeError, ValueError), match=match):
         fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("groups,shape", SHAPES, ids=str)
+def test_fused_relu_forward_matches_reference(groups, shape, dtype):
+    x, w, b = _inputs(shape, dtype, True)
+    y, mean, invstd = module_batch_norm(x, groups, w, b, 1e-5, relu=True)
+    want = _ref64(x, groups, w, b)
+    _close(y, torch.relu(want[0]), dtype)
+    _close(mean, want[1], dtype)
+    assert (y >= 0).all()
+
+
+@pytest.mark.parametrize("output_mask", [(True, True, True), (True, False, False),
+                                         (False, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("groups,shape", SHAPES, ids=str)
+def test_fused_relu_backward_matches_reference(groups, shape, dtype, output_mask):
+    """With out (the forward's output under relu), grad_y counts only where out > 0."""
+    x, w, b = _inputs(shape, dtype, True)
+    out, mean, invstd = module_batch_norm(x, groups, w, b, 1e-5, relu=True)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = ops.module_batch_norm_backward(grad_y, x, groups, w, mean, invstd, list(output_mask),
+                                         out)
+    masked = torch.where(out.double() <= 0, 0.0, grad_y.double())
+    want = reference.module_batch_norm_backward(masked, x.double(), groups, w.double(),
+                                                mean.double(), invstd.double())
+    for wanted, g, r in zip(output_mask, got, want):
+        if wanted:
+            _close(g, r, dtype)
+        else:
+            assert g is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_relu_autograd_matches_unfused(dtype):
+    """module_batch_norm(relu=True) has the gradients of torch.relu(module_batch_norm(...)) in
+    x, weight and bias."""
+    x, w, b = _inputs((12, 5, 11), dtype, True)
+    grad_y = torch.randn(12, 5, 11, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grads = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = module_batch_norm(leaves[0], 3, leaves[1], leaves[2], 1e-5, relu=fused)[0]
+        grads.append(torch.autograd.grad(y if fused else torch.relu(y), leaves, grad_y))
+    for a, r in zip(*grads):
+        _close(a, r.double(), dtype)
+
+
+def test_fused_relu_opcheck():
+    x, w, b = _inputs((6, 4, 5), torch.float32, True)
+    torch.library.opcheck(ops.module_batch_norm, (x.requires_grad_(), 2, w, b, 1e-5, True))
+    out, mean, invstd = ops.module_batch_norm(x.detach(), 2, w, b, 1e-5, True)
+    torch.library.opcheck(ops.module_batch_norm_backward,
+                          (torch.randn_like(x), x.detach(), 2, w, mean, invstd,
+                           [True, True, True], out))

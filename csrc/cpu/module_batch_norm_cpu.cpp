@@ -8,10 +8,12 @@
 //  forward   one pass of shifted sums (shift: the pair's first value, so the variance
 //            E[(x-k)^2] - E[x-k]^2 does not cancel; float32 sums in vector lanes over blocks of
 //            1024 values, the blocks' sums in double), then one pass writing
-//            y = (x - mean) * scale + bias;
+//            y = (x - mean) * scale + bias (then ReLU with relu);
 //  backward  one pass of sum(g) and sum(g * (x - mean)) (g = grad_y * weight), then one pass
 //            writing grad_x = A * grad_y + B * (x - mean) + C, the BatchNorm gradient with its
 //            per-pair constants folded; grad_weight / grad_bias sum the pairs' partial sums over g.
+//            With out (the forward's output under a fused ReLU), grad_y is taken as 0 where
+//            out <= 0 in both passes (torch's ReLU gradient rule).
 // float32 and float64; the statistics (mean, invstd [G, C]) have x's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -56,17 +58,25 @@ NormShape check_norm(const at::Tensor& x, int64_t groups, const c10::optional<at
 // kChains scalar accumulators.
 constexpr int64_t kBlock = 1024;
 
-inline void run_moments(const float* pa, float ca, const float* pb, float cb, int64_t n,
-                        double& su, double& sv) {
+// pz (the masked variants): the a values are taken as 0 where pz <= 0 (a ReLU's gradient rule
+// applied to grad_y, pz the ReLU's output).
+template <bool Masked>
+inline void run_moments(const float* pa, float ca, const float* pb, float cb, const float* pz,
+                        int64_t n, double& su, double& sv) {
   using cpu::v8f;
   using cpu::v8f_u;
+  const v8f zero = {};
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t i1 = std::min(n, i0 + kBlock);
     v8f u0{}, u1{}, v0{}, v1{};
     int64_t i = i0;
     for (; i + 16 <= i1; i += 16) {
-      const v8f a0 = *reinterpret_cast<const v8f_u*>(pa + i) - ca;
-      const v8f a1 = *reinterpret_cast<const v8f_u*>(pa + i + 8) - ca;
+      v8f a0 = *reinterpret_cast<const v8f_u*>(pa + i) - ca;
+      v8f a1 = *reinterpret_cast<const v8f_u*>(pa + i + 8) - ca;
+      if constexpr (Masked) {
+        a0 = *reinterpret_cast<const v8f_u*>(pz + i) <= zero ? zero : a0;
+        a1 = *reinterpret_cast<const v8f_u*>(pz + i + 8) <= zero ? zero : a1;
+      }
       u0 += a0;
       u1 += a1;
       v0 += a0 * (*reinterpret_cast<const v8f_u*>(pb + i) - cb);
@@ -78,27 +88,29 @@ inline void run_moments(const float* pa, float ca, const float* pb, float cb, in
       sv += static_cast<double>(v[e]);
     }
     for (; i < i1; ++i) {
-      const float da = pa[i] - ca;
+      const float da = Masked && pz[i] <= 0.0f ? 0.0f : pa[i] - ca;
       su += static_cast<double>(da);
       sv += static_cast<double>(da) * static_cast<double>(pb[i] - cb);
     }
   }
 }
 
-inline void run_moments(const double* pa, double ca, const double* pb, double cb, int64_t n,
-                        double& su, double& sv) {
+template <bool Masked>
+inline void run_moments(const double* pa, double ca, const double* pb, double cb,
+                        const double* pz, int64_t n, double& su, double& sv) {
   double u[kChains] = {}, v[kChains] = {};
   int64_t i = 0;
   for (; i + kChains <= n; i += kChains) {
     for (int e = 0; e < kChains; ++e) {
-      const double da = pa[i + e] - ca;
+      const double da = Masked && pz[i + e] <= 0.0 ? 0.0 : pa[i + e] - ca;
       u[e] += da;
       v[e] += da * (pb[i + e] - cb);
     }
   }
   for (; i < n; ++i) {
-    u[0] += pa[i] - ca;
-    v[0] += (pa[i] - ca) * (pb[i] - cb);
+    const double da = Masked && pz[i] <= 0.0 ? 0.0 : pa[i] - ca;
+    u[0] += da;
+    v[0] += da * (pb[i] - cb);
   }
   for (int e = 0; e < kChains; ++e) {
     su += u[e];
@@ -107,28 +119,36 @@ inline void run_moments(const double* pa, double ca, const double* pb, double cb
 }
 
 // The same over the N runs of S values of pair (g, c) of two tensors of the same layout.
-template <typename T>
-std::pair<double, double> pair_moments(const T* a, T ca, const T* b, T cb, const NormShape& s,
-                                       int64_t g, int64_t c) {
+template <bool Masked, typename T>
+std::pair<double, double> pair_moments(const T* a, T ca, const T* b, T cb, const T* z,
+                                       const NormShape& s, int64_t g, int64_t c) {
   double su = 0, sv = 0;
   for (int64_t n = 0; n < s.N; ++n) {
     const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
-    run_moments(a + off, ca, b + off, cb, s.S, su, sv);
+    run_moments<Masked>(a + off, ca, b + off, cb, Masked ? z + off : nullptr, s.S, su, sv);
   }
   return {su, sv};
 }
 
 // out = alpha * a + beta * (b - center) + gamma over the pair's values (b may be a); centring
-// before scaling keeps a large mean from cancelling.
-template <typename T>
-void pair_affine(T* out, const T* a, const T* b, const NormShape& s, int64_t g, int64_t c,
-                 T alpha, T beta, T center, T gamma) {
+// before scaling keeps a large mean from cancelling. MaskA: a is taken as 0 where z <= 0;
+// Relu: out < 0 becomes 0 (NaN stays).
+template <bool MaskA, bool Relu, typename T>
+void pair_affine(T* out, const T* a, const T* b, const T* z, const NormShape& s, int64_t g,
+                 int64_t c, T alpha, T beta, T center, T gamma) {
   for (int64_t n = 0; n < s.N; ++n) {
     const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
     T* __restrict__ po = out + off;
-    const T* __restrict__ pa = a + off;
-    const T* __restrict__ pb = b + off;
-    for (int64_t i = 0; i < s.S; ++i) po[i] = alpha * pa[i] + beta * (pb[i] - center) + gamma;
+    const T* pa = a + off;
+    const T* pb = b + off;
+    const T* pz = MaskA ? z + off : nullptr;
+    for (int64_t i = 0; i < s.S; ++i) {
+      T av = pa[i];
+      if constexpr (MaskA) av = pz[i] <= T(0) ? T(0) : av;
+      T v = alpha * av + beta * (pb[i] - center) + gamma;
+      if constexpr (Relu) v = v < T(0) ? T(0) : v;
+      po[i] = v;
+    }
   }
 }
 
@@ -138,7 +158,7 @@ int64_t grain(const NormShape& s) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
     const at::Tensor& x_in, int64_t groups, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps) {
+    const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   const NormShape s = check_norm(x_in, groups, weight, bias);
   TORCH_CHECK(eps >= 0, "modsplit: eps must be >= 0, got ", eps);
   const auto x = x_in.contiguous();
@@ -160,15 +180,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
         const int64_t g = item / s.C, c = item % s.C;
         const scalar_t shift = px[(g * s.N * s.C + c) * s.S];  // the pair's first value
         const double k = static_cast<double>(shift);
-        const auto [d, dd] = pair_moments(px, shift, px, shift, s, g, c);
+        const auto [d, dd] = pair_moments<false>(px, shift, px, shift, px, s, g, c);
         const double m = d / count;
         const double var = std::max(dd / count - m * m, 0.0);
         const double inv = 1.0 / std::sqrt(var + eps);
         pm[item] = static_cast<scalar_t>(k + m);
         pi[item] = static_cast<scalar_t>(inv);
         const double scale = inv * (w ? static_cast<double>(w[c]) : 1.0);
-        pair_affine(py, px, px, s, g, c, scalar_t(0), static_cast<scalar_t>(scale),
-                    static_cast<scalar_t>(k + m), b ? b[c] : scalar_t(0));
+        const auto affine = relu ? pair_affine<false, true, scalar_t>
+                                 : pair_affine<false, false, scalar_t>;
+        affine(py, px, px, nullptr, s, g, c, scalar_t(0), static_cast<scalar_t>(scale),
+               static_cast<scalar_t>(k + m), b ? b[c] : scalar_t(0));
       }
     });
   });
@@ -178,11 +200,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, int64_t groups,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& out_in) {
   const NormShape s = check_norm(x_in, groups, weight, c10::nullopt);
   check_same_dtype(grad_y_in, x_in, "grad_y", "x");
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "modsplit: grad_y must have x's shape ",
               x_in.sizes(), ", got ", grad_y_in.sizes());
+  const bool masked = out_in.has_value();  // a fused ReLU: grad_y counts where out > 0
+  at::Tensor out;
+  if (masked) {
+    TORCH_CHECK(out_in->sizes() == x_in.sizes(), "modsplit: out must have x's shape ",
+                x_in.sizes(), ", got ", out_in->sizes());
+    check_same_dtype(*out_in, x_in, "out", "x");
+    check_same_device(*out_in, x_in, "out", "x");
+    out = out_in->contiguous();
+  }
   for (const auto& [t, name] : {std::make_pair(&mean, "mean"), std::make_pair(&invstd, "invstd")}) {
     TORCH_CHECK(t->sizes() == at::IntArrayRef({s.G, s.C}), "modsplit: ", name, " must be [G=",
                 s.G, ", C=", s.C, "], got shape ", t->sizes());
@@ -205,20 +236,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
     const scalar_t* pi = ic.const_data_ptr<scalar_t>();
     double* sg = sum_g.mutable_data_ptr<double>();
     double* sgx = sum_gx.mutable_data_ptr<double>();
-    scalar_t* out = output_mask[0] ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pz = masked ? out.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pgx = output_mask[0] ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    const auto moments = masked ? pair_moments<true, scalar_t> : pair_moments<false, scalar_t>;
+    const auto affine = masked ? pair_affine<true, false, scalar_t>
+                               : pair_affine<false, false, scalar_t>;
     at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / s.C, c = item % s.C;
         const double inv = static_cast<double>(pi[item]);
-        const auto [a, ax] = pair_moments(pg, scalar_t(0), px, pm[item], s, g, c);
+        const auto [a, ax] = moments(pg, scalar_t(0), px, pm[item], pz, s, g, c);
         sg[item] = a;
         sgx[item] = ax * inv;  // sum grad_y * xhat
-        if (!out) continue;
+        if (!pgx) continue;
         // grad_x = w*inv * (gy - a/n - xhat * (ax*inv)/n) with xhat = (x - m) * inv
         const double wc = w ? static_cast<double>(w[c]) : 1.0;
         const double alpha = wc * inv, beta = -wc * inv * inv * inv * ax / count;
-        pair_affine(out, pg, px, s, g, c, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta),
-                    pm[item], static_cast<scalar_t>(-wc * inv * a / count));
+        affine(pgx, pg, px, pz, s, g, c, static_cast<scalar_t>(alpha),
+               static_cast<scalar_t>(beta), pm[item], static_cast<scalar_t>(-wc * inv * a / count));
       }
     });
   });

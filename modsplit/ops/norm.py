@@ -12,24 +12,27 @@ from modsplit import torch_backend
 from modsplit.backend import uses_cpu_kernel
 
 
-def module_batch_norm(x, groups, weight=None, bias=None, eps=1e-5):
+def module_batch_norm(x, groups, weight=None, bias=None, eps=1e-5, relu=False):
     """Normalise each group's rows with their own batch mean and biased variance, then the
-    affine map. x float [G*N, C, *] (groups = G groups of N rows, C channels), weight / bias
-    [C] or None -> (y like x, in x's dtype; mean [G, C]; invstd [G, C]; the statistics are
-    float32 for float16 / bfloat16 x). Differentiable in x, weight and bias."""
+    affine map, then ReLU with relu (in the same pass). x float [G*N, C, *] (groups = G groups
+    of N rows, C channels), weight / bias [C] or None -> (y like x, in x's dtype; mean [G, C];
+    invstd [G, C]; the statistics are float32 for float16 / bfloat16 x). Differentiable in x,
+    weight and bias."""
     if uses_cpu_kernel(x):
-        return torch.ops.modsplit.module_batch_norm(x, int(groups), weight, bias, float(eps))
-    return torch_backend.module_batch_norm(x, int(groups), weight, bias, float(eps))
+        return torch.ops.modsplit.module_batch_norm(x, int(groups), weight, bias, float(eps),
+                                                    bool(relu))
+    return torch_backend.module_batch_norm(x, int(groups), weight, bias, float(eps), bool(relu))
 
 
 @torch.library.register_fake("modsplit::module_batch_norm")
-def _module_batch_norm_fake(x, groups, weight, bias, eps):
+def _module_batch_norm_fake(x, groups, weight, bias, eps, relu=False):
     stats = (groups, x.shape[1])
     return torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)
 
 
 @torch.library.register_fake("modsplit::module_batch_norm_backward")
-def _module_batch_norm_backward_fake(grad_y, x, groups, weight, mean, invstd, output_mask):
+def _module_batch_norm_backward_fake(grad_y, x, groups, weight, mean, invstd, output_mask,
+                                     out=None):
     c = x.shape[1]
     return (torch.empty_like(x) if output_mask[0] else None,
             x.new_empty((c,)) if output_mask[1] else None,
@@ -37,10 +40,10 @@ def _module_batch_norm_backward_fake(grad_y, x, groups, weight, mean, invstd, ou
 
 
 def _setup_context(ctx, inputs, output):
-    x, groups, weight, bias, _ = inputs
-    _, mean, invstd = output
+    x, groups, weight, bias, _, relu = inputs
+    y, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
-    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.save_for_backward(x, weight, mean, invstd, y if relu else None)
     ctx.groups = groups
     ctx.output_mask = [ctx.needs_input_grad[0],
                        weight is not None and ctx.needs_input_grad[2],
@@ -48,10 +51,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_invstd):
-    x, weight, mean, invstd = ctx.saved_tensors
+    x, weight, mean, invstd, out = ctx.saved_tensors
     gx, gw, gb = torch.ops.modsplit.module_batch_norm_backward(
-        grad_y, x, ctx.groups, weight, mean, invstd, ctx.output_mask)
-    return gx, None, gw, gb, None
+        grad_y, x, ctx.groups, weight, mean, invstd, ctx.output_mask, out)
+    return gx, None, gw, gb, None, None
 
 
 torch.library.register_autograd("modsplit::module_batch_norm", _backward,

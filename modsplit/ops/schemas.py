@@ -57,16 +57,28 @@ SCHEMAS = {
     # Training-mode BatchNorm with per-module-group batch statistics (modsplit.module_norm):
     # x [G*N, C, *] (G groups of N rows), weight / bias [C] -> (y like x, mean [G, C],
     # invstd [G, C]).
-    "module_batch_norm": ("(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps) "
-                          "-> (Tensor, Tensor, Tensor)"),
+    # relu: ReLU on y in the same pass; the backward's out (y under relu) applies its gradient.
+    "module_batch_norm": ("(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, "
+                          "bool relu=False) -> (Tensor, Tensor, Tensor)"),
     "module_batch_norm_backward": ("(Tensor grad_y, Tensor x, int groups, Tensor? weight, "
-                                   "Tensor mean, Tensor invstd, bool[3] output_mask) "
-                                   "-> (Tensor, Tensor, Tensor)"),
+                                   "Tensor mean, Tensor invstd, bool[3] output_mask, "
+                                   "Tensor? out=None) -> (Tensor, Tensor, Tensor)"),
+    # A per-(group, channel) affine map, then ReLU with relu (BatchNorm in eval mode and the ReLU
+    # after it; modsplit.fused_layers): x [G*N, C, *], scale / shift [G, C] -> y like x. The
+    # backward gives grad_x only (out: the forward's output, needed with relu).
+    "channel_affine": "(Tensor x, int groups, Tensor scale, Tensor shift, bool relu=False) -> Tensor",
+    "channel_affine_backward": ("(Tensor grad_y, Tensor? out, int groups, Tensor scale, "
+                                "bool relu) -> Tensor"),
+    # nn.MaxPool2d(2): x [N, C, H, W] -> (y [N, C, H/2, W/2], indices uint8 [N, C, H/2, W/2],
+    # the window position 2*dy + dx of each maximum).
+    "max_pool2x2": "(Tensor x) -> (Tensor, Tensor)",
+    "max_pool2x2_backward": "(Tensor grad_y, Tensor indices, SymInt[2] input_size) -> Tensor",
 }
 
 # Ops with compiled kernels on the CPU only (elsewhere modsplit.ops runs their torch-backend twins).
 CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d", "module_batch_norm",
-            "module_batch_norm_backward")
+            "module_batch_norm_backward", "channel_affine", "channel_affine_backward",
+            "max_pool2x2", "max_pool2x2_backward")
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():
