@@ -49,29 +49,40 @@ class MultiModuleNet(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_fused", None)  # a cache: rebuilt on the next forward
+        state.pop("_layout_cache", None)  # a cache: rebuilt on the next use
         return state
+
+    def _layout(self) -> dict:
+        """The network's masked layers, per-module BatchNorms and fused view, found once and
+        kept while its modules stay the same objects in the same order."""
+        key = tuple(self.net.modules())  # references: a changed module is a changed key
+        cached = self.__dict__.get("_layout_cache")
+        if cached is None or cached["key"] != key:
+            named = list(self.net.named_modules())
+            cached = {"key": key,
+                      "masked": {n: m for n, m in named
+                                 if isinstance(m, (MaskedLinear, MaskedConv2d))},
+                      "norms": {n: m for n, m in named if isinstance(m, ModuleBatchNorm)},
+                      "view": None}
+            self.__dict__["_layout_cache"] = cached
+        return cached
 
     def _body(self) -> nn.Module:
         """The module that runs the network: its fused view, or the network itself."""
         if not getattr(self, "fuse_layers", False):  # absent in nets pickled before it
             return self.net
-        key = tuple(self.net.modules())  # references: a changed module is a changed key
-        cached = self.__dict__.get("_fused")
-        if cached is None or cached[0] != key:
-            cached = (key, FusedView(self.net))
-            self.__dict__["_fused"] = cached
-        return cached[1].sync()
+        layout = self._layout()
+        if layout["view"] is None:
+            layout["view"] = FusedView(self.net)
+        return layout["view"].sync()
 
     def masked_layers(self) -> dict:
         """{name in the original model: MaskedLinear | MaskedConv2d}, in module order."""
-        return {name: m for name, m in self.net.named_modules()
-                if isinstance(m, (MaskedLinear, MaskedConv2d))}
+        return dict(self._layout()["masked"])
 
     def module_norms(self) -> dict:
         """{name: ModuleBatchNorm} of the per-module BatchNorm layers (empty for "frozen")."""
-        return {name: m for name, m in self.net.named_modules()
-                if isinstance(m, ModuleBatchNorm)}
+        return dict(self._layout()["norms"])
 
     def train_module_norms(self, mode: bool = True):
         """Put the ModuleBatchNorm layers (only) in training mode (per-module batch statistics,

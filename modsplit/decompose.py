@@ -2,7 +2,6 @@
 import os
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modsplit import checkpoint, files, memory, metrics
@@ -16,6 +15,7 @@ from modsplit.score_update import CoTrainSGD, stem_coefficient
 from modsplit.distributed import shard_for
 from modsplit.batching import batches
 from modsplit.module_norm import load_norm_statistics, norm_statistics
+from modsplit.ops import graft as graft_ops
 
 _EVAL_BATCH = 512
 
@@ -144,16 +144,17 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself
         if rows is None:
             positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
-            out = grafts(net(x))  # [K, B, 2]; output 0 = "is c", 1 = "is not c"
+            logits = net(x)  # [K, B, N]
             w = torch.where(positive, w_pos[:, None], w_neg[:, None])
             seen = torch.ones_like(positive)
         else:
             idx, w, positive = (t.to(x.device) for t in rows)
-            out = grafts(net.forward_per_module(x[idx]))  # [K, m, 2]
+            logits = net.forward_per_module(x[idx])  # [K, m, N]
             seen = w > 0
-    ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
-                         reduction="none").view_as(positive)
-    ce = (w * ce).mean(1) if rows is None else (w * ce).sum(1) / x.shape[0]  # [K]
+        # grafts (output 0 = "is c", 1 = "is not c") and the class-weighted CE, [K]: the batch
+        # mean of w * CE (sampled negatives: their weighted sum over the B rows of the batch)
+        out, ce = graft_ops.graft_cross_entropy(logits, grafts.weight, grafts.bias, positive,
+                                                w.to(logits.dtype), 1.0 / x.shape[0])
     stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None and not fused
             else torch.zeros_like(ce))
     loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss

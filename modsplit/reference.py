@@ -360,3 +360,14 @@ def max_pool2x2_backward(grad_y, indices, input_size):
                                                           device=grad_y.device))
     win = win.reshape(n, c, ho, wo, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
     return F.pad(win, (0, w - 2 * wo, 0, h - 2 * ho))
+
+
+def graft_cross_entropy(logits, weight, bias, positive, row_weight, scale):
+    """Co-training's grafting layers and class-weighted cross-entropy: logits float [K, R, N]
+    (module k's network output on its R rows), weight [K, N, 2], bias [K, 2], positive bool
+    [K, R], row_weight [K, R] -> (out [K, R, 2] = logits @ weight + bias, ce [K] = scale *
+    sum_r row_weight * cross_entropy(out[k, r], target 0 where positive else 1))."""
+    out = torch.baddbmm(bias.unsqueeze(1), logits, weight)
+    ce = F.cross_entropy(out.flatten(0, 1), (~positive).long().flatten(),
+                         reduction="none").view_as(positive)
+    return out, scale * (row_weight * ce).sum(1)

@@ -19,6 +19,7 @@ would have accumulated for Eq. 1 with p = 1: a run with CoTrainSGD gives the sam
 bit, as one with torch.optim.SGD (tests/test_score_update.py). The momentum buffers live in
 opt.state[p]["momentum_buffer"], as torch.optim.SGD's, so checkpoints are the same.
 """
+import functools
 import math
 
 import torch
@@ -95,6 +96,7 @@ if _extension.has_kernels("cuda"):
         torch_backend.cotrain_sgd_topk_step_)
 
 
+@functools.lru_cache(maxsize=64)
 def stem_coefficient(alpha: float, per_module: int, dtype: torch.dtype) -> float:
     """The stemming term's gradient weight alpha / per_module, rounded as autograd rounds it
     for loss = sum_k (CE_k + alpha * total_k / per_module): alpha in `dtype`, then divided."""
@@ -112,8 +114,10 @@ def _plain_sgd_step(opt):
 class CoTrainSGD(torch.optim.SGD):
     """torch.optim.SGD over two parameter groups, the score banks (group 0: float [K, ...]
     tensors) and the rest (group 1, e.g. the grafts), whose step() updates the scores with
-    cotrain_sgd_step_ and adds the stemming term's gradient there. Needs momentum > 0 and
-    dampening 0 (decompose's settings)."""
+    cotrain_sgd_step_ and adds the stemming term's gradient there, and the rest with the same
+    kernel without that term where it runs (torch.optim.SGD's step elsewhere); the .grad of a
+    parameter the kernel updated is None afterwards. Needs momentum > 0 and dampening 0
+    (decompose's settings)."""
 
     def __init__(self, scores, others, lr: float, other_lr: float, momentum: float,
                  nesterov: bool, weight_decay: float):
@@ -172,6 +176,21 @@ class CoTrainSGD(torch.optim.SGD):
             p.grad = None  # done: the base step below skips it
             if anchor is not None:
                 stem = sums if stem is None else stem + sums
-        _plain_sgd_step(self)
+        for group in self.param_groups[1:]:  # the grafts: the same kernel, no stemming term
+            for p in group["params"]:
+                if p.grad is None or not (uses_cpu_kernel(p) and p.is_contiguous()
+                                          and p.grad.dtype == p.dtype):
+                    continue
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                init = buf is None
+                if init:
+                    buf = state["momentum_buffer"] = torch.empty_like(
+                        p, memory_format=torch.contiguous_format)
+                cotrain_sgd_step_(p, buf, p.grad, None, group["lr"], group["momentum"],
+                                  group["weight_decay"], 0.0, group["nesterov"], init)
+                p.grad = None
+        if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            _plain_sgd_step(self)  # whatever the kernels did not take (other devices, dtypes)
         self.next_masks = None if densities is None else masks
         return stem

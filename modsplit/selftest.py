@@ -55,6 +55,8 @@ def _cases(device, dtype):
           / ascale[:, None, :, None]).view(12, 6, 5, 7)
     ay = ref.channel_affine(ax, 3, ascale, ashift, True)
     px, pgy = rand(3, 4, 9, 19), rand(3, 4, 4, 9)
+    gl, gw, gb, gce = rand(3, 7, 5), rand(3, 5, 2), rand(3, 2), rand(3)
+    gpos, grw = rand(3, 7) > 0.5, rand(3, 7).abs()
     o = backend.ops_for(dev(x))  # the backward ops have no Python wrapper: the backend's namespace
     return [
         # masks from the scores as the kernel sees them (rounding to 16 bits makes ties)
@@ -120,6 +122,16 @@ def _cases(device, dtype):
          lambda: _grads(lambda a: ops.max_pool2x2(a)[0], (dev(px),), dev(pgy)),
          lambda: ref.max_pool2x2_backward(pgy, ref.max_pool2x2(px.to(dtype))[1], (9, 19)),
          False),
+        ("graft_cross_entropy",
+         lambda: ops.graft_cross_entropy(dev(gl), dev(gw), dev(gb), gpos.to(device), dev(grw),
+                                         1 / 7),
+         lambda: ref.graft_cross_entropy(gl, gw, gb, gpos, grw, 1 / 7), False),
+        ("graft_cross_entropy_backward",
+         lambda: _grads(lambda *a: ops.graft_cross_entropy(*a, gpos.to(device), dev(grw),
+                                                           1 / 7)[1],
+                        (dev(gl), dev(gw), dev(gb)), dev(gce)),
+         lambda: _grads(lambda *a: ref.graft_cross_entropy(*a, gpos, grw, 1 / 7)[1],
+                        (gl, gw, gb), gce), False),
     ]
 
 

@@ -540,3 +540,18 @@ def max_pool2x2_backward(grad_y, indices, input_size):
            f"indices must be uint8 {list(grad_y.shape)}, got {indices.dtype} "
            f"{list(indices.shape)}")
     return ref.max_pool2x2_backward(grad_y, indices, (h, w))
+
+
+def graft_cross_entropy(logits, weight, bias, positive, row_weight, scale):
+    """reference.graft_cross_entropy after the kernels' argument checks (any float dtype;
+    differentiable through its ATen ops)."""
+    _check_float("logits", logits)
+    _check(logits.dim() == 3, f"logits must be [K, R, N], got shape {list(logits.shape)}")
+    k, r, n = logits.shape
+    for name, t, shape in (("weight", weight, (k, n, 2)), ("bias", bias, (k, 2)),
+                           ("row_weight", row_weight, (k, r))):
+        _check(tuple(t.shape) == shape and t.dtype == logits.dtype,
+               f"{name} must be {logits.dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    _check(positive.dtype == torch.bool and tuple(positive.shape) == (k, r),
+           f"positive must be bool [{k}, {r}], got {positive.dtype} {list(positive.shape)}")
+    return ref.graft_cross_entropy(logits, weight, bias, positive, row_weight, scale)

@@ -74,9 +74,9 @@ def test_copies_and_pickles_drop_the_view():
     net = convert(_trained_like(small_vgg(3, 5, 8)), K, DENSITY, seed=0)
     x = torch.randn(2, 3, 8, 8)
     y = net(x)
-    assert "_fused" in net.__dict__
+    assert "_layout_cache" in net.__dict__
     for other in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
-        assert "_fused" not in other.__dict__
+        assert "_layout_cache" not in other.__dict__
         torch.testing.assert_close(other(x), y)
 
 

@@ -20,6 +20,7 @@
 #include "../checks.h"
 #include "finite.h"
 #include "masked_linear_kernels.h"
+#include "masked_linear_small.h"
 
 namespace modsplit {
 namespace {
@@ -350,6 +351,10 @@ at::Tensor unpack_all(const at::Tensor& w, const at::Tensor& p3) {
   return wm;
 }
 
+const uint32_t* packed_words(const at::Tensor& p3) {
+  return reinterpret_cast<const uint32_t*>(p3.const_data_ptr<int32_t>());
+}
+
 // x3 [S, N, I] broadcast to the K modules: a stride-0 view when shared.
 at::Tensor per_module(const at::Tensor& x3, int64_t K) {
   return x3.size(0) == K ? x3 : x3.expand({K, x3.size(1), x3.size(2)});
@@ -364,7 +369,23 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   if (is_small(w, p3)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto out3 = at::bmm(per_module(x3, p3.size(0)), unpack_all(w, p3).transpose(1, 2));
+    const int64_t K = p3.size(0), N = x3.size(1), O = w.size(0), I = w.size(1);
+    if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
+      auto out3 = at::empty({K, N, O}, w.options());
+      auto wm = at::empty({K, O, I}, w.options());
+      const auto xt = x3.transpose(1, 2).contiguous();  // [S, I, N]
+      auto col = at::empty({N}, w.options());
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_forward", [&] {
+        cpu::unpack_small<scalar_t>(w.const_data_ptr<scalar_t>(), packed_words(p3), K, O, I,
+                                    p3.size(2), wm.mutable_data_ptr<scalar_t>());
+        cpu::small_forward(xt.const_data_ptr<scalar_t>(), x3.size(0),
+                           wm.const_data_ptr<scalar_t>(),
+                           b ? b->const_data_ptr<scalar_t>() : nullptr, K, N, O, I,
+                           out3.mutable_data_ptr<scalar_t>(), col.mutable_data_ptr<scalar_t>());
+      });
+      return out3;
+    }
+    auto out3 = at::bmm(per_module(x3, K), unpack_all(w, p3).transpose(1, 2));
     if (b) out3.add_(*b);
     return out3;
   }
@@ -391,6 +412,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   if (is_small(w, p3) && (output_mask[0] || output_mask[1])) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t K = p3.size(0);
+    if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
+      const int64_t S = x3.size(0), N = x3.size(1), O = w.size(0), I = w.size(1);
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_backward", [&] {
+        const scalar_t* pg = g3.const_data_ptr<scalar_t>();
+        if (output_mask[0]) {
+          gx = at::empty({S, N, I}, w.options());
+          auto wm = at::empty({K, O, I}, w.options());
+          cpu::unpack_small<scalar_t>(w.const_data_ptr<scalar_t>(), packed_words(p3), K, O, I,
+                                      p3.size(2), wm.mutable_data_ptr<scalar_t>());
+          auto coef = at::empty({K * O}, w.options());
+          cpu::small_grad_x(pg, wm.const_data_ptr<scalar_t>(), S, K, N, O, I,
+                            gx.mutable_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>());
+        }
+        if (output_mask[1]) {
+          gs = at::empty({K, O, I}, w.options());
+          cpu::small_grad_scores(pg, x3.const_data_ptr<scalar_t>(), S,
+                                 w.const_data_ptr<scalar_t>(), K, N, O, I,
+                                 gs.mutable_data_ptr<scalar_t>());
+        }
+      });
+      if (output_mask[2]) gb = g3.sum(at::IntArrayRef{0, 1});
+      return {gx, gs, gb};
+    }
     if (output_mask[0]) {
       gx = at::bmm(g3, unpack_all(w, p3));  // [K, N, I]
       if (x3.size(0) != K) gx = gx.sum(0, /*keepdim=*/true);

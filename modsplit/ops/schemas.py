@@ -73,12 +73,21 @@ SCHEMAS = {
     # the window position 2*dy + dx of each maximum).
     "max_pool2x2": "(Tensor x) -> (Tensor, Tensor)",
     "max_pool2x2_backward": "(Tensor grad_y, Tensor indices, SymInt[2] input_size) -> Tensor",
+    # Co-training's grafting layers + class-weighted cross-entropy (modsplit.ops.graft):
+    # logits [K, R, N], weight [K, N, 2], bias [K, 2], positive bool [K, R], row_weight [K, R]
+    # -> (out [K, R, 2], ce [K] = scale * sum_r row_weight * CE(out, 0 if positive else 1)).
+    "graft_cross_entropy": ("(Tensor logits, Tensor weight, Tensor bias, Tensor positive, "
+                            "Tensor row_weight, float scale) -> (Tensor, Tensor)"),
+    "graft_cross_entropy_backward": ("(Tensor grad_ce, Tensor logits, Tensor weight, Tensor out, "
+                                     "Tensor positive, Tensor row_weight, float scale, "
+                                     "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
 }
 
 # Ops with compiled kernels on the CPU only (elsewhere modsplit.ops runs their torch-backend twins).
 CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d", "module_batch_norm",
             "module_batch_norm_backward", "channel_affine", "channel_affine_backward",
-            "max_pool2x2", "max_pool2x2_backward")
+            "max_pool2x2", "max_pool2x2_backward", "graft_cross_entropy",
+            "graft_cross_entropy_backward")
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():
