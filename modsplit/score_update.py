@@ -131,6 +131,15 @@ class CoTrainSGD(torch.optim.SGD):
         self._brackets = {}
         self.next_masks = None
 
+    def _momentum_buffer(self, p) -> tuple:
+        """(p's momentum buffer, whether it was just created and holds no momentum yet)."""
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is not None:
+            return buf, False
+        buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf, True
+
     @torch.no_grad()
     def step(self, anchors=None, stem_coef: float = 0.0, raw_grad: bool = False,
              densities=None):
@@ -155,12 +164,7 @@ class CoTrainSGD(torch.optim.SGD):
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            init = buf is None
-            if init:
-                buf = state["momentum_buffer"] = torch.empty_like(
-                    p, memory_format=torch.contiguous_format)
+            buf, init = self._momentum_buffer(p)
             anchor = None if anchors is None else anchors[i]
             args = (p, buf, p.grad, anchor, group["lr"], group["momentum"],
                     group["weight_decay"], stem_coef if anchor is not None else 0.0,
@@ -181,12 +185,7 @@ class CoTrainSGD(torch.optim.SGD):
                 if p.grad is None or not (uses_cpu_kernel(p) and p.is_contiguous()
                                           and p.grad.dtype == p.dtype):
                     continue
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                init = buf is None
-                if init:
-                    buf = state["momentum_buffer"] = torch.empty_like(
-                        p, memory_format=torch.contiguous_format)
+                buf, init = self._momentum_buffer(p)
                 cotrain_sgd_step_(p, buf, p.grad, None, group["lr"], group["momentum"],
                                   group["weight_decay"], 0.0, group["nesterov"], init)
                 p.grad = None
