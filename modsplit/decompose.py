@@ -155,9 +155,11 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
         # mean of w * CE (sampled negatives: their weighted sum over the B rows of the batch)
         out, ce = graft_ops.graft_cross_entropy(logits, grafts.weight, grafts.bias, positive,
                                                 w.to(logits.dtype), 1.0 / x.shape[0])
-    stem = (_stem_loss(scores, anchors, p, per_module) if anchors is not None and not fused
-            else torch.zeros_like(ce))
-    loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
+    if anchors is not None and not fused:
+        stem = _stem_loss(scores, anchors, p, per_module)
+        loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
+    else:  # no stemming term, or CoTrainSGD adds its gradient in the update
+        stem, loss = torch.zeros_like(ce), ce.sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if not fused:
