@@ -154,3 +154,18 @@ def test_backward_with_relu_needs_out(impl):
         fn(torch.randn(2, 3, 4), None, 1, torch.ones(1, 3), True)
     with pytest.raises((RuntimeError, ValueError), match=r"\bout\b"):
         fn(torch.randn(2, 3, 4), torch.randn(2, 3, 5), 1, torch.ones(1, 3), True)
+
+
+def test_work_split_over_threads():
+    """A tensor large enough that at::parallel_for splits its runs over two threads."""
+    x, scale, shift = _inputs(4, (64, 16, 32, 32), torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = channel_affine(x, 4, scale, shift, True)
+        g = torch.randn_like(x)
+        gx = ops.channel_affine_backward(g, y, 4, scale, True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, reference.channel_affine(x, 4, scale, shift, True))
+    torch.testing.assert_close(gx, reference.channel_affine_backward(g, y, 4, scale, True))

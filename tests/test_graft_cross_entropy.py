@@ -146,3 +146,24 @@ def test_bad_inputs_name_the_argument(impl, case, match):
     fn = ops.graft_cross_entropy if impl == "kernel" else torch_backend.graft_cross_entropy
     with pytest.raises((RuntimeError, ValueError), match=match):
         fn(*args, 0.2)
+
+
+def test_work_split_over_threads():
+    """Modules split over two threads give what one thread gives."""
+    args = _inputs(100, 32, 100, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in args[:3]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, ce = graft_cross_entropy(*leaves, *args[3:], 1 / 32)
+        grads = torch.autograd.grad(ce.sum(), leaves)
+    finally:
+        torch.set_num_threads(before)
+    want_out, want_ce = reference.graft_cross_entropy(*args, 1 / 32)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)
+    ups = [t.detach().requires_grad_() for t in args[:3]]
+    want = torch.autograd.grad(reference.graft_cross_entropy(*ups, *args[3:], 1 / 32)[1].sum(),
+                               ups)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -139,3 +139,18 @@ def test_bad_backward_inputs_name_the_argument(impl, case, match):
     fn = ops.max_pool2x2_backward if impl == "kernel" else torch_backend.max_pool2x2_backward
     with pytest.raises((RuntimeError, ValueError), match=match):
         fn(*args)
+
+
+def test_work_split_over_threads():
+    """A tensor large enough that at::parallel_for splits its planes over two threads."""
+    x = _x((32, 16, 32, 33), torch.float32, ties=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, idx = max_pool2x2(x)
+        g = torch.randn_like(y)
+        gx = ops.max_pool2x2_backward(g, idx, (32, 33))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, F.max_pool2d(x, 2)) and torch.equal(idx, _aten_positions(x))
+    assert torch.equal(gx, reference.max_pool2x2_backward(g, idx, (32, 33)))
