@@ -156,3 +156,35 @@ def test_a_trainable_batchnorm_keeps_its_gradient():
     bn.weight.requires_grad_(True)
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+
+
+class _NoView:
+    """FusedView's stand-in that runs the network itself."""
+
+    def __init__(self, net):
+        self.view = net
+
+    def sync(self):
+        return self.view
+
+
+def test_decompose_gives_the_same_bank_with_and_without_the_view(monkeypatch):
+    """decompose()'s default per-module BatchNorm: the fused ReLU and the pool compute the same
+    values bit for bit, so two epochs give identical masks, grafts and history."""
+    import sys
+
+    from modsplit import decompose
+    torch.manual_seed(0)
+    model = _trained_like(small_vgg(3, 4, 8))
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 4, (16,), generator=g))
+              for _ in range(3)]
+    banks = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(sys.modules["modsplit.convert"], "FusedView", _NoView)
+        banks.append(decompose(model, loader, 4, epochs=2, seed=0, progress=False))
+    a, b = banks
+    assert all(torch.equal(a.masks()[n], b.masks()[n]) for n in a.masks())
+    assert torch.equal(a.grafts.weight, b.grafts.weight)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
