@@ -37,7 +37,7 @@ class MultiModuleNet(nn.Module):
     statistics of all modules' activations.
     fuse_layers: run the network through its fused view (modsplit.fused_layers: BatchNorm +
     ReLU pairs and 2 x 2 max pools on one-pass CPU kernels; the same computation); the view is
-    rebuilt whenever the network's modules change.
+    rebuilt whenever the network's modules change or a fused layer gets a hook.
     """
 
     def __init__(self, net: nn.Module, n_modules: int, density: float, shared_input: bool = True,
@@ -72,7 +72,7 @@ class MultiModuleNet(nn.Module):
         if not getattr(self, "fuse_layers", False):  # absent in nets pickled before it
             return self.net
         layout = self._layout()
-        if layout["view"] is None:
+        if layout["view"] is None or layout["view"].stale():
             layout["view"] = FusedView(self.net)
         return layout["view"].sync()
 

@@ -101,10 +101,12 @@ def _fusable_norm(m: nn.Module) -> bool:
 class FusedView:
     """The fused view of `net` (see the module docstring). view: the module to run (net itself
     when nothing is replaced). sync() copies the training flags of the copied containers from
-    net's before a run, so that train() / eval() on net reach them."""
+    net's before a run, so that train() / eval() on net reach them; stale(): a replaced layer
+    has got a hook since (the view must be rebuilt, so that the hook runs)."""
 
     def __init__(self, net: nn.Module):
         self.copies = []  # (copy, original) containers
+        self.replaced = []  # the layers the view runs as fused ones
         self.view = self._twin(net)
 
     def sync(self):
@@ -112,12 +114,17 @@ class FusedView:
             twin.training = original.training
         return self.view
 
+    def stale(self) -> bool:
+        return not all(_hookless(m) for m in self.replaced)
+
     def _twin(self, module: nn.Module) -> nn.Module:
         if not _hookless(module):
             return module
         if _is_pool2x2(module):
+            self.replaced.append(module)
             return MaxPool2x2(module)
         if type(module) in _BATCHNORMS:
+            self.replaced.append(module)
             return NormReLU(module, relu=False)
         if not module._modules:
             return module
@@ -128,6 +135,7 @@ class FusedView:
             for a, b in zip(names, names[1:]):
                 if (a not in fused and _fusable_norm(children[a])
                         and type(children[b]) is nn.ReLU and _hookless(children[b])):
+                    self.replaced += [children[a], children[b]]
                     children[a], children[b] = NormReLU(children[a]), nn.Identity()
                     fused.update((a, b))
         for name, child in children.items():

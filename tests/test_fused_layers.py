@@ -167,6 +167,9 @@ class _NoView:
     def sync(self):
         return self.view
 
+    def stale(self):
+        return False
+
 
 def test_decompose_gives_the_same_bank_with_and_without_the_view(monkeypatch):
     """decompose()'s default per-module BatchNorm: the fused ReLU and the pool compute the same
@@ -188,3 +191,17 @@ def test_decompose_gives_the_same_bank_with_and_without_the_view(monkeypatch):
     assert all(torch.equal(a.masks()[n], b.masks()[n]) for n in a.masks())
     assert torch.equal(a.grafts.weight, b.grafts.weight)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_a_hook_added_later_runs():
+    """A hook registered on a fused BatchNorm after the view was built: the view is rebuilt
+    without that layer fused, and the hook sees the BatchNorm's own output."""
+    net = convert(_trained_like(small_vgg(3, 5, 8)), K, DENSITY, seed=0)
+    x = torch.randn(2, 3, 8, 8)
+    y = net(x)
+    assert isinstance(net._body()[1], NormReLU)
+    seen = []
+    net.net[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    torch.testing.assert_close(net(x), y)
+    assert len(seen) == 1 and (seen[0] < 0).any()  # before the ReLU: not fused any more
+    assert net._body()[1] is net.net[1]
