@@ -92,7 +92,8 @@ class MultiModuleNet(nn.Module):
         return self
 
     def _per_module_layers(self) -> list:
-        return [*self.masked_layers().values(), *self.module_norms().values()]
+        layout = self._layout()
+        return [*layout["masked"].values(), *layout["norms"].values()]
 
     def score_parameters(self) -> list:
         """The trainable scores float [K, *weight.shape] of every masked layer."""

@@ -49,15 +49,20 @@ GraftShape check_graft(const at::Tensor& logits, const at::Tensor& weight,
   return {K, R, N};
 }
 
-// (p_0, p_1) = softmax(z0, z1) and log-sum-exp, as log_softmax computes them (max shifted).
+// log(exp(z0) + exp(z1)), shifted by the larger as log_softmax does.
 template <typename T>
-inline void softmax2(T z0, T z1, T& p0, T& p1, T& lse) {
+inline T logsumexp2(T z0, T z1) {
+  const T m = z0 > z1 ? z0 : z1;
+  return m + std::log(std::exp(z0 - m) + std::exp(z1 - m));
+}
+
+// (p_0, p_1) = softmax(z0, z1), shifted by the larger.
+template <typename T>
+inline void softmax2(T z0, T z1, T& p0, T& p1) {
   const T m = z0 > z1 ? z0 : z1;
   const T e0 = std::exp(z0 - m), e1 = std::exp(z1 - m);
-  const T s = e0 + e1;
-  p0 = e0 / s;
-  p1 = e1 / s;
-  lse = m + std::log(s);
+  p0 = e0 / (e0 + e1);
+  p1 = e1 / (e0 + e1);
 }
 
 std::tuple<at::Tensor, at::Tensor> graft_cross_entropy_cpu(const at::Tensor& logits_in,
@@ -99,9 +104,7 @@ std::tuple<at::Tensor, at::Tensor> graft_cross_entropy_cpu(const at::Tensor& log
           }
           po[(k * s.R + r) * 2] = z0;
           po[(k * s.R + r) * 2 + 1] = z1;
-          scalar_t p0, p1, lse;
-          softmax2(z0, z1, p0, p1, lse);
-          const scalar_t loss = lse - (pp[k * s.R + r] ? z0 : z1);
+          const scalar_t loss = logsumexp2(z0, z1) - (pp[k * s.R + r] ? z0 : z1);
           sum += static_cast<double>(prw[k * s.R + r] * loss);
         }
         pc[k] = static_cast<scalar_t>(scale * sum);
@@ -148,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graft_cross_entropy_backward_cpu(
         const scalar_t c = pg[k] * sc;
         for (int64_t r = 0; r < s.R; ++r) {
           const int64_t kr = k * s.R + r;
-          scalar_t p0, p1, lse;
-          softmax2(po[2 * kr], po[2 * kr + 1], p0, p1, lse);
+          scalar_t p0, p1;
+          softmax2(po[2 * kr], po[2 * kr + 1], p0, p1);
           const bool pos = pp[kr];
           const scalar_t a = c * prw[kr];
           const scalar_t dz0 = a * (p0 - (pos ? scalar_t(1) : scalar_t(0)));

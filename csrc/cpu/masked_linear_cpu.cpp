@@ -351,10 +351,6 @@ at::Tensor unpack_all(const at::Tensor& w, const at::Tensor& p3) {
   return wm;
 }
 
-const uint32_t* packed_words(const at::Tensor& p3) {
-  return reinterpret_cast<const uint32_t*>(p3.const_data_ptr<int32_t>());
-}
-
 // x3 [S, N, I] broadcast to the K modules: a stride-0 view when shared.
 at::Tensor per_module(const at::Tensor& x3, int64_t K) {
   return x3.size(0) == K ? x3 : x3.expand({K, x3.size(1), x3.size(2)});
@@ -372,12 +368,10 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
     const int64_t K = p3.size(0), N = x3.size(1), O = w.size(0), I = w.size(1);
     if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
       auto out3 = at::empty({K, N, O}, w.options());
-      auto wm = at::empty({K, O, I}, w.options());
+      const auto wm = unpack_all(w, p3);
       const auto xt = x3.transpose(1, 2).contiguous();  // [S, I, N]
       auto col = at::empty({N}, w.options());
       AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_forward", [&] {
-        cpu::unpack_small<scalar_t>(w.const_data_ptr<scalar_t>(), packed_words(p3), K, O, I,
-                                    p3.size(2), wm.mutable_data_ptr<scalar_t>());
         cpu::small_forward(xt.const_data_ptr<scalar_t>(), x3.size(0),
                            wm.const_data_ptr<scalar_t>(),
                            b ? b->const_data_ptr<scalar_t>() : nullptr, K, N, O, I,
@@ -418,9 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
         const scalar_t* pg = g3.const_data_ptr<scalar_t>();
         if (output_mask[0]) {
           gx = at::empty({S, N, I}, w.options());
-          auto wm = at::empty({K, O, I}, w.options());
-          cpu::unpack_small<scalar_t>(w.const_data_ptr<scalar_t>(), packed_words(p3), K, O, I,
-                                      p3.size(2), wm.mutable_data_ptr<scalar_t>());
+          const auto wm = unpack_all(w, p3);
           auto coef = at::empty({K * O}, w.options());
           cpu::small_grad_x(pg, wm.const_data_ptr<scalar_t>(), S, K, N, O, I,
                             gx.mutable_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>());

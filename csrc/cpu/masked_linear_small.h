@@ -1,6 +1,7 @@
 // Small banks of multi_masked_linear on the CPU (K*O*I at most kSmallElems weights over all
-// modules, e.g. a 10-module 49 -> 10 head): W*M of every module is unpacked at once and the
-// products run as direct loops on one thread. At these sizes ATen's bmm spends more time
+// modules, e.g. a 10-module 49 -> 10 head): W*M of every module, unpacked at once into
+// wm [K, O, I] (masked_linear_cpu.cpp's unpack_all), and the products run as direct loops on
+// one thread. At these sizes ATen's bmm spends more time
 // dispatching its per-matrix products than computing them (about 30 us per call for a
 // [10, 32, 49] x [10, 49, 10] product).
 //
@@ -80,20 +81,6 @@ void combine_rows(T* dst, int64_t L, int64_t J, Coef coef, Row row, const T* sca
     }
   }
   combine_rows_plain(dst, L, J, coef, row, scale);
-}
-
-// wm [K, O, I]: W*M of every module (bit b of a row's packed words keeps column b).
-template <typename T>
-void unpack_small(const T* w, const uint32_t* p, int64_t K, int64_t O, int64_t I, int64_t words,
-                  T* wm) {
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t o = 0; o < O; ++o) {
-      const uint32_t* pr = p + (k * O + o) * words;
-      for (int64_t i = 0; i < I; ++i) {
-        wm[(k * O + o) * I + i] = ((pr[i >> 5] >> (i & 31)) & 1u) ? w[o * I + i] : T(0);
-      }
-    }
-  }
 }
 
 // out [K, N, O]: out[k, :, o] = sum_i wm[k, o, i] * xt[s, i, :] + bias[o], over xt [S, I, N] (x
