@@ -73,8 +73,11 @@ def test_autograd_matches_reference(dtype):
     got = torch.autograd.grad(ce, leaves, grad_ce)
     ups = [t.detach().double().requires_grad_() for t in args[:3]]
     _, ce64 = reference.graft_cross_entropy(*ups, args[3], args[4].double(), 1 / 9)
-    for g, w in zip(got, torch.autograd.grad(ce64, ups, grad_ce.double())):
-        _close(g, w, dtype)
+    want = torch.autograd.grad(ce64, ups, grad_ce.double())
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        _close(g, w, dtype)  # torch.testing.assert_close
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

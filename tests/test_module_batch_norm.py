@@ -213,8 +213,10 @@ def test_fused_relu_autograd_matches_unfused(dtype):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         y = module_batch_norm(leaves[0], 3, leaves[1], leaves[2], 1e-5, relu=fused)[0]
         grads.append(torch.autograd.grad(y if fused else torch.relu(y), leaves, grad_y))
+    assert len(grads[0]) == len(grads[1]) == 3
     for a, r in zip(*grads):
-        _close(a, r.double(), dtype)
+        assert a.dtype == r.dtype == dtype and a.shape == r.shape
+        _close(a, r.double(), dtype)  # torch.testing.assert_close
 
 
 def test_fused_relu_opcheck():
