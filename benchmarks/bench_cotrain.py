@@ -37,6 +37,9 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
   modsplit, layers not fused  (extra row with --unfused-row) decompose's step on the network
                         itself instead of its fused view (MultiModuleNet.fuse_layers = False:
                         BatchNorm, ReLU and max-pool as ATen ops; the step before stop 16);
+  modsplit, autograd step  (extra row with --unfused-row, FC workloads) decompose's step with
+                        direct=False: the masked MLP's gradients through autograd instead of
+                        the direct op calls of modsplit.chain_step (the step before stop 17);
   per-module loop       (extra row, FC1 only) K separate edge-popup models with a sort-based
                         GetSubnet and one optimizer each.
 Before timing, one step of every side from the same scores and grafts is checked to give the same
@@ -255,10 +258,10 @@ class ModsplitSide:
     decompose's inclusion probabilities min(1, B n_c / n)."""
 
     def __init__(self, model, net, grafts, classes, weights, anchors, ratio=None, counts=None,
-                 fuse_topk=True, fuse_layers=True):
+                 fuse_topk=True, fuse_layers=True, direct=True):
         self.net, self.grafts = copy.deepcopy(net), copy.deepcopy(grafts)
         self.net.fuse_layers = fuse_layers
-        self.fuse_topk = fuse_topk
+        self.fuse_topk, self.direct = fuse_topk, direct
         self.classes, self.weights, self.anchors = classes, weights, anchors
         self.ratio, self.steps = ratio, 0
         if ratio is not None:
@@ -275,7 +278,7 @@ class ModsplitSide:
         self.steps += 1
         out, _, ce, stem, _ = train_step(self.net, self.grafts, self.opt, x, y, self.classes,
                                          self.weights, ALPHA, P, self.anchors, rows,
-                                         fuse_topk=self.fuse_topk)
+                                         fuse_topk=self.fuse_topk, direct=self.direct)
         return out, ce, stem
 
     def masks(self):
@@ -380,6 +383,9 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False
                                                           anchors, fuse_topk=False)
         sides["modsplit, layers not fused"] = ModsplitSide(model, net, grafts, classes, weights,
                                                            anchors, fuse_layers=False)
+        if net.masked_chain() is not None:
+            sides["modsplit, autograd step"] = ModsplitSide(model, net, grafts, classes, weights,
+                                                            anchors, direct=False)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl
@@ -392,6 +398,7 @@ def run(name, rounds, steps, with_loop, ratio=None, unfused=False):
     check_first_step({k: v for k, v in sides.items() if k in ("modsplit", "batched eager",
                                                                 "modsplit, top-k not fused",
                                                                 "modsplit, layers not fused",
+                                                                "modsplit, autograd step",
                                                                 "batched compiled")}, batches[0])
     times = {k: [] for k in sides}
     for r in range(rounds + 1):  # round 0 is the warm-up of every side

@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from modsplit.chain_step import MaskedChain
 from modsplit.fused_layers import FusedView
 from modsplit.layers import SCORE_INITS, MaskedConv2d, MaskedLinear
 from modsplit.module_norm import BATCHNORM_MODES, ModuleBatchNorm, replace_batchnorms
@@ -53,8 +54,8 @@ class MultiModuleNet(nn.Module):
         return state
 
     def _layout(self) -> dict:
-        """The network's masked layers, per-module BatchNorms and fused view, found once and
-        kept while its modules stay the same objects in the same order."""
+        """The network's masked layers, per-module BatchNorms, fused view and masked chain,
+        found once and kept while its modules stay the same objects in the same order."""
         key = tuple(self.net.modules())  # references: a changed module is a changed key
         cached = self.__dict__.get("_layout_cache")
         if cached is None or cached["key"] != key:
@@ -63,7 +64,7 @@ class MultiModuleNet(nn.Module):
                       "masked": {n: m for n, m in named
                                  if isinstance(m, (MaskedLinear, MaskedConv2d))},
                       "norms": {n: m for n, m in named if isinstance(m, ModuleBatchNorm)},
-                      "view": None}
+                      "view": None, "chain": MaskedChain.of(self.net)}
             self.__dict__["_layout_cache"] = cached
         return cached
 
@@ -75,6 +76,14 @@ class MultiModuleNet(nn.Module):
         if layout["view"] is None or layout["view"].stale():
             layout["view"] = FusedView(self.net)
         return layout["view"].sync()
+
+    def masked_chain(self):
+        """The network as a MaskedChain (modsplit.chain_step: co-training's gradients by direct
+        op calls), or None where it is not such a chain, runs a module subset
+        (use_modules) or repeats its input per module (shared_input=False)."""
+        if self.active is not None or not self.shared_input:
+            return None
+        return self._layout()["chain"]
 
     def masked_layers(self) -> dict:
         """{name in the original model: MaskedLinear | MaskedConv2d}, in module order."""

@@ -124,7 +124,7 @@ def sample_rows(y, classes, weights, ratio: float, inclusion, gen, local=None):
 
 
 def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows=None,
-               fuse_topk=True):
+               fuse_topk=True, direct=True):
     """One co-training step of all K modules on the batch (x, y) (already on the device):
     forward, class-weighted CE + stemming loss (Eq. 1), backward, optimizer step. With a
     CoTrainSGD optimizer (decompose's choice for p = 1) the stemming term is left out of the
@@ -135,33 +135,47 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     fuse_topk: with CoTrainSGD on the CPU kernels, each score update also computes the next
     top-k mask (CoTrainSGD.step's densities), which the layers adopt; False computes it in the
     next forward instead (same masks; for comparisons).
+    direct: with CoTrainSGD, a network that is a masked MLP chain (MultiModuleNet.masked_chain)
+    computes the step's gradients by direct op calls instead of autograd (the same ops, the
+    same values: modsplit.chain_step); False always takes autograd's path (for comparisons).
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
     scores = net.score_parameters()
     per_module = sum(s[0].numel() for s in scores)
     fused = isinstance(opt, CoTrainSGD)
+    chain = getattr(net, "masked_chain", lambda: None)() if fused and direct else None
+    if chain is not None and not chain.runs(x, grafts):
+        chain = None
     w_pos, w_neg = weights
-    with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself
-        if rows is None:
-            positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
-            logits = net(x)  # [K, B, N]
-            w = torch.where(positive, w_pos[:, None], w_neg[:, None])
-            seen = torch.ones_like(positive)
-        else:
-            idx, w, positive = (t.to(x.device) for t in rows)
-            logits = net.forward_per_module(x[idx])  # [K, m, N]
-            seen = w > 0
-        # grafts (output 0 = "is c", 1 = "is not c") and the class-weighted CE, [K]: the batch
-        # mean of w * CE (sampled negatives: their weighted sum over the B rows of the batch)
-        out, ce = graft_ops.graft_cross_entropy(logits, grafts.weight, grafts.bias, positive,
-                                                w.to(logits.dtype), 1.0 / x.shape[0])
-    if anchors is not None and not fused:
-        stem = _stem_loss(scores, anchors, p, per_module)
-        loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
-    else:  # no stemming term, or CoTrainSGD adds its gradient in the update
-        stem, loss = torch.zeros_like(ce), ce.sum()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if rows is None:
+        positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
+        w = torch.where(positive, w_pos[:, None], w_neg[:, None])
+        seen = torch.ones_like(positive)
+    else:
+        idx, w, positive = (t.to(x.device) for t in rows)
+        seen = w > 0
+    # grafts (output 0 = "is c", 1 = "is not c") and the class-weighted CE, [K]: the batch mean
+    # of w * CE (sampled negatives: their weighted sum over the B rows of the batch)
+    if chain is not None:  # the same ops as autograd's path below, called directly
+        for group in opt.param_groups:
+            for q in group["params"]:
+                q.grad = None
+        out, ce = chain.gradients(x if rows is None else x[idx], rows is None, positive,
+                                  w.to(x.dtype), grafts, 1.0 / x.shape[0])
+        stem = torch.zeros_like(ce)
+    else:
+        with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself
+            logits = net(x) if rows is None else net.forward_per_module(x[idx])  # [K, R, N]
+            out, ce = graft_ops.graft_cross_entropy(logits, grafts.weight, grafts.bias,
+                                                    positive, w.to(logits.dtype),
+                                                    1.0 / x.shape[0])
+        if anchors is not None and not fused:
+            stem = _stem_loss(scores, anchors, p, per_module)
+            loss = (ce + alpha * stem).sum()  # module k's gradient is that of its own Eq. 1 loss
+        else:  # no stemming term, or CoTrainSGD adds its gradient in the update
+            stem, loss = torch.zeros_like(ce), ce.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
     if not fused:
         opt.step()
     else:

@@ -1,5 +1,6 @@
 """decompose(): module co-training (Algorithm 1), stemming loss, balance, reproducibility."""
 import math
+import sys
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def test_reproducible_for_a_seed(fc1, small):
 
 
 def test_all_modules_share_one_forward_per_batch(fc1, digits, monkeypatch):
+    """Autograd's path (the network's own forward, MaskedChain off)."""
     calls = []
     forward = MaskedLinear.forward
 
@@ -81,11 +83,36 @@ def test_all_modules_share_one_forward_per_batch(fc1, digits, monkeypatch):
         return forward(self, x)
 
     monkeypatch.setattr(MaskedLinear, "forward", counting)
+    monkeypatch.setattr(sys.modules["modsplit.convert"].MaskedChain, "of",
+                        classmethod(lambda cls, net: None))
     ds = TensorDataset(*(t[:96] for t in digits[0].tensors))
     decompose(fc1, _loader(ds), 10, epochs=1, progress=False)
     # 3 batches: the first layer reads the batch once for all 10 modules (shared input), the
     # second runs on the 10 modules' folded activations
     assert calls == [32, 10 * 32] * 3
+
+
+def test_the_direct_step_shares_the_first_layers_input(fc1, digits, monkeypatch):
+    """decompose's default for an FC net (modsplit.chain_step): the first layer's op reads the
+    batch once for all 10 modules, the second the modules' own activations [10, 32, 49]."""
+    from modsplit import chain_step
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.modsplit, name)
+            if name != "multi_masked_linear":
+                return op
+
+            def counted(x, weight, packed, bias, shared):
+                calls.append((tuple(x.shape), shared))
+                return op(x, weight, packed, bias, shared)
+            return counted
+
+    monkeypatch.setattr(chain_step, "_ops", Counting())
+    ds = TensorDataset(*(t[:96] for t in digits[0].tensors))
+    decompose(fc1, _loader(ds), 10, epochs=1, progress=False)
+    assert calls == [((32, 64), True), ((10, 32, 49), False)] * 3
 
 
 def test_graft_learns_at_its_own_rate(fc1, small):

@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
+#include <vector>
 
 #include "../checks.h"
 #include "finite.h"
@@ -112,6 +114,24 @@ at::Tensor batch_transposed(const at::Tensor& src) {
   return t;
 }
 
+// Per source s of xt float [S, I, NP] (batch-transposed x): bit j of word j / 32 is set iff row
+// j holds a value other than +-0 (a NaN counts): the columns of x a product with x needs.
+// Returns [S * words]; bits at or past I stay clear.
+std::vector<uint32_t> nonzero_column_bits(const at::Tensor& xt, int64_t words) {
+  const int64_t S = xt.size(0), I = xt.size(1), NP = xt.size(2);
+  std::vector<uint32_t> bits(S * words, 0u);
+  const auto* xp = reinterpret_cast<const uint32_t*>(xt.const_data_ptr<float>());
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t j = 0; j < I; ++j) {
+      const uint32_t* row = xp + (s * I + j) * NP;
+      uint32_t any = 0;
+      for (int64_t n = 0; n < NP; ++n) any |= row[n] & 0x7fffffffu;
+      if (any) bits[s * words + (j >> 5)] |= 1u << (j & 31);
+    }
+  }
+  return bits;
+}
+
 // out3 [K, N, O] = x3 [S, N, I] (W*M_k)^T + bias; float32, contiguous, small N.
 void forward_gemv(const at::Tensor& x3, const at::Tensor& w, const at::Tensor& p3,
                   const c10::optional<at::Tensor>& bias, at::Tensor& out3) {
@@ -152,6 +172,9 @@ void forward_bit_walk(const at::Tensor& x3, const at::Tensor& w, const at::Tenso
   const bool shared = x3.size(0) == 1;
   const auto xt = batch_transposed(x3);  // [S, I, NP]
   const int64_t NP = xt.size(2);
+  // Columns where the source is zero add nothing (x is finite here; with W finite too, each
+  // such term is exactly +-0): the walk skips them, e.g. an image's blank border.
+  const auto keep = cpu::all_finite(w) ? nonzero_column_bits(xt, words) : std::vector<uint32_t>();
   const float* xp = xt.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const auto* pp = reinterpret_cast<const uint32_t*>(p3.data_ptr<int32_t>());
@@ -163,7 +186,8 @@ void forward_bit_walk(const at::Tensor& x3, const at::Tensor& w, const at::Tenso
     for (int64_t o = o0; o < o1; ++o) {
       const float b = bp ? bp[o] : 0.f;
       for (int64_t k = 0; k < K; ++k) {
-        const cpu::MaskRow row{pp + (k * O + o) * words, words, last};
+        const uint32_t* kept_cols = keep.empty() ? nullptr : keep.data() + (shared ? 0 : k) * words;
+        const cpu::MaskRow row{pp + (k * O + o) * words, words, last, kept_cols};
         const float* xs = xp + (shared ? 0 : k) * I * NP;
         for (int64_t n0 = 0; n0 < N; n0 += cpu::kMaxVecs * cpu::kLanes) {
           const int64_t nb = std::min<int64_t>(N - n0, cpu::kMaxVecs * cpu::kLanes);
@@ -304,6 +328,119 @@ void grad_x_tiled(const at::Tensor& g3, const at::Tensor& w, const at::Tensor& p
 }
 
 // gs [K, O, I] = (g3[k]^T x3[s]) * W, tiles of rows.
+// Runs [start, start + length) of the columns of x [N, I] that hold a value other than +-0 (a
+// NaN counts); kept = their total width.
+template <typename T>
+std::vector<std::pair<int64_t, int64_t>> nonzero_column_runs(const T* x, int64_t N, int64_t I,
+                                                             int64_t& kept) {
+  std::vector<uint8_t> any(I, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < I; ++j) any[j] |= static_cast<uint8_t>(x[n * I + j] != T(0));
+  }
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  kept = 0;
+  for (int64_t j = 0; j < I;) {
+    if (!any[j]) { ++j; continue; }
+    const int64_t a = j;
+    while (j < I && any[j]) ++j;
+    runs.emplace_back(a, j - a);
+    kept += j - a;
+  }
+  return runs;
+}
+
+// Rows [r0, r1) of gs [K*O, I]: the compacted product tmp [K*O, ld] (kept columns used) times
+// W back in the columns of `runs`, zero elsewhere. tmp's rows hold 8 readable values past `kept`
+// (any values: what they give is overwritten).
+template <typename T>
+void expand_columns(const T* tmp, int64_t ld, const T* w, int64_t O, int64_t I,
+                    const std::vector<std::pair<int64_t, int64_t>>& runs, T* gs, int64_t r0,
+                    int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* src = tmp + r * ld;
+    const T* wr = w + (r % O) * I;
+    T* dst = gs + r * I;
+    int64_t col = 0;
+    for (const auto& [a, len] : runs) {
+      std::fill(dst + col, dst + a, T(0));
+      for (int64_t t = 0; t < len; ++t) dst[a + t] = src[t] * wr[a + t];
+      src += len;
+      col = a + len;
+    }
+    std::fill(dst + col, dst + I, T(0));
+  }
+}
+
+// float32: whole 8-lane vectors per run. A run's last vector may spill past it; the spilled
+// lanes are overwritten by the zeros of the gap after it or by the next run (a row is written
+// left to right to its end), and a run whose last vector would pass the row's end ends in
+// scalars, so nothing is written (or read from W) past the row.
+template <>
+void expand_columns<float>(const float* tmp, int64_t ld, const float* w, int64_t O, int64_t I,
+                           const std::vector<std::pair<int64_t, int64_t>>& runs, float* gs,
+                           int64_t r0, int64_t r1) {
+  using cpu::v8f_u;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* src = tmp + r * ld;
+    const float* wr = w + (r % O) * I;
+    float* dst = gs + r * I;
+    int64_t col = 0;
+    for (const auto& [a, len] : runs) {
+      std::fill(dst + col, dst + a, 0.f);
+      const int64_t vec_end =
+          a + round_up(len, cpu::kLanes) <= I ? len : len / cpu::kLanes * cpu::kLanes;
+      int64_t t = 0;
+      for (; t < vec_end; t += cpu::kLanes) {
+        *reinterpret_cast<v8f_u*>(dst + a + t) = *reinterpret_cast<const v8f_u*>(src + t) *
+                                                 *reinterpret_cast<const v8f_u*>(wr + a + t);
+      }
+      for (; t < len; ++t) dst[a + t] = src[t] * wr[a + t];
+      src += len;
+      col = a + len;
+    }
+    std::fill(dst + col, dst + I, 0.f);
+  }
+}
+
+// gs [K, O, I] = (gt [K*O, N] x [N, I]) * W when x has columns of zeros (an image's blank
+// border): those columns of gs are exactly zero, so the GEMM runs on x's other columns only and
+// its rows are expanded with the product by W. Returns false (nothing written) where that does
+// not pay (fewer than max(8, I/16) zero columns, or runs of under 4 columns on average) or is
+// not exact (a non-finite gt or W: inf * 0 must still give NaN).
+bool grad_scores_zero_columns(const at::Tensor& gt, const at::Tensor& x, const at::Tensor& w,
+                              at::Tensor& gs) {
+  if (gt.scalar_type() != at::kFloat && gt.scalar_type() != at::kDouble) return false;
+  const int64_t rows = gt.size(0), N = x.size(0), I = x.size(1), O = w.size(0);
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(gt.scalar_type(), "grad_scores_zero_columns", [&] {
+    int64_t kept = 0;
+    const auto runs = nonzero_column_runs(x.const_data_ptr<scalar_t>(), N, I, kept);
+    if (kept + std::max<int64_t>(8, I / 16) > I || int64_t(runs.size()) * 4 > kept + 3 ||
+        !cpu::all_finite(gt) || !cpu::all_finite(w)) {
+      return;
+    }
+    auto xc = at::empty({N, kept}, x.options());
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* src = x.const_data_ptr<scalar_t>() + n * I;
+      scalar_t* dst = xc.mutable_data_ptr<scalar_t>() + n * kept;
+      for (const auto& [a, len] : runs) dst = std::copy(src + a, src + a + len, dst);
+    }
+    // rows padded by 8 readable values for expand_columns' whole vectors
+    auto tmp_rows = at::empty({rows, kept + cpu::kLanes}, x.options());
+    if (kept > 0) {
+      auto tmp = tmp_rows.narrow(1, 0, kept);
+      at::mm_out(tmp, gt, xc);
+    }
+    at::parallel_for(0, rows, grain_for(I), [&](int64_t r0, int64_t r1) {
+      expand_columns(tmp_rows.const_data_ptr<scalar_t>(), kept + cpu::kLanes,
+                     w.const_data_ptr<scalar_t>(), O, I, runs,
+                     gs.mutable_data_ptr<scalar_t>(), r0, r1);
+    });
+    done = true;
+  });
+  return done;
+}
+
 void grad_scores_tiled(const at::Tensor& g3, const at::Tensor& x3, const at::Tensor& w,
                        at::Tensor& gs) {
   const int64_t K = g3.size(0), O = w.size(0), I = w.size(1);
@@ -313,6 +450,7 @@ void grad_scores_tiled(const at::Tensor& g3, const at::Tensor& x3, const at::Ten
     // better rate than K products of O rows), then W broadcast over the modules.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto gt = g3.transpose(1, 2).contiguous().view({K * O, g3.size(1)});
+    if (grad_scores_zero_columns(gt, x3.select(0, 0), w, gs)) return;
     auto flat = gs.view({K * O, I});
     at::mm_out(flat, gt, x3.select(0, 0));
     gs.mul_(w.unsqueeze(0));
@@ -340,14 +478,19 @@ bool is_small(const at::Tensor& w, const at::Tensor& p3) {
   return p3.size(0) * w.numel() <= kSmallElems;
 }
 
-// W*M of every module: [K, O, I].
+// W*M of every module: [K, O, I] (one pass, no per-module tensor calls: small banks run it on
+// every product).
 at::Tensor unpack_all(const at::Tensor& w, const at::Tensor& p3) {
-  const int64_t K = p3.size(0), O = w.size(0), I = w.size(1);
+  const int64_t K = p3.size(0), O = w.size(0), I = w.size(1), words = p3.size(2);
   auto wm = at::empty({K, O, I}, w.options());
-  for (int64_t k = 0; k < K; ++k) {
-    auto dst = wm.select(0, k);
-    unpack_tile(w, p3, k, 0, O, 0, I, dst);
-  }
+  const auto* p = reinterpret_cast<const uint32_t*>(p3.const_data_ptr<int32_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "unpack_all", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* dst = wm.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      unpack_tile<scalar_t>(wp, p + k * O * words, I, words, 0, O, 0, I, dst + k * O * I);
+    }
+  });
   return wm;
 }
 

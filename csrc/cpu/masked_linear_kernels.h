@@ -83,7 +83,13 @@ struct MaskRow {
   const uint32_t* words;  // [n_words]
   int64_t n_words;
   uint32_t last;          // valid-bit mask of words[n_words - 1]
-  inline uint32_t word(int64_t w) const { return w + 1 == n_words ? words[w] & last : words[w]; }
+  // null, or [n_words] column filter already clipped to the valid columns: only the columns
+  // whose bit is set count (the forward skips the columns where its source is zero)
+  const uint32_t* keep = nullptr;
+  inline uint32_t word(int64_t w) const {
+    if (keep) return words[w] & keep[w];
+    return w + 1 == n_words ? words[w] & last : words[w];
+  }
 };
 
 // acc[0..V) = sum over kept j of w[j] * xt[j * ld + 8v .. 8v + 8).

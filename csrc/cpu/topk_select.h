@@ -191,16 +191,16 @@ inline const __m256i* left_pack() {
   return reinterpret_cast<const __m256i*>(table.v);
 }
 
-// float32: 8 keys per compare, bit masks by movemask, the bracket's keys left-packed.
-template <>
-inline int64_t scan_word<float>(const float* q, int32_t lo, int32_t hi, uint32_t& up, uint32_t& inv,
-                         int32_t* dst) {
+// float32: 8 keys per compare, bit masks by movemask, the bracket's keys left-packed; the
+// first `groups` groups of 8 scores of q (dst: room for 8 * groups keys).
+inline int64_t scan_groups(const float* q, int groups, int32_t lo, int32_t hi, uint32_t& up,
+                           uint32_t& inv, int32_t* dst) {
   const __m256i abs = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi);
   const __m256i vlo = _mm256_set1_epi32(lo - 1), vinf = _mm256_set1_epi32(KeyOf<float>::kInf);
   const __m256i* pack = left_pack();
   int64_t got = 0;
   up = inv = 0;
-  for (int g = 0; g < 4; ++g) {
+  for (int g = 0; g < groups; ++g) {
     const __m256i k = _mm256_and_si256(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8 * g)), abs);
     const __m256i above = _mm256_cmpgt_epi32(k, vhi);
@@ -212,6 +212,30 @@ inline int64_t scan_word<float>(const float* q, int32_t lo, int32_t hi, uint32_t
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + got),
                         _mm256_permutevar8x32_epi32(k, pack[m]));
     got += __builtin_popcount(static_cast<unsigned>(m));
+  }
+  return got;
+}
+
+template <>
+inline int64_t scan_word<float>(const float* q, int32_t lo, int32_t hi, uint32_t& up, uint32_t& inv,
+                         int32_t* dst) {
+  return scan_groups(q, 4, lo, hi, up, inv, dst);
+}
+
+// A row's last, partial word (len < 32 scores, e.g. 16 of a 784-wide row): its whole groups of
+// 8 as above, the rest one by one, in order (dst: room for 32 keys).
+template <>
+inline int64_t scan_partial_word<float>(const float* q, int64_t len, int32_t lo, int32_t hi,
+                                        uint32_t& up, uint32_t& inv, int32_t* dst) {
+  using K = KeyOf<float>;
+  const int groups = static_cast<int>(len / 8);
+  int64_t got = scan_groups(q, groups, lo, hi, up, inv, dst);
+  for (int64_t j = 8 * groups; j < len; ++j) {
+    const auto k = K::get(q[j]);
+    up |= static_cast<uint32_t>(k > hi) << j;
+    inv |= static_cast<uint32_t>(k > K::kInf) << j;
+    dst[got] = k;
+    got += (k >= lo) & (k <= hi);
   }
   return got;
 }

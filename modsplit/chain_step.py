@@ -1,0 +1,137 @@
+"""Co-training's gradients of a masked MLP by direct op calls (decompose.train_step's fast path).
+
+A co-training step of a small FC network spends more time in Python and autograd bookkeeping
+than in its kernels: the converted network's module calls, the autograd Functions and engine,
+zero_grad and AccumulateGrad cost about as much as the forward, the score gradient and the fused
+score update together (FC1, K = 10, batch 32: about 0.6 of 1.7 ms on one core). For a network
+that is a plain chain, MaskedChain runs the same ops in the same order without autograd:
+
+    forward    multi_masked_linear per layer (the first on the input all modules share),
+               torch.relu between them, then graft_cross_entropy;
+    backward   graft_cross_entropy_backward, then per layer from the last:
+               multi_masked_linear_backward (grad_x and the raw score gradient) and
+               threshold_backward for each ReLU, as autograd would call them;
+
+and stores the gradients in .grad, so the optimizer step that follows is the usual one. The
+score gradient is the raw one (before the straight-through sgn(S)), as under
+functional.raw_score_grad(): CoTrainSGD.step(raw_grad=True) multiplies the sign in. The values
+are those of the autograd path bit for bit (tests/test_chain_step.py).
+
+The chain: an nn.Sequential of nn.Flatten() layers (leading only), then MaskedLinear and
+nn.ReLU layers, the first of them a MaskedLinear (the paper's FC1-FC4, mnist2_fc). Anything
+else, and any step the chain cannot take exactly (see MaskedChain.runs), takes autograd's path.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.modules.module as module_globals
+
+from modsplit.backend import uses_cpu_kernel
+from modsplit.layers import MaskedLinear
+
+_ops = torch.ops.modsplit
+
+
+def _no_module_hooks(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _no_tensor_hooks(t: torch.Tensor) -> bool:
+    return not (t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None))
+
+
+def _no_global_hooks() -> bool:
+    return not any(getattr(module_globals, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+
+
+def _is_flatten(m: nn.Module) -> bool:
+    return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1
+
+
+class MaskedChain:
+    """The layers of a converted FC network, run without autograd.
+
+    layers: tuple of MaskedLinear (a masked linear layer) and None (a ReLU), in order;
+    modules: every nn.Module of the network, for the hook check."""
+
+    def __init__(self, layers: tuple, modules: tuple):
+        self.layers, self.modules = layers, modules
+        self.masked = tuple(m for m in layers if m is not None)
+
+    @classmethod
+    def of(cls, net: nn.Module):
+        """The MaskedChain of a network (a MultiModuleNet's .net), or None where it is not an
+        nn.Sequential of leading nn.Flatten() layers, then MaskedLinear and nn.ReLU layers
+        starting with a MaskedLinear."""
+        if type(net) is not nn.Sequential:
+            return None
+        children = list(net)
+        while children and _is_flatten(children[0]):
+            children.pop(0)
+        if not children or not isinstance(children[0], MaskedLinear):
+            return None
+        layers = []
+        for m in children:
+            if type(m) is nn.ReLU:
+                layers.append(None)
+            elif type(m) is MaskedLinear:
+                layers.append(m)
+            else:
+                return None
+        return cls(tuple(layers), tuple(net.modules()))
+
+    def runs(self, x: torch.Tensor, grafts: nn.Module) -> bool:
+        """Whether this step can be taken exactly: the CPU kernels run x (float32 / float64,
+        the "auto" or "cpu" backend), every layer has trainable scores of x's dtype, a frozen
+        weight and bias and all K modules active, and no hook (module, global module, or
+        tensor hook on a score or graft parameter) would be skipped."""
+        if not (uses_cpu_kernel(x) and torch.is_grad_enabled() and not x.requires_grad
+                and _no_global_hooks() and all(_no_module_hooks(m) for m in self.modules)):
+            return False
+        for m in self.masked:
+            frozen = not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
+            if (m.scores is None or m.active is not None or not frozen
+                    or m.scores.dtype != x.dtype or m.weight.dtype != x.dtype
+                    or not _no_tensor_hooks(m.scores)):
+                return False
+        return all(p.dtype == x.dtype and _no_tensor_hooks(p) for p in grafts.parameters())
+
+    def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float):
+        """One step's forward and backward.
+
+        x: float [B, ...] the input all K modules share (shared=True), or [K, R, ...] each
+        module's own rows; positive bool [K, R], row_weight [K, R] and scale as for
+        ops.graft_cross_entropy (R = B when shared). Stores each layer's raw score gradient
+        float [K, O, I] in its scores.grad and the grafts' gradients in grafts.weight.grad
+        and grafts.bias.grad (replacing what was there, as zero_grad + backward would).
+        Returns (out float [K, R, 2], ce float [K]) of graft_cross_entropy."""
+        # Below autograd: no graph is recorded (the grafts require grad), and the dispatcher
+        # goes straight to the kernels, past the ops' Python autograd wrappers.
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return self._gradients(x, shared, positive, row_weight, grafts, scale)
+
+    def _gradients(self, x, shared, positive, row_weight, grafts, scale):
+        acts = [x.reshape(x.shape[0], -1) if shared else x.reshape(*x.shape[:2], -1)]
+        packs = []  # each masked layer's packed masks, in order
+        for i, m in enumerate(self.layers):
+            if m is None:
+                acts.append(torch.relu(acts[-1]))
+                continue
+            packs.append(m.masks())
+            acts.append(_ops.multi_masked_linear(acts[-1], m.weight, packs[-1], m.bias,
+                                                 shared and i == 0))
+        logits, weight, bias = acts[-1], grafts.weight, grafts.bias
+        out, ce = _ops.graft_cross_entropy(logits, weight, bias, positive, row_weight, scale)
+        grad, weight.grad, bias.grad = _ops.graft_cross_entropy_backward(
+            torch.ones_like(ce), logits, weight, out, positive, row_weight, scale,
+            [True, weight.requires_grad, bias.requires_grad])
+        for i in reversed(range(len(self.layers))):
+            m = self.layers[i]
+            if m is None:  # autograd's ReLU backward: on the ReLU's output
+                grad = torch.ops.aten.threshold_backward(grad, acts[i + 1], 0)
+                continue
+            grad, m.scores.grad, _ = _ops.multi_masked_linear_backward(
+                grad, acts[i], m.weight, packs.pop(), shared and i == 0, [i > 0, True, False])
+        return out, ce
