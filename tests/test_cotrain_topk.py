@@ -27,7 +27,7 @@ def _args(h, init, sign):
 
 
 def _run_both(shape, dtype, density, steps=5, sign=True, anchor_kind="shared", seed=0,
-              jump_at=None, ties_at=None, grad_scale=0.1):
+              jump_at=None, ties_at=None, grad_scale=0.1, hyper=HYPER):
     """Run `steps` fused steps and the unfused twin (update, then multi_topk_mask) side by side;
     assert bit-equal scores and buffers and equal masks at every step. Returns (the bracket, the
     scores, per step whether every module's new threshold lay inside its previous bracket, i.e.
@@ -57,10 +57,10 @@ def _run_both(shape, dtype, density, steps=5, sign=True, anchor_kind="shared", s
                 b.view(shape[0], -1)[:, :half] = 0.0
         if ties_at is not None and t >= ties_at:  # the block stays tied: same updates
             grad.view(shape[0], -1)[:, : s1[0].numel() // 2] = 0
-        stem_ref = cotrain_sgd_step_(s2, b2, grad, anchor, *_args(HYPER, t == 0, sign))
+        stem_ref = cotrain_sgd_step_(s2, b2, grad, anchor, *_args(hyper, t == 0, sign))
         mask_ref = multi_topk_mask(s2, density)
         old = bracket.clone()
-        stem, mask = cotrain_sgd_topk_step_(s1, b1, grad, anchor, *_args(HYPER, t == 0, sign),
+        stem, mask = cotrain_sgd_topk_step_(s1, b1, grad, anchor, *_args(hyper, t == 0, sign),
                                             density, bracket)
         hits.append(None if t == 0 else bool(((bracket[:, 0] >= old[:, 0] - old[:, 1])
                                               & (bracket[:, 0] <= old[:, 0] + old[:, 1])).all()))
@@ -92,11 +92,22 @@ def test_mask_and_update_match_the_unfused_step(shape, dtype, density):
         assert (bracket[:, 1] >= 0).all()
 
 
+@pytest.mark.parametrize("width", [70, 64, 784])  # 64, 784: rows of whole 8-lane groups
 @pytest.mark.parametrize("sign", [True, False])
 @pytest.mark.parametrize("anchor_kind", ["shared", "per_module", None])
-def test_update_switches(sign, anchor_kind):
-    _, _, hits = _run_both((4, 6, 70), torch.float32, 0.1, sign=sign, anchor_kind=anchor_kind)
+def test_update_switches(sign, anchor_kind, width):
+    """Every switch of the update, on rows that end in a partial group (70) and on rows of whole
+    8-lane groups, where float32 updates and scans each group in one pass (64, 784)."""
+    _, _, hits = _run_both((4, 6, width), torch.float32, 0.1, sign=sign, anchor_kind=anchor_kind)
     assert any(hits[1:])  # the fused select ran (not only the full top-k)
+
+
+@pytest.mark.parametrize("nesterov,weight_decay", [(False, 1e-4), (True, 0.0), (False, 0.0)])
+@pytest.mark.parametrize("width", [64, 70])
+def test_update_without_nesterov_or_decay(nesterov, weight_decay, width):
+    hyper = dict(HYPER, nesterov=nesterov, weight_decay=weight_decay)
+    _, _, hits = _run_both((3, 5, width), torch.float32, 0.2, hyper=hyper)
+    assert any(hits[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -92,6 +92,65 @@ int64_t scan_rare<float>(const float* q, int32_t lo, int32_t hi, uint32_t& up, u
 }
 #endif
 
+#if defined(__AVX2__)
+// float32 rows of whole 8-lane groups (cols % 8 == 0): the update of words [b0, b1) and their
+// bracket scan in one pass. Each group of 8 new scores is compared with the bracket while still
+// in a register; a word that holds a bracket key or a NaN is rescanned from memory to gather its
+// keys in order (rare). The elements are visited in update_range's order, so the scores, the
+// momentum and the |S - A| sum come out the same. Returns that sum; fills dm, out and kept as
+// the word scan does.
+template <bool kAnchor, bool kInit, bool kNesterov, bool kSign, bool kDecay>
+double update_scan_block(float* s, float* buf, const float* grad, const float* a, int64_t b0,
+                         int64_t b1, int64_t words, int64_t cols, int32_t lo, int32_t hi,
+                         const score_update::Update8& upd, int32_t* dm, TaskScan<int32_t>& out,
+                         int64_t& kept) {
+  const __m256i abs = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi);
+  const __m256i vlo = _mm256_set1_epi32(lo - 1), vinf = _mm256_set1_epi32(KeyOf<float>::kInf);
+  __m256 lanes = _mm256_setzero_ps();
+  int64_t row = b0 / words, w = b0 % words;
+  for (int64_t u = b0; u < b1; ++u) {
+    if (static_cast<int64_t>(out.keys.size()) < kept + 32) {
+      out.keys.resize(std::max<size_t>(64, 2 * out.keys.size()));
+    }
+    const int64_t i0 = row * cols + w * 32;
+    const int64_t len = std::min<int64_t>(32, cols - w * 32);
+    if (++w == words) {
+      w = 0;
+      ++row;
+    }
+    uint32_t up = 0, inv = 0;
+    __m256i flagged = _mm256_setzero_si256();  // a bracket key or a NaN
+    for (int64_t g = 0; g < len / 8; ++g) {
+      const __m256 next =
+          upd.step<kAnchor, kInit, kNesterov, kSign, kDecay>(s, buf, grad, a, i0 + 8 * g, lanes);
+      const __m256i k = _mm256_and_si256(_mm256_castps_si256(next), abs);
+      const __m256i above = _mm256_cmpgt_epi32(k, vhi);
+      flagged = _mm256_or_si256(
+          flagged, _mm256_or_si256(_mm256_andnot_si256(above, _mm256_cmpgt_epi32(k, vlo)),
+                                   _mm256_cmpgt_epi32(k, vinf)));
+      up |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(above))) << (8 * g);
+    }
+    int64_t got = 0;
+    if (!_mm256_testz_si256(flagged, flagged)) {
+      got = topk_select::scan_partial_word<float>(s + i0, len, lo, hi, up, inv,
+                                                  out.keys.data() + kept);
+    }
+    dm[u] = static_cast<int32_t>(up);
+    out.above += __builtin_popcount(up);
+    out.nan |= inv != 0;
+    if (got) {
+      kept += got;
+      out.words.push_back(u);
+    }
+  }
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, lanes);
+  double total = 0.0;
+  for (int j = 0; j < 8; ++j) total += static_cast<double>(sums[j]);
+  return total;
+}
+#endif
+
 template <typename T, bool kAnchor, bool kInit, bool kNesterov, bool kSign, bool kDecay>
 void fused_step(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_stride, double* stem,
                 int32_t* dst, double* bracket, int64_t modules, int64_t rows, int64_t cols,
@@ -116,6 +175,10 @@ void fused_step(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_str
   }
 
   std::vector<TaskScan<Key>> scan(static_cast<size_t>(tasks));
+#if defined(__AVX2__)
+  const score_update::Update8 upd(static_cast<float>(neg_lr), static_cast<float>(mom),
+                                  static_cast<float>(wd), static_cast<float>(coef));
+#endif
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m = t / chunks, u0 = (t % chunks) * kTaskWords;
@@ -126,6 +189,16 @@ void fused_step(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_str
       int64_t kept = 0;
       for (int64_t b0 = u0; b0 < u1; b0 += kBlockWords) {
         const int64_t b1 = std::min(u1, b0 + kBlockWords);
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (has[m] && cols % 8 == 0) {
+            out.stem += update_scan_block<kAnchor, kInit, kNesterov, kSign, kDecay>(
+                sm, buf + m * n, grad + m * n, kAnchor ? anchor + m * anchor_stride : nullptr,
+                b0, b1, words, cols, lo[m], hi[m], upd, dm, out, kept);
+            continue;
+          }
+        }
+#endif
         out.stem += update_range<T, kAnchor, kInit, kNesterov, kSign, kDecay>(
             sm, buf + m * n, grad + m * n, kAnchor ? anchor + m * anchor_stride : nullptr,
             elem(b0), elem(b1 - 1) + len_of(b1 - 1), neg_lr, mom, wd, coef);

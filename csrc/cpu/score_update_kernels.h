@@ -56,41 +56,44 @@ inline T update_one(T* __restrict__ s, T* __restrict__ buf, const T* __restrict_
 // update_one on 8 float32 lanes at a time, the same operations in the same order (a product
 // stays a product and an fma an fma: the same bits). The compiler's own vectorisation of the
 // plain loop kept the |S - A| sums in memory and reloaded every constant per step, at twice
-// the cost. Returns the first element not done; `lanes` accumulates |S - A| per lane.
-template <bool kAnchor, bool kInit, bool kNesterov, bool kSign, bool kDecay>
-inline int64_t update_avx2(float* __restrict__ s, float* __restrict__ buf,
-                           const float* __restrict__ grad, const float* __restrict__ a,
-                           int64_t i0, int64_t i1, float neg_lr, float mom, float wd, float coef,
-                           __m256& lanes) {
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
-  const __m256 minus_one = _mm256_set1_ps(-1.f);
-  const __m256 abs_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 vlr = _mm256_set1_ps(neg_lr), vmom = _mm256_set1_ps(mom);
-  const __m256 vwd = _mm256_set1_ps(wd), vcoef = _mm256_set1_ps(coef);
+// the cost.
+struct Update8 {
+  __m256 zero, one, minus_one, abs_bits, neg_lr, mom, wd, coef;
+  Update8(float neg_lr_, float mom_, float wd_, float coef_)
+      : zero(_mm256_setzero_ps()), one(_mm256_set1_ps(1.f)), minus_one(_mm256_set1_ps(-1.f)),
+        abs_bits(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
+        neg_lr(_mm256_set1_ps(neg_lr_)), mom(_mm256_set1_ps(mom_)), wd(_mm256_set1_ps(wd_)),
+        coef(_mm256_set1_ps(coef_)) {}
+
   // sgn: 1, -1, or +0 (NaN included), as (v > 0) - (v < 0) in float
-  const auto sgn8 = [&](__m256 v) {
+  inline __m256 sgn(__m256 v) const {
     return _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), one),
                         _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), minus_one));
-  };
-  int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) {
+  }
+
+  // Elements [i, i + 8): updates s and buf, adds |S - A| to `lanes`, returns the new scores.
+  template <bool kAnchor, bool kInit, bool kNesterov, bool kSign, bool kDecay>
+  inline __m256 step(float* __restrict__ s, float* __restrict__ buf,
+                     const float* __restrict__ grad, const float* __restrict__ a, int64_t i,
+                     __m256& lanes) const {
     const __m256 si = _mm256_loadu_ps(s + i);
     __m256 g = _mm256_loadu_ps(grad + i);
-    if constexpr (kSign) g = _mm256_mul_ps(g, sgn8(si));
+    if constexpr (kSign) g = _mm256_mul_ps(g, sgn(si));
     if constexpr (kAnchor) {
       const __m256 d = _mm256_sub_ps(si, _mm256_loadu_ps(a + i));
       lanes = _mm256_add_ps(lanes, _mm256_and_ps(d, abs_bits));
-      g = _mm256_add_ps(g, _mm256_mul_ps(sgn8(d), vcoef));
+      g = _mm256_add_ps(g, _mm256_mul_ps(sgn(d), coef));
     }
-    if constexpr (kDecay) g = _mm256_fmadd_ps(si, vwd, g);
+    if constexpr (kDecay) g = _mm256_fmadd_ps(si, wd, g);
     __m256 b = g;
-    if constexpr (!kInit) b = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + i), vmom), g);
+    if constexpr (!kInit) b = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + i), mom), g);
     _mm256_storeu_ps(buf + i, b);
-    g = kNesterov ? _mm256_fmadd_ps(b, vmom, g) : b;
-    _mm256_storeu_ps(s + i, _mm256_fmadd_ps(g, vlr, si));
+    g = kNesterov ? _mm256_fmadd_ps(b, mom, g) : b;
+    const __m256 next = _mm256_fmadd_ps(g, neg_lr, si);
+    _mm256_storeu_ps(s + i, next);
+    return next;
   }
-  return i;
-}
+};
 #endif
 
 // Elements [i0, i1) (a: the anchor, indexed like s): returns the sum of |S - A|. A plain
@@ -105,9 +108,11 @@ double update_range(T* __restrict__ s, T* __restrict__ buf, const T* __restrict_
   int64_t i = i0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
+    const Update8 u(neg_lr, mom, wd, coef);
     __m256 acc = _mm256_setzero_ps();
-    i = update_avx2<kAnchor, kInit, kNesterov, kSign, kDecay>(s, buf, grad, a, i0, i1, neg_lr,
-                                                              mom, wd, coef, acc);
+    for (; i + 8 <= i1; i += 8) {
+      u.step<kAnchor, kInit, kNesterov, kSign, kDecay>(s, buf, grad, a, i, acc);
+    }
     _mm256_storeu_ps(lanes, acc);
   }
 #endif
