@@ -3,15 +3,21 @@
 Run: python benchmarks/exp_sampled_negatives.py --out docs/runs/sampled_negatives [--quick]
 
 Per workload, one process, same base model, same seed, same data order, one after the other:
-  full      decompose(..., neg_ratio=None)   (the paper's loss: every module sees the batch)
-  sampled   decompose(..., neg_ratio=r)
+  full      decompose(..., neg_ratio=None)   (the paper's loss: every module sees the batch of 32)
+  sampled   decompose(..., neg_ratio=r) on batches of 32 examples (G = 1: the same batch) or,
+            for G > 1, of 32 * G * K / 10 ("module-balanced" batches: each module's rows per
+            step about (1 + r) * 32 * G / 10, the same for every K, and G * K / 10 times fewer
+            optimizer steps per epoch)
+  full, same batch   (extra, --control, only where G > 1) full co-training on the sampled run's
+            batches: how much of the difference is the batch size alone
 Reported: wall seconds per epoch (decompose's total time / epochs), JI (metrics.jaccard_index)
 and recomposed accuracy of all classes on the test split (metrics.recomposed_accuracy).
 
-r is chosen first on validation data carved from the training split (its last --val examples,
-never used for decomposition or base training): MNIST FC1, candidates --ratios; the smallest r
-whose validation recomposed accuracy is within 0.5 point and JI within 0.03 of full
-co-training's on the same validation data is used for every workload (the largest candidate if
+(r, G) is chosen first on validation data carved from the training split (its last --val
+examples, never used for decomposition or base training): MNIST FC1, candidates --candidates
+("r:G,..."; --ratios r,... means G = 1); of the candidates whose validation recomposed accuracy
+is within 0.5 point and JI within 0.03 of full co-training's on the same validation data, the
+one with the shortest validation run is used for every workload (the smallest r, G = 1, if
 none is).
 
 Workloads (Table 1 settings: density 0.1, alpha 2, p 1, lr 0.1 cosine, batch 32, SGD Nesterov;
@@ -47,8 +53,8 @@ def _split(ds, n_first, n_last):
     return TensorDataset(x[:n_first], y[:n_first]), TensorDataset(x[-n_last:], y[-n_last:])
 
 
-def _decompose(model, data, k, epochs, seed, ratio):
-    loader = DataLoader(data, batch_size=32, shuffle=True,
+def _decompose(model, data, k, epochs, seed, ratio, batch=32):
+    loader = DataLoader(data, batch_size=batch, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     bank = decompose(model, loader, k, epochs=epochs, seed=seed, progress=False,
@@ -61,15 +67,25 @@ def _quality(bank, test, k):
             "acc": metrics.recomposed_accuracy(bank, test, range(k))}
 
 
-def compare(name, model, data, test, k, epochs, seed, ratio, log):
+def _batch(group, k):
+    """The sampled run's batch: full co-training's 32 for G = 1, else 32 * G * K / 10 examples
+    (G at K = 10; the same rows per module at every K)."""
+    return 32 if group == 1 else max(1, round(32 * group * k / 10))
+
+
+def compare(name, model, data, test, k, epochs, seed, ratio, group, log, control=False):
     out = {"workload": name, "k": k, "decomp_examples": len(data), "epochs": epochs,
-           "seed": seed, "ratio": ratio, "base_test_acc": evaluate(model, test)}
-    for mode, r in (("full", None), ("sampled", ratio)):
-        bank, secs = _decompose(model, data, k, epochs, seed, r)
-        out[mode] = {"seconds": secs, "seconds_per_epoch": secs / epochs,
+           "seed": seed, "ratio": ratio, "group": group, "sampled_batch": _batch(group, k),
+           "base_test_acc": evaluate(model, test)}
+    modes = [("full", None, 32), ("sampled", ratio, _batch(group, k))]
+    if control and group != 1:
+        modes.append(("full_same_batch", None, _batch(group, k)))
+    for mode, r, batch in modes:
+        bank, secs = _decompose(model, data, k, epochs, seed, r, batch)
+        out[mode] = {"seconds": secs, "seconds_per_epoch": secs / epochs, "batch": batch,
                      **_quality(bank, test, k), "history": bank.history}
-        log(f"{name} {mode}: {secs / epochs:.1f} s/epoch, JI {out[mode]['ji']:.3f}, "
-            f"acc {out[mode]['acc']:.4f}")
+        log(f"{name} {mode} (batch {batch}): {secs / epochs:.2f} s/epoch, "
+            f"JI {out[mode]['ji']:.3f}, acc {out[mode]['acc']:.4f}")
     out["speedup_per_epoch"] = out["full"]["seconds_per_epoch"] / out["sampled"][
         "seconds_per_epoch"]
     out["ji_diff"] = out["sampled"]["ji"] - out["full"]["ji"]
@@ -81,9 +97,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/runs/sampled_negatives")
     ap.add_argument("--workloads", default="mnist,mnist2,cifar10")
-    ap.add_argument("--ratios", default="1,3")
+    ap.add_argument("--ratios", default=None, help="r,... (G = 1); overrides --candidates")
+    ap.add_argument("--candidates", default="1:1,3:1,1:5,3:2,1:3")
     ap.add_argument("--ratio", type=float, default=None, help="skip the validation choice")
+    ap.add_argument("--group", type=float, default=1.0, help="G with --ratio")
+    ap.add_argument("--control", action="store_true", help="also full co-training on the "
+                    "sampled run's batches")
     ap.add_argument("--decomp", type=int, default=10000)
+    ap.add_argument("--cifar-decomp", type=int, default=None,
+                    help="CIFAR-10 decomposition examples (default --decomp / 5)")
     ap.add_argument("--base", type=int, default=20000)
     ap.add_argument("--val", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=3)
@@ -125,28 +147,33 @@ def main(argv=None):
         models[name] = train_classifier(factory(), base_set, epochs=args.base_epochs,
                                         seed=args.seed, progress=False)
         log(f"base {name}: test acc {evaluate(models[name], mnist_test):.4f}")
-    ratio = args.ratio
-    if ratio is None:  # choose r on validation data (FC1), never on test
-        cands = [float(r) for r in args.ratios.split(",")]
+    ratio, group = args.ratio, args.group
+    if ratio is None:  # choose (r, G) on validation data (FC1), never on test
+        cands = ([(float(r), 1.0) for r in args.ratios.split(",")] if args.ratios else
+                 [tuple(float(v) for v in c.split(":")) for c in args.candidates.split(",")])
         val_runs = {}
-        bank, _ = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, None)
-        full_q = _quality(bank, val_set, 10)
-        for r in cands:
-            bank, secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, r)
-            val_runs[r] = {**_quality(bank, val_set, 10), "seconds": secs}
-            log(f"validation r={r}: {val_runs[r]} (full {full_q})")
-        ok = [r for r in cands if abs(val_runs[r]["ji"] - full_q["ji"]) <= 0.03
-              and 100 * (full_q["acc"] - val_runs[r]["acc"]) <= 0.5]
-        ratio = min(ok) if ok else max(cands)
-        results["ratio_choice"] = {"full": full_q, "candidates": {str(r): v for r, v in
-                                                                  val_runs.items()},
-                                   "chosen": ratio}
+        bank, full_secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, None)
+        full_q = {**_quality(bank, val_set, 10), "seconds": full_secs}
+        for r, g in cands:
+            bank, secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, r,
+                                    _batch(g, 10))
+            val_runs[(r, g)] = {**_quality(bank, val_set, 10), "seconds": secs}
+            log(f"validation r={r} G={g}: {val_runs[(r, g)]} (full {full_q})")
+        ok = [c for c in cands if abs(val_runs[c]["ji"] - full_q["ji"]) <= 0.03
+              and 100 * (full_q["acc"] - val_runs[c]["acc"]) <= 0.5]
+        ratio, group = (min(ok, key=lambda c: val_runs[c]["seconds"]) if ok
+                        else (min(r for r, _ in cands), 1.0))
+        results["choice"] = {"full": full_q, "candidates": {f"{r}:{g}": v for (r, g), v in
+                                                            val_runs.items()},
+                             "within_tolerance": [f"{r}:{g}" for r, g in ok],
+                             "chosen": f"{ratio}:{group}"}
         save()
-    log(f"r = {ratio}")
+    log(f"r = {ratio}, G = {group}")
     if "mnist" in workloads:
         for name in ("fc1", "fc2", "fc3", "fc4"):
             results["runs"].append(compare(f"mnist {name}", models[name], decomp_set,
-                                           mnist_test, 10, args.epochs, args.seed, ratio, log))
+                                           mnist_test, 10, args.epochs, args.seed, ratio, group, log,
+                                           args.control))
             save()
     if "mnist2" in workloads:
         train2, test2 = load_dataset("mnist2", "train"), load_dataset("mnist2", "test")
@@ -157,7 +184,8 @@ def main(argv=None):
         log(f"base mnist2_fc: test acc {evaluate(model2, test2):.4f}")
         decomp2 = TensorDataset(*(t[:args.decomp] for t in base2.tensors))
         results["runs"].append(compare("mnist2 mnist2_fc(64)", model2, decomp2, test2, 100,
-                                       max(1, args.epochs - 1), args.seed, ratio, log))
+                                       max(1, args.epochs - 1), args.seed, ratio, group, log,
+                                       args.control))
         save()
     if "cifar10" in workloads:
         train3, test3 = load_dataset("cifar10", "train"), load_dataset("cifar10", "test")
@@ -166,9 +194,11 @@ def main(argv=None):
         model3 = train_classifier(small_vgg(3, 10, 16), base3, epochs=max(1, args.base_epochs - 2),
                                   lr=0.05, seed=args.seed, progress=False)
         log(f"base small_vgg: test acc {evaluate(model3, test3):.4f}")
-        decomp3 = TensorDataset(*(t[:args.decomp // 5] for t in base3.tensors))
+        decomp3 = TensorDataset(*(t[:args.cifar_decomp or args.decomp // 5]
+                                  for t in base3.tensors))
         results["runs"].append(compare("cifar10 small_vgg(16)", model3, decomp3, test3, 10,
-                                       max(1, args.epochs - 1), args.seed, ratio, log))
+                                       max(1, args.epochs - 1), args.seed, ratio, group, log,
+                                       args.control))
         save()
     results["wall_seconds"] = time.time() - start
     save()
