@@ -58,6 +58,28 @@ struct TaskScan {
   double stem = 0.0;
 };
 
+// Records the scan of word u: its bits above the bracket into the mask, its count, and its
+// gathered bracket keys (already written at out.keys[kept ..]).
+template <typename Key>
+inline void record_word(TaskScan<Key>& out, int32_t* dm, int64_t u, uint32_t up, uint32_t inv,
+                        int64_t got, int64_t& kept) {
+  dm[u] = static_cast<int32_t>(up);
+  out.above += __builtin_popcount(up);
+  out.nan |= inv != 0;
+  if (got) {
+    kept += got;
+    out.words.push_back(u);
+  }
+}
+
+// Room for one more word's 32 bracket keys at out.keys[kept ..].
+template <typename Key>
+inline void reserve_word(TaskScan<Key>& out, int64_t kept) {
+  if (static_cast<int64_t>(out.keys.size()) < kept + 32) {
+    out.keys.resize(std::max<size_t>(64, 2 * out.keys.size()));
+  }
+}
+
 // One word of 32 updated scores q against the bracket [lo, hi]: up = bits of the keys > hi,
 // inv = bits of NaN keys; keys inside the bracket are written to dst (room for 32) in order and
 // counted. The fused step's bracket holds about one key in a thousand, so the float32 version
@@ -109,9 +131,7 @@ double update_scan_block(float* s, float* buf, const float* grad, const float* a
   __m256 lanes = _mm256_setzero_ps();
   int64_t row = b0 / words, w = b0 % words;
   for (int64_t u = b0; u < b1; ++u) {
-    if (static_cast<int64_t>(out.keys.size()) < kept + 32) {
-      out.keys.resize(std::max<size_t>(64, 2 * out.keys.size()));
-    }
+    reserve_word(out, kept);
     const int64_t i0 = row * cols + w * 32;
     const int64_t len = std::min<int64_t>(32, cols - w * 32);
     if (++w == words) {
@@ -135,13 +155,7 @@ double update_scan_block(float* s, float* buf, const float* grad, const float* a
       got = topk_select::scan_partial_word<float>(s + i0, len, lo, hi, up, inv,
                                                   out.keys.data() + kept);
     }
-    dm[u] = static_cast<int32_t>(up);
-    out.above += __builtin_popcount(up);
-    out.nan |= inv != 0;
-    if (got) {
-      kept += got;
-      out.words.push_back(u);
-    }
+    record_word(out, dm, u, up, inv, got, kept);
   }
   alignas(32) float sums[8];
   _mm256_store_ps(sums, lanes);
@@ -205,9 +219,7 @@ void fused_step(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_str
         if (!has[m]) continue;
         int64_t row = b0 / words, w = b0 % words;  // word u = (row, w), advanced without division
         for (int64_t u = b0; u < b1; ++u) {
-          if (static_cast<int64_t>(out.keys.size()) < kept + 32) {
-            out.keys.resize(std::max<size_t>(64, 2 * out.keys.size()));
-          }
+          reserve_word(out, kept);
           const T* q = sm + row * cols + w * 32;
           const int64_t len = std::min<int64_t>(32, cols - w * 32);
           if (++w == words) {
@@ -220,13 +232,7 @@ void fused_step(T* s, T* buf, const T* grad, const T* anchor, int64_t anchor_str
               len == 32 ? scan_rare<T>(q, lo[m], hi[m], up, inv, gathered)
                         : topk_select::scan_partial_word<T>(q, len, lo[m], hi[m], up, inv,
                                                             gathered);
-          dm[u] = static_cast<int32_t>(up);
-          out.above += __builtin_popcount(up);
-          out.nan |= inv != 0;
-          if (got) {
-            kept += got;
-            out.words.push_back(u);
-          }
+          record_word(out, dm, u, up, inv, got, kept);
         }
       }
       out.keys.resize(kept);

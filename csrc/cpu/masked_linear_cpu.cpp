@@ -352,6 +352,10 @@ std::vector<std::pair<int64_t, int64_t>> nonzero_column_runs(const T* x, int64_t
 // Rows [r0, r1) of gs [K*O, I]: the compacted product tmp [K*O, ld] (kept columns used) times
 // W back in the columns of `runs`, zero elsewhere. tmp's rows hold 8 readable values past `kept`
 // (any values: what they give is overwritten).
+// float32 takes whole 8-lane vectors per run. A run's last vector may spill past it; the
+// spilled lanes are overwritten by the zeros of the gap after it or by the next run (a row is
+// written left to right to its end), and a run whose last vector would pass the row's end ends
+// in scalars, so nothing is written (or read from W) past the row.
 template <typename T>
 void expand_columns(const T* tmp, int64_t ld, const T* w, int64_t O, int64_t I,
                     const std::vector<std::pair<int64_t, int64_t>>& runs, T* gs, int64_t r0,
@@ -363,42 +367,21 @@ void expand_columns(const T* tmp, int64_t ld, const T* w, int64_t O, int64_t I,
     int64_t col = 0;
     for (const auto& [a, len] : runs) {
       std::fill(dst + col, dst + a, T(0));
-      for (int64_t t = 0; t < len; ++t) dst[a + t] = src[t] * wr[a + t];
-      src += len;
-      col = a + len;
-    }
-    std::fill(dst + col, dst + I, T(0));
-  }
-}
-
-// float32: whole 8-lane vectors per run. A run's last vector may spill past it; the spilled
-// lanes are overwritten by the zeros of the gap after it or by the next run (a row is written
-// left to right to its end), and a run whose last vector would pass the row's end ends in
-// scalars, so nothing is written (or read from W) past the row.
-template <>
-void expand_columns<float>(const float* tmp, int64_t ld, const float* w, int64_t O, int64_t I,
-                           const std::vector<std::pair<int64_t, int64_t>>& runs, float* gs,
-                           int64_t r0, int64_t r1) {
-  using cpu::v8f_u;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* src = tmp + r * ld;
-    const float* wr = w + (r % O) * I;
-    float* dst = gs + r * I;
-    int64_t col = 0;
-    for (const auto& [a, len] : runs) {
-      std::fill(dst + col, dst + a, 0.f);
-      const int64_t vec_end =
-          a + round_up(len, cpu::kLanes) <= I ? len : len / cpu::kLanes * cpu::kLanes;
       int64_t t = 0;
-      for (; t < vec_end; t += cpu::kLanes) {
-        *reinterpret_cast<v8f_u*>(dst + a + t) = *reinterpret_cast<const v8f_u*>(src + t) *
-                                                 *reinterpret_cast<const v8f_u*>(wr + a + t);
+      if constexpr (std::is_same_v<T, float>) {
+        using cpu::v8f_u;
+        const int64_t vec_end =
+            a + round_up(len, cpu::kLanes) <= I ? len : len / cpu::kLanes * cpu::kLanes;
+        for (; t < vec_end; t += cpu::kLanes) {
+          *reinterpret_cast<v8f_u*>(dst + a + t) = *reinterpret_cast<const v8f_u*>(src + t) *
+                                                   *reinterpret_cast<const v8f_u*>(wr + a + t);
+        }
       }
       for (; t < len; ++t) dst[a + t] = src[t] * wr[a + t];
       src += len;
       col = a + len;
     }
-    std::fill(dst + col, dst + I, 0.f);
+    std::fill(dst + col, dst + I, T(0));
   }
 }
 
