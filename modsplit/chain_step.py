@@ -1,10 +1,9 @@
 """Co-training's gradients of a masked MLP by direct op calls (decompose.train_step's fast path).
 
-A co-training step of a small FC network spends more time in Python and autograd bookkeeping
-than in its kernels: the converted network's module calls, the autograd Functions and engine,
-zero_grad and AccumulateGrad cost about as much as the forward, the score gradient and the fused
-score update together (FC1, K = 10, batch 32: about 0.6 of 1.7 ms on one core). For a network
-that is a plain chain, MaskedChain runs the same ops in the same order without autograd:
+In a co-training step of a small FC network, Python and autograd bookkeeping (the converted
+network's module calls, the autograd Functions and engine, zero_grad, AccumulateGrad) cost a
+large share next to the kernels (benchmarks/RESULTS.md, "Stop 17"). For a network that is a
+plain chain, MaskedChain runs the same ops in the same order without autograd:
 
     forward    multi_masked_linear per layer (the first on the input all modules share),
                torch.relu between them, then graft_cross_entropy;
@@ -86,7 +85,8 @@ class MaskedChain:
         """Whether this step can be taken exactly: the CPU kernels run x (float32 / float64,
         the "auto" or "cpu" backend), every layer has trainable scores of x's dtype, a frozen
         weight and bias and all K modules active, and no hook (module, global module, or
-        tensor hook on a score or graft parameter) would be skipped."""
+        tensor hook on a score tensor or on the grafts' weight and bias, the tensors the step
+        reads) would be skipped."""
         if not (uses_cpu_kernel(x) and torch.is_grad_enabled() and not x.requires_grad
                 and _no_global_hooks() and all(_no_module_hooks(m) for m in self.modules)):
             return False
@@ -96,7 +96,8 @@ class MaskedChain:
                     or m.scores.dtype != x.dtype or m.weight.dtype != x.dtype
                     or not _no_tensor_hooks(m.scores)):
                 return False
-        return all(p.dtype == x.dtype and _no_tensor_hooks(p) for p in grafts.parameters())
+        return all(p.dtype == x.dtype and _no_tensor_hooks(p)
+                   for p in (grafts.weight, grafts.bias))
 
     def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float):
         """One step's forward and backward.

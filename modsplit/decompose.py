@@ -140,7 +140,8 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     same values: modsplit.chain_step); False always takes autograd's path (for comparisons).
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
-    scores = net.score_parameters()
+    trained = [m for m in net.masked_layers().values() if m.scores is not None]
+    scores = [m.scores for m in trained]  # net.score_parameters()
     per_module = sum(s[0].numel() for s in scores)
     fused = isinstance(opt, CoTrainSGD)
     chain = getattr(net, "masked_chain", lambda: None)() if fused and direct else None
@@ -181,7 +182,7 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     else:
         # On the CPU kernels the update of each layer's scores also computes their next top-k
         # mask (the one the next forward would compute), which the layer adopts.
-        layers = {id(m.scores): m for m in net.masked_layers().values() if m.scores is not None}
+        layers = {id(m.scores): m for m in trained}
         params = opt.param_groups[0]["params"]
         densities = ([layers[id(q)].density for q in params]
                      if fuse_topk and scores and all(id(q) in layers for q in params)
