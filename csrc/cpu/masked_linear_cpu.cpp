@@ -42,6 +42,8 @@ constexpr double kWalkDensity = 0.5;
 // unpack W*M for every module at once and run one batched BLAS call per product: fewer calls
 // than tiles, and no walk set-up.
 constexpr int64_t kSmallElems = int64_t(1) << 16;
+// ... unless float32 masks keep at most this share of the weights (sparse_small).
+constexpr double kSmallWalkDensity = 0.25;
 
 // Multiply-adds below which a loop runs on one thread (OpenMP start-up and barriers cost more).
 constexpr int64_t kParallelWork = int64_t(1) << 18;
@@ -461,6 +463,13 @@ bool is_small(const at::Tensor& w, const at::Tensor& p3) {
   return p3.size(0) * w.numel() <= kSmallElems;
 }
 
+// A small float32 bank whose masks are sparse (FC2-FC4's 49 x 49 layers at density 0.1): the
+// bit walk over kept weights (grad_x: of src = g3) beats unpacking W*M and the dense loops.
+bool sparse_small(const at::Tensor& w, const at::Tensor& p3, int64_t rows, const at::Tensor& src) {
+  return w.scalar_type() == at::kFloat && rows > kGemvRows &&
+         sampled_density(p3, w.size(1)) <= kSmallWalkDensity && cpu::all_finite(src);
+}
+
 // W*M of every module: [K, O, I] (one pass, no per-module tensor calls: small banks run it on
 // every product).
 at::Tensor unpack_all(const at::Tensor& w, const at::Tensor& p3) {
@@ -489,7 +498,7 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
                         const c10::optional<at::Tensor>& bias) {
   const auto w = weight.contiguous();
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
-  if (is_small(w, p3)) {
+  if (is_small(w, p3) && !sparse_small(w, p3, x3.size(1), x3)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t K = p3.size(0), N = x3.size(1), O = w.size(0), I = w.size(1);
     if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
@@ -538,10 +547,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
         const scalar_t* pg = g3.const_data_ptr<scalar_t>();
         if (output_mask[0]) {
           gx = at::empty({S, N, I}, w.options());
-          const auto wm = unpack_all(w, p3);
-          auto coef = at::empty({K * O}, w.options());
-          cpu::small_grad_x(pg, wm.const_data_ptr<scalar_t>(), S, K, N, O, I,
-                            gx.mutable_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>());
+          if (sparse_small(w, p3, N, g3)) {
+            grad_x_bit_walk(g3, w, p3, gx);
+          } else {
+            const auto wm = unpack_all(w, p3);
+            auto coef = at::empty({K * O}, w.options());
+            cpu::small_grad_x(pg, wm.const_data_ptr<scalar_t>(), S, K, N, O, I,
+                              gx.mutable_data_ptr<scalar_t>(),
+                              coef.mutable_data_ptr<scalar_t>());
+          }
         }
         if (output_mask[1]) {
           gs = at::empty({K, O, I}, w.options());
