@@ -7,9 +7,11 @@ plain chain, MaskedChain runs the same ops in the same order without autograd:
 
     forward    multi_masked_linear per layer (the first on the input all modules share),
                torch.relu between them, then graft_cross_entropy;
-    backward   graft_cross_entropy_backward, then per layer from the last:
-               multi_masked_linear_backward (grad_x and the raw score gradient) and
-               threshold_backward for each ReLU, as autograd would call them;
+    backward   graft_cross_entropy_backward, then per layer from the last: the raw score
+               gradient (multi_masked_linear_grad_scores_, the computation of
+               multi_masked_linear_backward's grad_scores, into a buffer the optimizer
+               keeps), grad_x (multi_masked_linear_backward) and threshold_backward for each
+               ReLU, as autograd would call them;
 
 and stores the gradients in .grad, so the optimizer step that follows is the usual one. The
 score gradient is the raw one (before the straight-through sgn(S)), as under
@@ -99,7 +101,8 @@ class MaskedChain:
         return all(p.dtype == x.dtype and _no_tensor_hooks(p)
                    for p in (grafts.weight, grafts.bias))
 
-    def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float):
+    def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float,
+                  grad_buffer=torch.empty_like):
         """One step's forward and backward.
 
         x: float [B, ...] the input all K modules share (shared=True), or [K, R, ...] each
@@ -107,13 +110,16 @@ class MaskedChain:
         ops.graft_cross_entropy (R = B when shared). Stores each layer's raw score gradient
         float [K, O, I] in its scores.grad and the grafts' gradients in grafts.weight.grad
         and grafts.bias.grad (replacing what was there, as zero_grad + backward would).
+        grad_buffer(scores) -> the tensor (like scores) to write the layer's score gradient
+        into: a fresh one by default, or one the caller keeps between steps
+        (CoTrainSGD.grad_buffer), whose memory is then not mapped and zeroed anew each step.
         Returns (out float [K, R, 2], ce float [K]) of graft_cross_entropy."""
         # Below autograd: no graph is recorded (the grafts require grad), and the dispatcher
         # goes straight to the kernels, past the ops' Python autograd wrappers.
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            return self._gradients(x, shared, positive, row_weight, grafts, scale)
+            return self._gradients(x, shared, positive, row_weight, grafts, scale, grad_buffer)
 
-    def _gradients(self, x, shared, positive, row_weight, grafts, scale):
+    def _gradients(self, x, shared, positive, row_weight, grafts, scale, grad_buffer):
         acts = [x.reshape(x.shape[0], -1) if shared else x.reshape(*x.shape[:2], -1)]
         packs = []  # each masked layer's packed masks, in order
         for i, m in enumerate(self.layers):
@@ -133,6 +139,10 @@ class MaskedChain:
             if m is None:  # autograd's ReLU backward: on the ReLU's output
                 grad = torch.ops.aten.threshold_backward(grad, acts[i + 1], 0)
                 continue
-            grad, m.scores.grad, _ = _ops.multi_masked_linear_backward(
-                grad, acts[i], m.weight, packs.pop(), shared and i == 0, [i > 0, True, False])
+            packed, first = packs.pop(), shared and i == 0
+            gs = m.scores.grad = grad_buffer(m.scores)
+            _ops.multi_masked_linear_grad_scores_(gs, grad, acts[i], m.weight, packed, first)
+            if i > 0:
+                grad = _ops.multi_masked_linear_backward(grad, acts[i], m.weight, packed, first,
+                                                         [True, False, False])[0]
         return out, ce

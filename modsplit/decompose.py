@@ -162,7 +162,7 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
             for q in group["params"]:
                 q.grad = None
         out, ce = chain.gradients(x if rows is None else x[idx], rows is None, positive,
-                                  w.to(x.dtype), grafts, 1.0 / x.shape[0])
+                                  w.to(x.dtype), grafts, 1.0 / x.shape[0], opt.grad_buffer)
         stem = torch.zeros_like(ce)
     else:
         with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself

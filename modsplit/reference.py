@@ -92,6 +92,11 @@ def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input=False
             torch.stack([p[2] for p in parts]).sum(0))
 
 
+def multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed, shared_input=False):
+    """out [K, O, I] <- multi_masked_linear_backward's grad_scores, in place."""
+    out.copy_(multi_masked_linear_backward(grad_out, x, weight, packed, shared_input)[1])
+
+
 def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """x [B, C, H, W], weight [O, C/groups, kh, kw], packed [O, ceil(C/groups*kh*kw/32)]."""
     return F.conv2d(x, _effective(weight, packed), bias, stride, padding, dilation, groups)

@@ -130,6 +130,18 @@ class CoTrainSGD(torch.optim.SGD):
         # not saved, a restored run starts it afresh with the same masks)
         self._brackets = {}
         self.next_masks = None
+        # per score tensor: where decompose's direct step writes its gradient, kept between
+        # steps (also not optimizer state)
+        self._grad_buffers = {}
+
+    def grad_buffer(self, p) -> torch.Tensor:
+        """A tensor like p, the same one on every call while p keeps its shape and dtype, for a
+        step to write p's gradient into (modsplit.chain_step): a large bank's gradient then
+        reuses its memory instead of being mapped and zeroed afresh each step."""
+        buf = self._grad_buffers.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            buf = self._grad_buffers[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf
 
     def _momentum_buffer(self, p) -> tuple:
         """(p's momentum buffer, whether it was just created and holds no momentum yet)."""

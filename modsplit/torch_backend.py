@@ -229,6 +229,12 @@ def multi_masked_linear_backward(grad_out, x, weight, packed, shared_input, outp
     return gx, gs, gb
 
 
+def multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed, shared_input):
+    """out [K, O, I] <- multi_masked_linear_backward's grad_scores, in place."""
+    out.copy_(multi_masked_linear_backward(grad_out, x, weight, packed, shared_input,
+                                           [False, True, False])[1])
+
+
 # ---- conv ---------------------------------------------------------------------------------------
 
 def _check_conv(x, weight, packed, bias, lead, groups):

@@ -530,6 +530,26 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
   return out3;
 }
 
+// gs [K, O, I] (contiguous, every element written) = (g3[k]^T x3[s]) * W: direct loops for
+// small float32 / float64 banks, one batched BLAS call for small banks of other dtypes, tiles
+// otherwise.
+void grad_scores_into(const at::Tensor& g3, const at::Tensor& x3, const at::Tensor& w,
+                      const at::Tensor& p3, at::Tensor& gs) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t K = p3.size(0), S = x3.size(0), N = x3.size(1), O = w.size(0), I = w.size(1);
+  if (!is_small(w, p3)) {
+    grad_scores_tiled(g3, x3, w, gs);
+  } else if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_grad_scores", [&] {
+      cpu::small_grad_scores(g3.const_data_ptr<scalar_t>(), x3.const_data_ptr<scalar_t>(), S,
+                             w.const_data_ptr<scalar_t>(), K, N, O, I,
+                             gs.mutable_data_ptr<scalar_t>());
+    });
+  } else {
+    at::bmm_out(gs, g3.transpose(1, 2), per_module(x3, K)).mul_(w);
+  }
+}
+
 // g3 [K, N, O], x3 [S, N, I], p3 [K, O, words] -> (gx3 [S, N, I], gs [K, O, I], gb [O]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g3,
                                                              const at::Tensor& x3,
@@ -559,9 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
         }
         if (output_mask[1]) {
           gs = at::empty({K, O, I}, w.options());
-          cpu::small_grad_scores(pg, x3.const_data_ptr<scalar_t>(), S,
-                                 w.const_data_ptr<scalar_t>(), K, N, O, I,
-                                 gs.mutable_data_ptr<scalar_t>());
+          grad_scores_into(g3, x3, w, p3, gs);
         }
       });
       if (output_mask[2]) gb = g3.sum(at::IntArrayRef{0, 1});
@@ -571,7 +589,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
       gx = at::bmm(g3, unpack_all(w, p3));  // [K, N, I]
       if (x3.size(0) != K) gx = gx.sum(0, /*keepdim=*/true);
     }
-    if (output_mask[1]) gs = at::bmm(g3.transpose(1, 2), per_module(x3, K)).mul_(w);
+    if (output_mask[1]) {
+      gs = at::empty({K, w.size(0), w.size(1)}, w.options());
+      grad_scores_into(g3, x3, w, p3, gs);
+    }
     if (output_mask[2]) gb = g3.sum(at::IntArrayRef{0, 1});
     return {gx, gs, gb};
   }
@@ -585,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   }
   if (output_mask[1]) {
     gs = at::empty({p3.size(0), w.size(0), w.size(1)}, w.options());
-    grad_scores_tiled(g3, x3, w, gs);
+    grad_scores_into(g3, x3, w, p3, gs);
   }
   if (output_mask[2]) gb = g3.sum(at::IntArrayRef{0, 1});
   return {gx, gs, gb};
@@ -641,9 +662,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_linear_backward_cpu(
   return {gx, gs, gb};
 }
 
+void multi_masked_linear_grad_scores_cpu(at::Tensor& out, const at::Tensor& grad_out,
+                                         const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& packed, bool shared_input) {
+  check_linear_args(x, weight, packed, 1);
+  const int64_t K = packed.size(0);
+  check_module_dim(x, K, shared_input);
+  check_grad_out(grad_out, weight, out_shape(x, shared_input ? 0 : 1, K, weight.size(0)));
+  check_same_device(out, weight, "out", "weight");
+  check_same_dtype(out, weight, "out", "weight");
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({K, weight.size(0), weight.size(1)}),
+              "modsplit: out must have shape [K, O, I] = ", at::IntArrayRef({K, weight.size(0),
+              weight.size(1)}), ", got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "modsplit: out must be contiguous (written in place)");
+  const auto x3 = x.reshape({shared_input ? 1 : K, -1, weight.size(1)}).contiguous();
+  const auto g3 = grad_out.reshape({K, -1, weight.size(0)}).contiguous();
+  grad_scores_into(g3, x3, weight.contiguous(), packed.contiguous(), out);
+}
+
 }  // namespace modsplit
 
 TORCH_LIBRARY_IMPL(modsplit, CPU, m) {
+  m.impl("multi_masked_linear_grad_scores_", &modsplit::multi_masked_linear_grad_scores_cpu);
   m.impl("masked_linear", &modsplit::masked_linear_cpu);
   m.impl("masked_linear_backward", &modsplit::masked_linear_backward_cpu);
   m.impl("multi_masked_linear", &modsplit::multi_masked_linear_cpu);

@@ -5,7 +5,8 @@ straight-through score gradient of edge-popup lives in modsplit.functional.
 """
 import torch
 
-from modsplit.backend import ops_for
+from modsplit import torch_backend
+from modsplit.backend import ops_for, uses_cpu_kernel
 from modsplit.reference import unpack_mask as _unpack_ref
 
 _ops = torch.ops.modsplit
@@ -21,6 +22,26 @@ def multi_masked_linear(x, weight, packed, bias=None, shared_input=False):
     """K modules over one weight. x [K, *, I] (or [*, I] shared by all modules when
     shared_input=True), weight [O, I], packed int32 [K, O, ceil(I/32)] -> [K, *, O]."""
     return ops_for(x).multi_masked_linear(x, weight, packed, bias, shared_input)
+
+
+def multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed, shared_input=False):
+    """out float [K, O, I] <- the score gradient (g^T x) * W of multi_masked_linear (the second
+    output of its backward), written in place; grad_out [K, *, O], x and the rest as for
+    multi_masked_linear. A caller that keeps out between steps reuses its memory. The C++
+    kernel for float32 / float64 CPU tensors ("auto" / "cpu" backend), the torch backend's
+    twin elsewhere."""
+    if uses_cpu_kernel(x):
+        torch.ops.modsplit.multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed,
+                                                            shared_input)
+    else:
+        torch_backend.multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed,
+                                                       shared_input)
+    return out
+
+
+@torch.library.register_fake("modsplit::multi_masked_linear_grad_scores_")
+def _multi_masked_linear_grad_scores_fake(out, grad_out, x, weight, packed, shared_input):
+    return None
 
 
 @torch.library.register_fake("modsplit::masked_linear")

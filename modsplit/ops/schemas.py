@@ -26,6 +26,11 @@ SCHEMAS = {
     "multi_masked_linear_backward": ("(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
                                      "bool shared_input, bool[3] output_mask) "
                                      "-> (Tensor, Tensor, Tensor)"),
+    # The score gradient of multi_masked_linear_backward (grad_scores), written into out
+    # [K, O, I]: a caller that keeps out between steps reuses its pages (decompose's direct
+    # step; a bank of tens of MB would otherwise be mapped and zeroed afresh on every step).
+    "multi_masked_linear_grad_scores_": ("(Tensor(a!) out, Tensor grad_out, Tensor x, "
+                                         "Tensor weight, Tensor packed, bool shared_input) -> ()"),
     "masked_conv2d": f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor",
     "masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, {_ARGS}, "
                                "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
@@ -87,7 +92,7 @@ SCHEMAS = {
 CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d", "module_batch_norm",
             "module_batch_norm_backward", "channel_affine", "channel_affine_backward",
             "max_pool2x2", "max_pool2x2_backward", "graft_cross_entropy",
-            "graft_cross_entropy_backward")
+            "graft_cross_entropy_backward", "multi_masked_linear_grad_scores_")
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():
