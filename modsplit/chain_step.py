@@ -27,14 +27,10 @@ import torch.nn as nn
 import torch.nn.modules.module as module_globals
 
 from modsplit.backend import uses_cpu_kernel
+from modsplit.fused_layers import hookless
 from modsplit.layers import MaskedLinear
 
 _ops = torch.ops.modsplit
-
-
-def _no_module_hooks(m: nn.Module) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
 
 
 def _no_tensor_hooks(t: torch.Tensor) -> bool:
@@ -90,7 +86,7 @@ class MaskedChain:
         tensor hook on a score tensor or on the grafts' weight and bias, the tensors the step
         reads) would be skipped."""
         if not (uses_cpu_kernel(x) and torch.is_grad_enabled() and not x.requires_grad
-                and _no_global_hooks() and all(_no_module_hooks(m) for m in self.modules)):
+                and _no_global_hooks() and all(hookless(m) for m in self.modules)):
             return False
         for m in self.masked:
             frozen = not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)

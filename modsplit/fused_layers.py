@@ -30,7 +30,8 @@ from modsplit.module_norm import ModuleBatchNorm
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _hookless(m: nn.Module) -> bool:
+def hookless(m: nn.Module) -> bool:
+    """m has no forward, forward-pre, backward or backward-pre hook of its own."""
     return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                 or getattr(m, "_backward_pre_hooks", None))
 
@@ -95,7 +96,7 @@ class MaxPool2x2(nn.Module):
 
 
 def _fusable_norm(m: nn.Module) -> bool:
-    return (isinstance(m, ModuleBatchNorm) or type(m) in _BATCHNORMS) and _hookless(m)
+    return (isinstance(m, ModuleBatchNorm) or type(m) in _BATCHNORMS) and hookless(m)
 
 
 class FusedView:
@@ -115,10 +116,10 @@ class FusedView:
         return self.view
 
     def stale(self) -> bool:
-        return not all(_hookless(m) for m in self.replaced)
+        return not all(hookless(m) for m in self.replaced)
 
     def _twin(self, module: nn.Module) -> nn.Module:
-        if not _hookless(module):
+        if not hookless(module):
             return module
         if _is_pool2x2(module):
             self.replaced.append(module)
@@ -134,7 +135,7 @@ class FusedView:
         if isinstance(module, nn.Sequential):
             for a, b in zip(names, names[1:]):
                 if (a not in fused and _fusable_norm(children[a])
-                        and type(children[b]) is nn.ReLU and _hookless(children[b])):
+                        and type(children[b]) is nn.ReLU and hookless(children[b])):
                     self.replaced += [children[a], children[b]]
                     children[a], children[b] = NormReLU(children[a]), nn.Identity()
                     fused.update((a, b))

@@ -464,10 +464,11 @@ bool is_small(const at::Tensor& w, const at::Tensor& p3) {
 }
 
 // A small float32 bank whose masks are sparse (FC2-FC4's 49 x 49 layers at density 0.1): the
-// bit walk over kept weights (grad_x: of src = g3) beats unpacking W*M and the dense loops.
-bool sparse_small(const at::Tensor& w, const at::Tensor& p3, int64_t rows, const at::Tensor& src) {
+// bit walk over kept weights beats unpacking W*M and the dense loops (the caller checks that
+// the walk's source, x or grad_out, is finite).
+bool sparse_small(const at::Tensor& w, const at::Tensor& p3, int64_t rows) {
   return w.scalar_type() == at::kFloat && rows > kGemvRows &&
-         sampled_density(p3, w.size(1)) <= kSmallWalkDensity && cpu::all_finite(src);
+         sampled_density(p3, w.size(1)) <= kSmallWalkDensity;
 }
 
 // W*M of every module: [K, O, I] (one pass, no per-module tensor calls: small banks run it on
@@ -498,7 +499,8 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
                         const c10::optional<at::Tensor>& bias) {
   const auto w = weight.contiguous();
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
-  if (is_small(w, p3) && !sparse_small(w, p3, x3.size(1), x3)) {
+  const bool skip_ok = w.scalar_type() == at::kFloat && cpu::all_finite(x3);
+  if (is_small(w, p3) && !(skip_ok && sparse_small(w, p3, x3.size(1)))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t K = p3.size(0), N = x3.size(1), O = w.size(0), I = w.size(1);
     if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
@@ -519,7 +521,6 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
     return out3;
   }
   auto out3 = at::empty({p3.size(0), x3.size(1), w.size(0)}, w.options());
-  const bool skip_ok = w.scalar_type() == at::kFloat && cpu::all_finite(x3);
   if (skip_ok && x3.size(1) <= kGemvRows) {
     forward_gemv(x3, w, p3, b, out3);
   } else if (skip_ok && use_bit_walk(w, p3, x3.size(1))) {
@@ -567,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
         const scalar_t* pg = g3.const_data_ptr<scalar_t>();
         if (output_mask[0]) {
           gx = at::empty({S, N, I}, w.options());
-          if (sparse_small(w, p3, N, g3)) {
+          if (sparse_small(w, p3, N) && cpu::all_finite(g3)) {
             grad_x_bit_walk(g3, w, p3, gx);
           } else {
             const auto wm = unpack_all(w, p3);
