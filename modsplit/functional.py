@@ -58,6 +58,28 @@ class _MultiMaskedLinear(torch.autograd.Function):
         return gx, None, gs, None, gb, None
 
 
+class _RaggedMaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scores, packed, offsets, rows, bias):
+        _check_scores(scores, weight, packed)
+        ctx.save_for_backward(x, weight, scores, packed, offsets,
+                              *([] if rows is None else [rows]))
+        ctx.has_rows, ctx.raw = rows is not None, _RAW[0]
+        ctx.ops = ops_for(x)  # the backward runs on the forward's backend
+        return ctx.ops.ragged_masked_linear(x, weight, packed, offsets, rows, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scores, packed, offsets, *rest = ctx.saved_tensors
+        need_x, _, need_s, _, _, _, need_b = ctx.needs_input_grad
+        gx, gs, gb = ctx.ops.ragged_masked_linear_backward(
+            grad_out.contiguous(), x, weight, packed, offsets, rest[0] if ctx.has_rows else None,
+            [need_x, need_s, need_b])
+        if gs is not None and not ctx.raw:
+            gs = gs * scores.sign()
+        return gx, None, gs, None, None, None, gb
+
+
 class _MultiMaskedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, packed, bias, stride, padding, dilation, groups):
@@ -85,6 +107,13 @@ def multi_masked_linear(x, weight, scores, packed, bias=None, shared_input=False
     packed int32 [K, O, ceil(I/32)] = multi_topk_mask(scores, density) -> [K, *, O].
     """
     return _MultiMaskedLinear.apply(x, weight, scores, packed, bias, shared_input)
+
+
+def ragged_masked_linear(x, weight, scores, packed, offsets, rows=None, bias=None):
+    """ops.ragged_masked_linear (module k on its own rows) with the straight-through score
+    gradient. x [R, I], weight [O, I] (frozen), scores float [K, O, I], packed int32
+    [K, O, ceil(I/32)], offsets int64 [K+1], rows int64 [T] or None -> [T, O]."""
+    return _RaggedMaskedLinear.apply(x, weight, scores, packed, offsets, rows, bias)
 
 
 def multi_masked_conv2d(x, weight, scores, packed, bias=None, stride=1, padding=0, dilation=1,

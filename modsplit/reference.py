@@ -97,6 +97,39 @@ def multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed, shared_in
     out.copy_(multi_masked_linear_backward(grad_out, x, weight, packed, shared_input)[1])
 
 
+def _ragged_slices(offsets):
+    o = [int(v) for v in offsets]
+    return list(zip(o[:-1], o[1:]))
+
+
+def ragged_masked_linear(x, weight, packed, offsets, rows=None, bias=None):
+    """Module k on its rows: out[t] = x[rows[t]] (W*M_k)^T + b for offsets[k] <= t <
+    offsets[k+1]. x [R, I], packed [K, O, words], offsets int64 [K+1], rows int64 [T] or None
+    (x's own rows, T = R) -> [T, O]."""
+    xs = x if rows is None else x[rows]
+    parts = [masked_linear(xs[a:b], weight, packed[k], bias)
+             for k, (a, b) in enumerate(_ragged_slices(offsets))]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[0])
+
+
+def ragged_masked_linear_backward(grad_out, x, weight, packed, offsets, rows=None):
+    """-> (grad_x like x (with rows: summed over the t with rows[t] = r), grad_scores [K, O, I]
+    = (g_k^T x_k) * W, grad_bias [O])."""
+    xs = x if rows is None else x[rows]
+    parts = [masked_linear_backward(grad_out[a:b], xs[a:b], weight, packed[k])
+             for k, (a, b) in enumerate(_ragged_slices(offsets))]
+    gx_rows = torch.cat([p[0] for p in parts]) if parts else xs.new_zeros(xs.shape)
+    gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
+    gs = (torch.stack([p[1] for p in parts]) if parts
+          else weight.new_zeros(0, *weight.shape))
+    return gx, gs, grad_out.sum(0)
+
+
+def ragged_masked_linear_grad_scores_(out, grad_out, x, weight, packed, offsets, rows=None):
+    """out [K, O, I] <- ragged_masked_linear_backward's grad_scores, in place."""
+    out.copy_(ragged_masked_linear_backward(grad_out, x, weight, packed, offsets, rows)[1])
+
+
 def masked_conv2d(x, weight, packed, bias, stride, padding, dilation, groups):
     """x [B, C, H, W], weight [O, C/groups, kh, kw], packed [O, ceil(C/groups*kh*kw/32)]."""
     return F.conv2d(x, _effective(weight, packed), bias, stride, padding, dilation, groups)

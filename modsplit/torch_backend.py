@@ -235,6 +235,96 @@ def multi_masked_linear_grad_scores_(out, grad_out, x, weight, packed, shared_in
                                            [False, True, False])[1])
 
 
+# ---- ragged per-module row sets ------------------------------------------------------------------
+
+def check_ragged(x, weight, packed, offsets, rows, bias=None):
+    """Validate ragged_masked_linear's arguments (modsplit.ops.schemas); returns (K, T). Reads
+    offsets' values (one device sync on a GPU)."""
+    _check_same(x, weight, bias)
+    _check(x.dim() == 2, f"x must be [R, I], got {list(x.shape)}")
+    _check(x.shape[1] == weight.shape[1], f"x has {x.shape[1]} features, weight {weight.shape[1]}")
+    _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
+    k = packed.shape[0]
+    _check_packed(packed, (k,), weight)
+    _check(isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64
+           and tuple(offsets.shape) == (k + 1,),
+           f"offsets must be int64 [K+1={k + 1}], got "
+           f"{getattr(offsets, 'dtype', type(offsets).__name__)} "
+           f"{list(getattr(offsets, 'shape', []))}")
+    _check(offsets.device == x.device, f"offsets is on {offsets.device}, x on {x.device}")
+    if rows is not None:
+        _check(isinstance(rows, torch.Tensor) and rows.dtype == torch.int64 and rows.dim() == 1,
+               f"rows must be an int64 vector, got {getattr(rows, 'dtype', type(rows).__name__)}"
+               f" {list(getattr(rows, 'shape', []))}")
+        _check(rows.device == x.device, f"rows is on {rows.device}, x on {x.device}")
+        _check(rows.numel() == 0 or (int(rows.min()) >= 0 and int(rows.max()) < x.shape[0]),
+               f"rows must lie in [0, {x.shape[0]}) (the rows of x)")
+    t = x.shape[0] if rows is None else rows.shape[0]
+    off = offsets.cpu()
+    _check(int(off[0]) == 0 and int(off[-1]) == t and bool((off[1:] >= off[:-1]).all()),
+           f"offsets must rise from 0 to {t} (the rows the modules take), got "
+           f"{off.tolist()[:8]}{' ...' if k > 7 else ''}")
+    return k, t
+
+
+def _ragged_layout(offsets, t):
+    """(module int64 [T], position int64 [T], widest module m): row t is row position[t] of
+    module module[t] in the [K, m, *] padded layout."""
+    k = offsets.shape[0] - 1
+    counts = offsets.diff()
+    module = torch.repeat_interleave(torch.arange(k, device=offsets.device), counts,
+                                     output_size=t)
+    position = torch.arange(t, device=offsets.device) - offsets[module]
+    return module, position, int(counts.max()) if k else 0
+
+
+def _pad_rows(v, module, position, k, m):
+    """v [T, C] -> [K, m, C], zero where a module has fewer than m rows."""
+    out = v.new_zeros(k, m, v.shape[1])
+    out[module, position] = v
+    return out
+
+
+def ragged_masked_linear(x, weight, packed, offsets, rows=None, bias=None):
+    """x [R, I], packed [K, O, words], offsets int64 [K+1], rows int64 [T] or None -> [T, O]:
+    module k on its rows (modsplit.ops.schemas). The rows are padded to the widest module,
+    [K, m, I], then one batched GEMM per chunk of modules (linear_expanded)."""
+    k, t = check_ragged(x, weight, packed, offsets, rows, bias)
+    module, position, m = _ragged_layout(offsets, t)
+    xs = x if rows is None else x.index_select(0, rows)
+    if t == 0 or weight.shape[0] == 0:
+        return x.new_zeros(t, weight.shape[0])
+    y = linear_expanded(_pad_rows(xs, module, position, k, m), weight, packed, bias)
+    return y[module, position]
+
+
+def ragged_masked_linear_backward(grad_out, x, weight, packed, offsets, rows, output_mask):
+    """-> (grad_x like x, grad_scores [K, O, I], grad_bias [O]); None where output_mask is
+    False. Padded as ragged_masked_linear (padding rows add zeros)."""
+    k, t = check_ragged(x, weight, packed, offsets, rows)
+    _check(tuple(grad_out.shape) == (t, weight.shape[0]) and grad_out.dtype == x.dtype,
+           f"grad_out must be {x.dtype} [{t}, {weight.shape[0]}], got {grad_out.dtype} "
+           f"{list(grad_out.shape)}")
+    module, position, m = _ragged_layout(offsets, t)
+    g3 = _pad_rows(grad_out, module, position, k, m)
+    gx = gs = None
+    if output_mask[0]:
+        gx_rows = linear_grad_x_expanded(g3, weight, packed, False)[module, position] \
+            if k * m * weight.shape[0] else x.new_zeros(t, x.shape[1])
+        gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
+    if output_mask[1]:
+        xs = x if rows is None else x.index_select(0, rows)
+        gs = linear_grad_scores(g3, _pad_rows(xs, module, position, k, m), weight)
+    gb = grad_out.sum(0) if output_mask[2] else None
+    return gx, gs, gb
+
+
+def ragged_masked_linear_grad_scores_(out, grad_out, x, weight, packed, offsets, rows):
+    """out [K, O, I] <- ragged_masked_linear_backward's grad_scores, in place."""
+    out.copy_(ragged_masked_linear_backward(grad_out, x, weight, packed, offsets, rows,
+                                            [False, True, False])[1])
+
+
 # ---- conv ---------------------------------------------------------------------------------------
 
 def _check_conv(x, weight, packed, bias, lead, groups):

@@ -21,6 +21,7 @@
 
 #include "../checks.h"
 #include "finite.h"
+#include "masked_linear_impl.h"
 #include "masked_linear_kernels.h"
 #include "masked_linear_small.h"
 
@@ -492,7 +493,11 @@ at::Tensor per_module(const at::Tensor& x3, int64_t K) {
   return x3.size(0) == K ? x3 : x3.expand({K, x3.size(1), x3.size(2)});
 }
 
-// ---- shared drivers ---------------------------------------------------------------------
+}  // namespace
+
+// ---- shared drivers (masked_linear_impl.h) ------------------------------------------------
+
+namespace linear_impl {
 
 // x3 [S, N, I], p3 [K, O, words] -> [K, N, O].
 at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at::Tensor& p3,
@@ -613,7 +618,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gs, gb};
 }
 
-}  // namespace
+}  // namespace linear_impl
+
+using linear_impl::backward_impl;
+using linear_impl::forward_impl;
+using linear_impl::grad_scores_into;
 
 at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {

@@ -31,6 +31,20 @@ SCHEMAS = {
     # step; a bank of tens of MB would otherwise be mapped and zeroed afresh on every step).
     "multi_masked_linear_grad_scores_": ("(Tensor(a!) out, Tensor grad_out, Tensor x, "
                                          "Tensor weight, Tensor packed, bool shared_input) -> ()"),
+    # Ragged per-module row sets (decompose's sampled negatives): module k runs on rows
+    # offsets[k] .. offsets[k+1] - 1 of x, or, with rows, on x[rows[t]] for those t.
+    # x [R, I], packed [K, O, words], offsets int64 [K+1] (0 = offsets[0] <= ... <= offsets[K]
+    # = T), rows int64 [T] in [0, R) or None (T = R) -> out [T, O]; the backward's grad_x is
+    # shaped like x (summed over the t with rows[t] = r), grad_scores [K, O, I], grad_bias [O].
+    "ragged_masked_linear": ("(Tensor x, Tensor weight, Tensor packed, Tensor offsets, "
+                             "Tensor? rows=None, Tensor? bias=None) -> Tensor"),
+    "ragged_masked_linear_backward": ("(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
+                                      "Tensor offsets, Tensor? rows, bool[3] output_mask) "
+                                      "-> (Tensor, Tensor, Tensor)"),
+    # Its score gradient written into out [K, O, I] (as multi_masked_linear_grad_scores_).
+    "ragged_masked_linear_grad_scores_": ("(Tensor(a!) out, Tensor grad_out, Tensor x, "
+                                          "Tensor weight, Tensor packed, Tensor offsets, "
+                                          "Tensor? rows) -> ()"),
     "masked_conv2d": f"(Tensor x, Tensor weight, Tensor packed, Tensor? bias, {_ARGS}) -> Tensor",
     "masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, {_ARGS}, "
                                "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
@@ -92,7 +106,8 @@ SCHEMAS = {
 CPU_ONLY = ("sparse_linear", "sparse_linear_chain", "sparse_conv2d", "module_batch_norm",
             "module_batch_norm_backward", "channel_affine", "channel_affine_backward",
             "max_pool2x2", "max_pool2x2_backward", "graft_cross_entropy",
-            "graft_cross_entropy_backward", "multi_masked_linear_grad_scores_")
+            "graft_cross_entropy_backward", "multi_masked_linear_grad_scores_",
+            "ragged_masked_linear_grad_scores_")
 
 _LIBRARY = torch.library.Library("modsplit", "DEF")  # noqa: TOR901 (kept alive: owns the defs)
 for _name, _schema in SCHEMAS.items():
