@@ -30,7 +30,12 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
                         implementations, chosen per run), the same loss;
   batched compiled      the same forward + loss under torch.compile, and the optimizer step
                         compiled too (torch.compile(opt.step));
-  modsplit, sampled     (extra row with --ratio r) decompose's step with sampled negatives;
+  modsplit, sampled     (extra row with --ratio r) decompose's step with sampled negatives
+                        (on a masked MLP each module runs on its own rows only:
+                        ragged_masked_linear in modsplit.chain_step);
+  modsplit, sampled negatives, padded autograd step  (extra row with --ratio and
+                        --unfused-row, FC workloads) the same through autograd, each module's
+                        rows padded to the widest module's [K, m] (the step before stop 18);
   modsplit, top-k not fused   (extra row with --unfused-row) decompose's step with
                         fuse_topk=False: the top-k of the next forward instead of the one fused
                         into the score update (the step before stop 14);
@@ -386,6 +391,10 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False
         if net.masked_chain() is not None:
             sides["modsplit, autograd step"] = ModsplitSide(model, net, grafts, classes, weights,
                                                             anchors, direct=False)
+            if ratio is not None:
+                sides[f"modsplit, sampled negatives r={ratio:g}, padded autograd step"] = \
+                    ModsplitSide(model, net, grafts, classes, weights, anchors, ratio, counts,
+                                 direct=False)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl

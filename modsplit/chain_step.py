@@ -12,11 +12,15 @@ plain chain, MaskedChain runs the same ops in the same order without autograd:
                multi_masked_linear_backward's grad_scores, into a buffer the optimizer
                keeps), grad_x (multi_masked_linear_backward) and threshold_backward for each
                ReLU, as autograd would call them;
+    ragged     with sampled negatives, the same with ragged_masked_linear and its backward:
+               each module runs on its own rows of the batch only (T rows in all, not K*B);
 
 and stores the gradients in .grad, so the optimizer step that follows is the usual one. The
 score gradient is the raw one (before the straight-through sgn(S)), as under
 functional.raw_score_grad(): CoTrainSGD.step(raw_grad=True) multiplies the sign in. The values
-are those of the autograd path bit for bit (tests/test_chain_step.py).
+are those of the autograd path bit for bit (tests/test_chain_step.py); the ragged step's equal
+the padded autograd path's ([K, m] rows, modules on x[idx]) up to rounding, as its products sum
+in another order.
 
 The chain: an nn.Sequential of nn.Flatten() layers (leading only), then MaskedLinear and
 nn.ReLU layers, the first of them a MaskedLinear (the paper's FC1-FC4, mnist2_fc). Anything
@@ -98,12 +102,16 @@ class MaskedChain:
                    for p in (grafts.weight, grafts.bias))
 
     def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float,
-                  grad_buffer=torch.empty_like):
+                  grad_buffer=torch.empty_like, ragged=None):
         """One step's forward and backward.
 
         x: float [B, ...] the input all K modules share (shared=True), or [K, R, ...] each
         module's own rows; positive bool [K, R], row_weight [K, R] and scale as for
-        ops.graft_cross_entropy (R = B when shared). Stores each layer's raw score gradient
+        ops.graft_cross_entropy (R = B when shared).
+        ragged: None, or (offsets int64 [K+1], rows int64 [T], slots int64 [T]) with x shared:
+        module k runs on x's rows rows[offsets[k]:offsets[k+1]] only (ops.ragged_masked_linear,
+        T rows in all instead of K*B), and row t lands in slot slots[t] of the flattened
+        [K, R] rows that positive and row_weight describe (the rows of no slot weigh 0). Stores each layer's raw score gradient
         float [K, O, I] in its scores.grad and the grafts' gradients in grafts.weight.grad
         and grafts.bias.grad (replacing what was there, as zero_grad + backward would).
         grad_buffer(scores) -> the tensor (like scores) to write the layer's score gradient
@@ -113,7 +121,44 @@ class MaskedChain:
         # Below autograd: no graph is recorded (the grafts require grad), and the dispatcher
         # goes straight to the kernels, past the ops' Python autograd wrappers.
         with torch._C._AutoDispatchBelowADInplaceOrView():
+            if ragged is not None:
+                return self._ragged_gradients(x, ragged, positive, row_weight, grafts, scale,
+                                              grad_buffer)
             return self._gradients(x, shared, positive, row_weight, grafts, scale, grad_buffer)
+
+    def _ragged_gradients(self, x, ragged, positive, row_weight, grafts, scale, grad_buffer):
+        offsets, rows, slots = ragged
+        acts, packs = [x.reshape(x.shape[0], -1)], []
+        for i, m in enumerate(self.layers):
+            if m is None:
+                acts.append(torch.relu(acts[-1]))
+                continue
+            packs.append(m.masks())
+            acts.append(_ops.ragged_masked_linear(acts[-1], m.weight, packs[-1], offsets,
+                                                  rows if i == 0 else None, m.bias))
+        k, r = positive.shape
+        logits = acts[-1].new_zeros(k * r, acts[-1].shape[1])
+        logits[slots] = acts[-1]  # [K, R, N]: the rows of no slot weigh 0 in the loss
+        logits = logits.view(k, r, -1)
+        weight, bias = grafts.weight, grafts.bias
+        out, ce = _ops.graft_cross_entropy(logits, weight, bias, positive, row_weight, scale)
+        grad, weight.grad, bias.grad = _ops.graft_cross_entropy_backward(
+            torch.ones_like(ce), logits, weight, out, positive, row_weight, scale,
+            [True, weight.requires_grad, bias.requires_grad])
+        grad = grad.reshape(k * r, -1)[slots]  # [T, N]
+        for i in reversed(range(len(self.layers))):
+            m = self.layers[i]
+            if m is None:
+                grad = torch.ops.aten.threshold_backward(grad, acts[i + 1], 0)
+                continue
+            packed, source = packs.pop(), rows if i == 0 else None
+            gs = m.scores.grad = grad_buffer(m.scores)
+            _ops.ragged_masked_linear_grad_scores_(gs, grad, acts[i], m.weight, packed, offsets,
+                                                   source)
+            if i > 0:
+                grad = _ops.ragged_masked_linear_backward(grad, acts[i], m.weight, packed,
+                                                          offsets, None, [True, False, False])[0]
+        return out, ce
 
     def _gradients(self, x, shared, positive, row_weight, grafts, scale, grad_buffer):
         acts = [x.reshape(x.shape[0], -1) if shared else x.reshape(*x.shape[:2], -1)]

@@ -123,6 +123,17 @@ def sample_rows(y, classes, weights, ratio: float, inclusion, gen, local=None):
     return idx, weight.float(), is_pos
 
 
+def ragged_rows(idx, seen):
+    """sample_rows' padded rows as ragged row sets: idx int64 [K, m], seen bool [K, m] (the
+    slots that hold a row) -> (offsets int64 [K+1], rows int64 [T], slots int64 [T]): module
+    k's rows are rows[offsets[k]:offsets[k+1]], and row t fills slot slots[t] of the flattened
+    [K, m] (ops.ragged_masked_linear; the chain step's sampled negatives)."""
+    slots = seen.reshape(-1).nonzero().squeeze(1)
+    offsets = torch.zeros(seen.shape[0] + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(seen.sum(1), 0, out=offsets[1:])
+    return offsets, idx.reshape(-1)[slots], slots
+
+
 def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows=None,
                fuse_topk=True, direct=True):
     """One co-training step of all K modules on the batch (x, y) (already on the device):
@@ -161,8 +172,9 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
         for group in opt.param_groups:
             for q in group["params"]:
                 q.grad = None
-        out, ce = chain.gradients(x if rows is None else x[idx], rows is None, positive,
-                                  w.to(x.dtype), grafts, 1.0 / x.shape[0], opt.grad_buffer)
+        out, ce = chain.gradients(x, True, positive, w.to(x.dtype), grafts, 1.0 / x.shape[0],
+                                  opt.grad_buffer,
+                                  None if rows is None else ragged_rows(idx, seen))
         stem = torch.zeros_like(ce)
     else:
         with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself

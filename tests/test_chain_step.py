@@ -99,13 +99,52 @@ def test_direct_step_is_autograd_step_bit_for_bit(arch, anchors, dtype, monkeypa
                             monkeypatch=monkeypatch, direct_steps=0))
 
 
-def test_direct_step_with_sampled_negatives_is_autograd_step(monkeypatch):
+def _assert_close_run(a, b, tol):
+    """As _assert_same_run, up to rounding (the ragged step sums in another order), the graft
+    outputs compared on the rows that count (train_step's seen)."""
+    outs_a, net_a, grafts_a, opt_a = a
+    outs_b, net_b, grafts_b, opt_b = b
+    for (out_a, *rest_a), (out_b, *rest_b) in zip(outs_a, outs_b):
+        seen = rest_a[-1]
+        assert torch.equal(seen, rest_b[-1])
+        torch.testing.assert_close(out_a[seen], out_b[seen], rtol=tol, atol=tol)
+        for u, v in zip(rest_a, rest_b):
+            torch.testing.assert_close(u, v, rtol=tol, atol=tol)
+    for la, lb in zip(net_a.masked_layers().values(), net_b.masked_layers().values()):
+        torch.testing.assert_close(la.scores, lb.scores, rtol=tol, atol=tol)
+        assert torch.equal(la.masks(), lb.masks())
+        torch.testing.assert_close(opt_a.state[la.scores]["momentum_buffer"],
+                                   opt_b.state[lb.scores]["momentum_buffer"], rtol=tol, atol=tol)
+    torch.testing.assert_close(grafts_a.weight, grafts_b.weight, rtol=tol, atol=tol)
+    torch.testing.assert_close(grafts_a.bias, grafts_b.bias, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("arch", ["fc2", "mnist2-like"])
+def test_ragged_step_with_sampled_negatives_is_the_padded_autograd_step(arch, dtype,
+                                                                        monkeypatch):
+    """Sampled negatives: the direct step runs each module on its own rows only
+    (ragged_masked_linear); autograd's path on the rows padded to [K, m]. Same run up to
+    rounding."""
     k = 4
-    net, grafts, cfg = _setup(FC2(20, k, hidden=10), k)
-    batches = _batches((20,), k, steps=5, b=24)
-    _assert_same_run(_steps(net, grafts, cfg, batches, k, True, rows=2.0,
-                            monkeypatch=monkeypatch, direct_steps=5),
-                     _steps(net, grafts, cfg, batches, k, False, rows=2.0))
+    model = {"fc2": lambda: FC2(20, k, hidden=10),
+             "mnist2-like": lambda: mnist2_fc(1, hidden=12, num_classes=k)}[arch]()
+    shape = (1, 28, 56) if arch == "mnist2-like" else (20,)
+    net, grafts, cfg = _setup(model, k, dtype)
+    batches = _batches(shape, k, steps=5, b=24, dtype=dtype)
+    _assert_close_run(_steps(net, grafts, cfg, batches, k, True, rows=2.0, dtype=dtype,
+                             monkeypatch=monkeypatch, direct_steps=5),
+                      _steps(net, grafts, cfg, batches, k, False, rows=2.0, dtype=dtype),
+                      1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_ragged_rows_of_sampled_rows():
+    idx = torch.tensor([[3, 1, 0], [0, 0, 0], [2, 2, 5]])
+    seen = torch.tensor([[True, True, False], [False, False, False], [True, True, True]])
+    offsets, rows, slots = D.ragged_rows(idx, seen)
+    assert offsets.tolist() == [0, 2, 2, 5]
+    assert rows.tolist() == [3, 1, 2, 2, 5]
+    assert slots.tolist() == [0, 1, 6, 7, 8]
 
 
 def test_a_score_gradient_hook_takes_autograd():

@@ -50,6 +50,8 @@ SHAPES = [  # (K, O, I, counts, rows drawn from R rows or None)
     (2, 70, 300, [40, 17], 50),        # per-module batches above the walk's row limits
     (6, 9, 64, [0, 0, 0, 0, 0, 0], 4),  # no rows at all
     (10, 49, 49, [3, 8, 1, 0, 12, 4, 6, 2, 9, 5], 32),
+    (2, 30, 100, [150, 90], None),     # many rows per module: the drivers per module
+    (3, 17, 65, [70, 0, 69], 80),
 ]
 
 
@@ -82,6 +84,32 @@ def test_extreme_densities(density):
     _close(y, _ref(R.ragged_masked_linear, x, weight, packed, offsets, rows, bias), torch.float32)
     if density == 0.0:
         assert torch.equal(y, bias.expand_as(y))
+
+
+@pytest.mark.parametrize("where", ["x", "weight", "grad"])
+@pytest.mark.parametrize("counts", [[3, 0, 9, 5], [90, 70, 0, 80]])  # few / many rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_non_finite_values_propagate_as_in_the_reference(where, counts, dtype):
+    """inf and NaN reach the outputs as in the reference (0 * inf = NaN): the kernels skip
+    zero columns and rows only where that is exact. (A weight the mask drops takes no part, as
+    in multi_masked_linear: the non-finite weights sit where every module keeps them.)"""
+    x, weight, packed, offsets, rows, bias = _case(4, 20, 70, counts, 100, dtype=dtype)
+    mask = R.unpack_mask(packed, (4, 20, 70))
+    mask.view(4, -1)[:, 5] = True
+    mask.view(4, -1)[:, -7] = True
+    packed = R.pack_mask(mask, batch_dims=1)
+    x[rows[0], : 35] = 0  # zero columns of a module's rows
+    g = torch.randn(sum(counts), 20, dtype=dtype)
+    g[:, 3] = 0
+    target = {"x": x, "weight": weight, "grad": g}[where]
+    target.view(-1)[5] = float("inf")
+    target.view(-1)[-7] = float("nan")
+    y = ops.ragged_masked_linear(x, weight, packed, offsets, rows, bias)
+    want = R.ragged_masked_linear(x, weight, packed, offsets, rows, bias)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+    got = _ops.ragged_masked_linear_backward(g, x, weight, packed, offsets, rows, [True] * 3)
+    for a, b in zip(got, R.ragged_masked_linear_backward(g, x, weight, packed, offsets, rows)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_non_contiguous_inputs():

@@ -7,6 +7,7 @@ an opaque custom_op under the interpreter, see utils.register_op):
   pack_mask.py      pack_mask, unpack_mask
   masked_linear.py  masked_linear, multi_masked_linear and their backwards
   masked_conv2d.py  masked_conv2d, multi_masked_conv2d and their backwards (unfold + GEMM)
+  ragged_masked_linear.py  ragged_masked_linear and its backward (each module on its own rows)
 """
-from . import masked_conv2d, masked_linear, pack_mask, topk_mask  # noqa: F401
+from . import masked_conv2d, masked_linear, pack_mask, ragged_masked_linear, topk_mask  # noqa: F401
 from .utils import INTERPRET  # noqa: F401

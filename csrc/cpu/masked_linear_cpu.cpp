@@ -618,6 +618,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gs, gb};
 }
 
+bool walk_wins(const at::Tensor& w, const at::Tensor& p3, int64_t rows) {
+  return use_bit_walk(w, p3, rows);
+}
+
 }  // namespace linear_impl
 
 using linear_impl::backward_impl;

@@ -2,20 +2,33 @@
 // of the output, reading x[rows[t]] (decompose's sampled negatives: the work is the T rows the
 // modules take, not K x the batch). CPU.
 //
-// The rows are gathered once into xs [T, I] (x itself without rows); module k's rows are then a
-// contiguous slice, which the masked linear drivers (masked_linear_impl.h: bit walk, lane-mask
-// GEMV, tiles + BLAS, chosen per module by its row count) run as a one-module problem. Modules
-// run in parallel when there are enough of them to occupy the threads (each driver then runs on
-// one thread: ATen's nested parallel_for is serial), else one after the other, each driver
-// parallel inside. grad_x of gathered rows is scattered back with index_add (rows may repeat).
+// Few rows per module (the sampled-negatives case: a few to a few tens), float32: kernels of
+// their own, with no tensor made per module.
+//  * forward and grad_x: the bit walk of masked_linear_kernels.h. The source rows of module k
+//    (x[rows[t]], or grad_out's) are gathered into its own batch-transposed block [C, NP_k]
+//    (NP_k = its rows rounded up to 8 lanes) of one buffer; one task per (module, output row)
+//    walks the set bits of its mask row, skipping the columns where the module's rows are all
+//    zero (exact for finite x and W). grad_x scatters into the module's transposed block (one
+//    task per module), then transposes back.
+//  * grad_scores (float32 and float64): one task per (module, output row o): the sum over the
+//    module's rows of g[t, o] x[t, :] (rows with g[t, o] = 0 skipped where x is finite),
+//    times W[o, :].
+// Otherwise (other dtypes, non-finite sources, many rows per module) every module runs as a
+// one-module problem of the masked linear drivers (masked_linear_impl.h: bit walk, lane-mask
+// GEMV, tiles + BLAS), in parallel over the modules when there are at least two per thread.
+// grad_x of gathered rows is scattered back with index_add (rows may repeat).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
+#include "finite.h"
 #include "masked_linear_impl.h"
+#include "masked_linear_kernels.h"
 
 namespace modsplit {
 namespace {
@@ -55,6 +68,14 @@ int64_t check_ragged_args(const at::Tensor& x, const at::Tensor& weight, const a
   return T;
 }
 
+void check_grad_rows(const at::Tensor& grad_out, const at::Tensor& weight, int64_t T) {
+  check_same_device(grad_out, weight, "grad_out", "weight");
+  check_same_dtype(grad_out, weight, "grad_out", "weight");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, weight.size(0)}),
+              "modsplit: grad_out must have shape [", T, ", ", weight.size(0),
+              "] (the forward output's), got ", grad_out.sizes());
+}
+
 // The rows the modules read, [T, I] contiguous.
 at::Tensor gathered(const at::Tensor& x, const c10::optional<at::Tensor>& rows) {
   return rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
@@ -90,13 +111,231 @@ void grad_scores_all(const at::Tensor& g, const at::Tensor& xs, const at::Tensor
   const auto o = offsets.contiguous();
   const int64_t* op = o.const_data_ptr<int64_t>();
   for (int64_t k = 0; k < p.size(0); ++k) {
-    if (op[k + 1] == op[k]) gs.select(0, k).zero_();
+    if (op[k + 1] == op[k]) gs.select(0, k).copy_(w).mul_(0);  // 0 * W, as (g^T x) * W
   }
   for_each_module(offsets, [&](int64_t k, int64_t first, int64_t n) {
     auto gsk = gs.narrow(0, k, 1);
     linear_impl::grad_scores_into(rows_of(g, first, n), rows_of(xs, first, n), w,
                                   p.narrow(0, k, 1), gsk);
   });
+}
+
+// ---- few rows per module: kernels of their own ------------------------------------------
+
+using cpu::v8f;
+
+// Mean rows per module (over the modules with rows) up to which the dedicated kernels run.
+constexpr int64_t kFewRows = 64;
+constexpr int64_t kBlockRows = cpu::kMaxVecs * cpu::kLanes;  // rows per walk block
+
+int64_t lanes_for(int64_t n) { return (n + cpu::kLanes - 1) / cpu::kLanes * cpu::kLanes; }
+
+// Where each module's rows sit: module k's rows are t in [first(k), first(k) + count(k)), its
+// batch-transposed block of a C-column source starts at C * base[k] and is [C, lanes[k]].
+struct Layout {
+  const int64_t* off;
+  int64_t K;
+  std::vector<int64_t> lanes, base;  // lanes[k] = count rounded up to 8; base = prefix sums
+
+  explicit Layout(const at::Tensor& offsets) : off(offsets.const_data_ptr<int64_t>()),
+                                               K(offsets.size(0) - 1), lanes(K), base(K + 1, 0) {
+    for (int64_t k = 0; k < K; ++k) {
+      lanes[k] = lanes_for(count(k));
+      base[k + 1] = base[k] + lanes[k];
+    }
+  }
+  int64_t first(int64_t k) const { return off[k]; }
+  int64_t count(int64_t k) const { return off[k + 1] - off[k]; }
+  int64_t busy() const {  // modules with rows
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; ++k) n += count(k) > 0;
+    return n;
+  }
+};
+
+// The dedicated kernels' domain: few rows per module.
+bool few_rows(const Layout& L, int64_t T) {
+  return T <= kFewRows * std::max<int64_t>(1, L.busy());
+}
+
+// Module blocks of src float [*, C] (row t of module k is src[rows[t]], or src[t]) in scratch
+// slot `slot`: [C * sum lanes], 32-byte aligned blocks [C, lanes[k]], the lanes past the module's rows zero. keep (if
+// not null): [K, words] bits of the columns where some row of the module is not +-0 (a NaN
+// counts). Column by column: the writes are contiguous, the module's rows are read in step.
+// A float buffer of at least n elements, 32-byte aligned, kept by the calling thread between
+// calls (slot 0 or 1): a buffer of hundreds of KB taken from malloc on every call would be
+// mapped and page-faulted afresh each time (glibc serves it with mmap). Its contents are left
+// as they are.
+float* scratch(int slot, int64_t n) {
+  static thread_local std::vector<v8f> buffers[2];
+  auto& b = buffers[slot];
+  const auto vecs = static_cast<size_t>((n + cpu::kLanes - 1) / cpu::kLanes);
+  if (b.size() < vecs) b.resize(vecs);
+  return reinterpret_cast<float*>(b.data());
+}
+
+float* module_blocks(const at::Tensor& src, const int64_t* rows, const Layout& L,
+                     std::vector<uint32_t>* keep, int slot) {
+  const int64_t C = src.size(1), words = (C + 31) / 32;
+  float* bp = scratch(slot, C * L.base[L.K]);
+  const float* sp = src.const_data_ptr<float>();
+  if (keep) keep->assign(L.K * words, 0u);
+  at::parallel_for(0, L.K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<const uint32_t*> row;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n_k = L.count(k), np = L.lanes[k];
+      row.resize(n_k);
+      for (int64_t n = 0; n < n_k; ++n) {
+        const int64_t t = L.first(k) + n;
+        row[n] = reinterpret_cast<const uint32_t*>(sp + (rows ? rows[t] : t) * C);
+      }
+      auto* blk = reinterpret_cast<uint32_t*>(bp + C * L.base[k]);
+      uint32_t* bits = keep ? keep->data() + k * words : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        uint32_t* dst = blk + c * np;
+        uint32_t any = 0;
+        for (int64_t n = 0; n < n_k; ++n) {
+          dst[n] = row[n][c];
+          any |= dst[n] & 0x7fffffffu;
+        }
+        for (int64_t n = n_k; n < np; ++n) dst[n] = 0u;
+        if (bits && any) bits[c >> 5] |= 1u << (c & 31);
+      }
+    }
+  });
+  return bp;
+}
+
+// out [T, O] = the module rows of x (W*M_k)^T + bias; float32, x and W finite where keep is used.
+void walk_forward(const at::Tensor& x, const int64_t* rows, const at::Tensor& w,
+                  const at::Tensor& p, const c10::optional<at::Tensor>& bias, const Layout& L,
+                  at::Tensor& out) {
+  const int64_t O = w.size(0), I = w.size(1), words = p.size(2);
+  const bool skip = cpu::all_finite(w);  // zero columns add exactly +-0 only for a finite W
+  std::vector<uint32_t> keep;
+  const float* xp = module_blocks(x, rows, L, skip ? &keep : nullptr, 0);
+  const float* wp = w.const_data_ptr<float>();
+  const auto* pp = reinterpret_cast<const uint32_t*>(p.const_data_ptr<int32_t>());
+  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  const uint32_t last = (I % 32 == 0) ? ~0u : (1u << (I % 32)) - 1u;
+  at::parallel_for(0, L.K * O, std::max<int64_t>(1, O / 4), [&](int64_t i0, int64_t i1) {
+    v8f acc[cpu::kMaxVecs];
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t k = item / O, o = item % O, n_k = L.count(k);
+      if (n_k == 0) continue;
+      const cpu::MaskRow row{pp + (k * O + o) * words, words, last,
+                             skip ? keep.data() + k * words : nullptr};
+      const float* xs = xp + I * L.base[k];
+      const float b = bp ? bp[o] : 0.f;
+      for (int64_t n0 = 0; n0 < n_k; n0 += kBlockRows) {
+        const int64_t nb = std::min<int64_t>(n_k - n0, kBlockRows);
+        cpu::dispatch_vecs(static_cast<int>((nb + cpu::kLanes - 1) / cpu::kLanes), [&](auto vc) {
+          cpu::gather_axpy<decltype(vc)::value>(wp + o * I, row, xs + n0, L.lanes[k], acc);
+        });
+        for (int64_t n = 0; n < nb; ++n) {
+          op[(L.first(k) + n0 + n) * O + o] = acc[n / cpu::kLanes][n % cpu::kLanes] + b;
+        }
+      }
+    }
+  });
+}
+
+// gx [T, I] = g_k (W*M_k) on each module's rows; float32, g finite.
+void walk_grad_x(const at::Tensor& g, const at::Tensor& w, const at::Tensor& p, const Layout& L,
+                 at::Tensor& gx) {
+  const int64_t O = w.size(0), I = w.size(1), words = p.size(2);
+  const float* gp = module_blocks(g, nullptr, L, nullptr, 0);  // blocks [O, lanes]
+  float* gxp = scratch(1, I * L.base[L.K]);                      // blocks [I, lanes]
+  float* dst = gx.mutable_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const auto* pp = reinterpret_cast<const uint32_t*>(p.const_data_ptr<int32_t>());
+  const uint32_t last = (I % 32 == 0) ? ~0u : (1u << (I % 32)) - 1u;
+  at::parallel_for(0, L.K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n_k = L.count(k), np = L.lanes[k];
+      float* blk = gxp + I * L.base[k];
+      std::fill(blk, blk + I * np, 0.f);
+      for (int64_t o = 0; o < O; ++o) {
+        const cpu::MaskRow row{pp + (k * O + o) * words, words, last};
+        for (int64_t n0 = 0; n0 < n_k; n0 += kBlockRows) {
+          const int64_t nb = std::min<int64_t>(n_k - n0, kBlockRows);
+          const auto* gv = reinterpret_cast<const v8f*>(gp + O * L.base[k] + o * np + n0);
+          cpu::dispatch_vecs(static_cast<int>((nb + cpu::kLanes - 1) / cpu::kLanes),
+                             [&](auto vc) {
+            cpu::scatter_axpy<decltype(vc)::value>(wp + o * I, row, 0, words, gv, blk + n0, np);
+          });
+        }
+      }
+      for (int64_t n = 0; n < n_k; ++n) {
+        float* out_row = dst + (L.first(k) + n) * I;
+        for (int64_t i = 0; i < I; ++i) out_row[i] = blk[i * np + n];
+      }
+    }
+  });
+}
+
+// gs [K, O, I] = (g_k^T x_k) * W, every element written; float32 / float64. Rows with
+// g[t, o] = 0 are skipped only where x is finite (0 * inf must stay NaN).
+template <typename T>
+void loop_grad_scores(const T* g, const T* x, const int64_t* rows, const T* w, const Layout& L,
+                      int64_t O, int64_t I, bool skip_zero, T* gs) {
+  constexpr int kRowsAtOnce = 4;
+  at::parallel_for(0, L.K * O, std::max<int64_t>(1, O / 4), [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t k = item / O, o = item % O;
+      T* dst = gs + item * I;
+      std::fill(dst, dst + I, T(0));
+      const T* src[kRowsAtOnce];
+      T coef[kRowsAtOnce];
+      int held = 0;
+      const auto flush = [&](int n) {
+        if (n == 4) {
+          for (int64_t i = 0; i < I; ++i) {
+            dst[i] += coef[0] * src[0][i] + coef[1] * src[1][i] + coef[2] * src[2][i] +
+                      coef[3] * src[3][i];
+          }
+        } else {
+          for (int r = 0; r < n; ++r) {
+            for (int64_t i = 0; i < I; ++i) dst[i] += coef[r] * src[r][i];
+          }
+        }
+      };
+      for (int64_t t = L.first(k); t < L.first(k) + L.count(k); ++t) {
+        const T s = g[t * O + o];
+        if (skip_zero && s == T(0)) continue;
+        src[held] = x + (rows ? rows[t] : t) * I;
+        coef[held++] = s;
+        if (held == kRowsAtOnce) {
+          flush(held);
+          held = 0;
+        }
+      }
+      flush(held);
+      const T* wr = w + o * I;
+      for (int64_t i = 0; i < I; ++i) dst[i] *= wr[i];
+    }
+  });
+}
+
+void fast_grad_scores(const at::Tensor& g, const at::Tensor& x, const int64_t* rows,
+                      const at::Tensor& w, const Layout& L, at::Tensor& gs) {
+  const bool skip_zero = cpu::all_finite(x);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "ragged_grad_scores", [&] {
+    loop_grad_scores<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rows,
+                               w.const_data_ptr<scalar_t>(), L, w.size(0), w.size(1), skip_zero,
+                               gs.mutable_data_ptr<scalar_t>());
+  });
+}
+
+bool is_f32_or_f64(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+const int64_t* row_ptr(const c10::optional<at::Tensor>& rows, at::Tensor& keep) {
+  if (!rows.has_value()) return nullptr;
+  keep = rows->contiguous();
+  return keep.const_data_ptr<int64_t>();
 }
 
 at::Tensor ragged_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -106,15 +345,41 @@ at::Tensor ragged_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
   const int64_t T = check_ragged_args(x, weight, packed, offsets, rows);
   check_bias(bias, weight);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto xs = gathered(x, rows);
   const auto w = weight.contiguous();
   const auto p = packed.contiguous();
+  const auto offs = offsets.contiguous();
+  const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   auto out = at::empty({T, w.size(0)}, w.options());
-  for_each_module(offsets, [&](int64_t k, int64_t first, int64_t n) {
+  if (out.numel() == 0) return out;
+  const Layout L(offs);
+  const auto xc = x.contiguous();
+  if (w.scalar_type() == at::kFloat && w.size(1) > 0 && few_rows(L, T) &&
+      linear_impl::walk_wins(w, p, (T + L.busy() - 1) / L.busy()) && cpu::all_finite(xc)) {
+    at::Tensor rkeep;
+    walk_forward(xc, row_ptr(rows, rkeep), w, p, b, L, out);
+    return out;
+  }
+  const auto xs = gathered(xc, rows);
+  for_each_module(offs, [&](int64_t k, int64_t first, int64_t n) {
     out.narrow(0, first, n)
-        .copy_(linear_impl::forward_impl(rows_of(xs, first, n), w, p.narrow(0, k, 1), bias)[0]);
+        .copy_(linear_impl::forward_impl(rows_of(xs, first, n), w, p.narrow(0, k, 1), b)[0]);
   });
   return out;
+}
+
+// gs [K, O, I] <- (g_k^T x_k) * W: the dedicated loops for few rows per module (float32 /
+// float64), else the drivers per module.
+void grad_scores_any(const at::Tensor& g, const at::Tensor& x, const c10::optional<at::Tensor>& rows,
+                     const at::Tensor& w, const at::Tensor& p, const at::Tensor& offs,
+                     at::Tensor& gs) {
+  const Layout L(offs);
+  const int64_t T = g.size(0);
+  if (is_f32_or_f64(w) && few_rows(L, T)) {
+    at::Tensor rkeep;
+    fast_grad_scores(g, x, row_ptr(rows, rkeep), w, L, gs);
+  } else {
+    grad_scores_all(g, gathered(x, rows), w, p, offs, gs);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu(
@@ -122,31 +387,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu
     const at::Tensor& packed, const at::Tensor& offsets, const c10::optional<at::Tensor>& rows,
     std::array<bool, 3> output_mask) {
   const int64_t T = check_ragged_args(x, weight, packed, offsets, rows);
-  check_same_device(grad_out, weight, "grad_out", "weight");
-  check_same_dtype(grad_out, weight, "grad_out", "weight");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, weight.size(0)}),
-              "modsplit: grad_out must have shape [", T, ", ", weight.size(0),
-              "] (the forward output's), got ", grad_out.sizes());
+  check_grad_rows(grad_out, weight, T);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto xs = gathered(x, rows);
+  const auto xc = x.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed.contiguous();
   const auto g = grad_out.contiguous();
+  const auto offs = offsets.contiguous();
   at::Tensor gx, gs, gb;
   if (output_mask[0]) {
     auto gx_rows = at::empty({T, w.size(1)}, w.options());  // every row is some module's
-    for_each_module(offsets, [&](int64_t k, int64_t first, int64_t n) {
-      auto parts = linear_impl::backward_impl(rows_of(g, first, n), rows_of(xs, first, n), w,
-                                              p.narrow(0, k, 1), {true, false, false});
-      gx_rows.narrow(0, first, n).copy_(std::get<0>(parts)[0]);
-    });
-    gx = rows.has_value() ? at::zeros_like(x, at::MemoryFormat::Contiguous)
-                                .index_add_(0, *rows, gx_rows)
-                          : gx_rows;
+    const Layout L(offs);
+    if (T == 0 || w.size(1) == 0) {  // nothing to write
+    } else if (w.size(0) == 0) {
+      gx_rows.zero_();
+    } else if (w.scalar_type() == at::kFloat && few_rows(L, T) &&
+               linear_impl::walk_wins(w, p, (T + L.busy() - 1) / L.busy()) &&
+               cpu::all_finite(g)) {
+      walk_grad_x(g, w, p, L, gx_rows);
+    } else {
+      const auto xs = gathered(xc, rows);
+      for_each_module(offs, [&](int64_t k, int64_t first, int64_t n) {
+        auto parts = linear_impl::backward_impl(rows_of(g, first, n), rows_of(xs, first, n), w,
+                                                p.narrow(0, k, 1), {true, false, false});
+        gx_rows.narrow(0, first, n).copy_(std::get<0>(parts)[0]);
+      });
+    }
+    gx = rows.has_value() ? at::zeros_like(xc).index_add_(0, *rows, gx_rows) : gx_rows;
   }
   if (output_mask[1]) {
     gs = at::empty({p.size(0), w.size(0), w.size(1)}, w.options());
-    grad_scores_all(g, xs, w, p, offsets, gs);
+    grad_scores_any(g, xc, rows, w, p, offs, gs);
   }
   if (output_mask[2]) gb = g.sum(0);
   return {gx, gs, gb};
@@ -157,11 +428,7 @@ void ragged_masked_linear_grad_scores_cpu(at::Tensor& out, const at::Tensor& gra
                                           const at::Tensor& packed, const at::Tensor& offsets,
                                           const c10::optional<at::Tensor>& rows) {
   const int64_t T = check_ragged_args(x, weight, packed, offsets, rows);
-  check_same_device(grad_out, weight, "grad_out", "weight");
-  check_same_dtype(grad_out, weight, "grad_out", "weight");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, weight.size(0)}),
-              "modsplit: grad_out must have shape [", T, ", ", weight.size(0),
-              "] (the forward output's), got ", grad_out.sizes());
+  check_grad_rows(grad_out, weight, T);
   check_same_device(out, weight, "out", "weight");
   check_same_dtype(out, weight, "out", "weight");
   TORCH_CHECK(out.sizes() == at::IntArrayRef({packed.size(0), weight.size(0), weight.size(1)}),
@@ -170,8 +437,8 @@ void ragged_masked_linear_grad_scores_cpu(at::Tensor& out, const at::Tensor& gra
               out.sizes());
   TORCH_CHECK(out.is_contiguous(), "modsplit: out must be contiguous (written in place)");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  grad_scores_all(grad_out.contiguous(), gathered(x, rows), weight.contiguous(),
-                  packed.contiguous(), offsets, out);
+  grad_scores_any(grad_out.contiguous(), x.contiguous(), rows, weight.contiguous(),
+                  packed.contiguous(), offsets.contiguous(), out);
 }
 
 }  // namespace
