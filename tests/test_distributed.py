@@ -1,6 +1,7 @@
 """Distributed co-training over gloo: 2 ranks give the bank of 1 process (bit-identical masks,
 per-module BatchNorm statistics, equal grafts and history; the model is FC1 with a BatchNorm1d); a killed rank makes the run fail within the timeout and the run
-resumes from its last checkpoint."""
+resumes from its last checkpoint. With sampled negatives (each module on its own rows, the
+ragged products of the direct step), 2 ranks also give the bank of 1 process."""
 import os
 import signal
 import socket
@@ -17,14 +18,14 @@ def _port():
         return s.getsockname()[1]
 
 
-def _launch(world, folder, out, delay=0.0, port=None):
+def _launch(world, folder, out, delay=0.0, port=None, model="fc1_bn"):
     port = port or _port()
     procs = []
     for rank in range(world):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(launch(folder, out, delay, seed=5, shared_init=False, env=env,
-                            model="fc1_bn"))
+                            model=model))
     return procs
 
 
@@ -61,3 +62,11 @@ def test_two_ranks_equal_one_process_and_survive_a_killed_rank(tmp_path):
     assert meta is not None and meta["epoch"] == 2 and meta["step"] > 0, meta
     _ok(_launch(2, folder, tmp_path / "resumed"))
     same_bank(tmp_path / "one.rank0", tmp_path / "resumed.rank0")
+
+
+def test_two_ranks_with_sampled_negatives_equal_one_process(tmp_path):
+    """Each module's rows and kernel paths depend on that module alone, not on its shard."""
+    _ok(_launch(1, "-", tmp_path / "one", model="fc1_sampled"))
+    _ok(_launch(2, "-", tmp_path / "two", model="fc1_sampled"))
+    for rank in (0, 1):
+        same_bank(tmp_path / "one.rank0", tmp_path / f"two.rank{rank}")

@@ -2,21 +2,25 @@
 // of the output, reading x[rows[t]] (decompose's sampled negatives: the work is the T rows the
 // modules take, not K x the batch). CPU.
 //
-// Few rows per module (the sampled-negatives case: a few to a few tens), float32: kernels of
-// their own, with no tensor made per module.
-//  * forward and grad_x: the bit walk of masked_linear_kernels.h. The source rows of module k
+// Each module takes its own path, chosen from its own rows only (so a module's result does not
+// depend on the other modules of the call, e.g. on how distributed co-training shards them).
+// A module of at most kFewRows rows (the sampled-negatives case: a few to a few tens) runs
+// kernels of their own, with no tensor made per module:
+//  * forward and grad_x (float32, where the module's source rows are finite and the walk wins
+//    at its row count): the bit walk of masked_linear_kernels.h. The source rows of module k
 //    (x[rows[t]], or grad_out's) are gathered into its own batch-transposed block [C, NP_k]
 //    (NP_k = its rows rounded up to 8 lanes) of one buffer; one task per (module, output row)
 //    walks the set bits of its mask row, skipping the columns where the module's rows are all
 //    zero (exact for finite x and W). grad_x scatters into the module's transposed block (one
 //    task per module), then transposes back.
 //  * grad_scores (float32 and float64): one task per (module, output row o): the sum over the
-//    module's rows of g[t, o] x[t, :] (rows with g[t, o] = 0 skipped where x is finite),
-//    times W[o, :].
-// Otherwise (other dtypes, non-finite sources, many rows per module) every module runs as a
-// one-module problem of the masked linear drivers (masked_linear_impl.h: bit walk, lane-mask
-// GEMV, tiles + BLAS), in parallel over the modules when there are at least two per thread.
+//    module's rows of g[t, o] x[t, :] (rows with g[t, o] = 0 skipped where the module's x rows
+//    are finite), times W[o, :].
+// Any other module (other dtypes, non-finite sources, many rows) runs as a one-module problem
+// of the masked linear drivers (masked_linear_impl.h: bit walk, lane-mask GEMV, tiles + BLAS),
+// in parallel over those modules when there are at least two per thread.
 // grad_x of gathered rows is scattered back with index_add (rows may repeat).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -76,69 +80,26 @@ void check_grad_rows(const at::Tensor& grad_out, const at::Tensor& weight, int64
               "] (the forward output's), got ", grad_out.sizes());
 }
 
-// The rows the modules read, [T, I] contiguous.
-at::Tensor gathered(const at::Tensor& x, const c10::optional<at::Tensor>& rows) {
-  return rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
-}
-
-// fn(k, first row, row count) for every module with rows: in parallel over the modules when
-// there are at least two per thread, else in order (each call parallel inside).
-template <typename Fn>
-void for_each_module(const at::Tensor& offsets, Fn fn) {
-  const auto o = offsets.contiguous();
-  const int64_t* op = o.const_data_ptr<int64_t>();
-  const int64_t K = offsets.size(0) - 1;
-  const auto body = [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      if (op[k + 1] > op[k]) fn(k, op[k], op[k + 1] - op[k]);
-    }
-  };
-  if (K >= 2 * at::get_num_threads()) {
-    at::parallel_for(0, K, 1, body);
-  } else {
-    body(0, K);
-  }
-}
-
-// Module k's rows as a one-module problem: x3 [1, n, C] and its mask p3 [1, O, words].
-at::Tensor rows_of(const at::Tensor& v, int64_t first, int64_t n) {
-  return v.narrow(0, first, n).unsqueeze(0);
-}
-
-// gs [K, O, I] <- (g_k^T xs_k) * W (zeros for a module without rows).
-void grad_scores_all(const at::Tensor& g, const at::Tensor& xs, const at::Tensor& w,
-                     const at::Tensor& p, const at::Tensor& offsets, at::Tensor& gs) {
-  const auto o = offsets.contiguous();
-  const int64_t* op = o.const_data_ptr<int64_t>();
-  for (int64_t k = 0; k < p.size(0); ++k) {
-    if (op[k + 1] == op[k]) gs.select(0, k).copy_(w).mul_(0);  // 0 * W, as (g^T x) * W
-  }
-  for_each_module(offsets, [&](int64_t k, int64_t first, int64_t n) {
-    auto gsk = gs.narrow(0, k, 1);
-    linear_impl::grad_scores_into(rows_of(g, first, n), rows_of(xs, first, n), w,
-                                  p.narrow(0, k, 1), gsk);
-  });
-}
-
-// ---- few rows per module: kernels of their own ------------------------------------------
-
 using cpu::v8f;
 
-// Mean rows per module (over the modules with rows) up to which the dedicated kernels run.
+// Modules of at most kFewRows rows run the kernels of their own.
 constexpr int64_t kFewRows = 64;
 constexpr int64_t kBlockRows = cpu::kMaxVecs * cpu::kLanes;  // rows per walk block
 
 int64_t lanes_for(int64_t n) { return (n + cpu::kLanes - 1) / cpu::kLanes * cpu::kLanes; }
 
 // Where each module's rows sit: module k's rows are t in [first(k), first(k) + count(k)), its
-// batch-transposed block of a C-column source starts at C * base[k] and is [C, lanes[k]].
+// batch-transposed block of a C-column source starts at C * base[k] and is [C, lanes[k]]; own[k]:
+// the module runs the kernels of their own (set by the caller).
 struct Layout {
   const int64_t* off;
   int64_t K;
-  std::vector<int64_t> lanes, base;  // lanes[k] = count rounded up to 8; base = prefix sums
+  std::vector<int64_t> lanes, base;  // lanes[k] = count rounded up to 8 lanes; base: prefix sums
+  std::vector<char> own;
 
-  explicit Layout(const at::Tensor& offsets) : off(offsets.const_data_ptr<int64_t>()),
-                                               K(offsets.size(0) - 1), lanes(K), base(K + 1, 0) {
+  explicit Layout(const at::Tensor& offsets)
+      : off(offsets.const_data_ptr<int64_t>()), K(offsets.size(0) - 1), lanes(K), base(K + 1, 0),
+        own(K, 0) {
     for (int64_t k = 0; k < K; ++k) {
       lanes[k] = lanes_for(count(k));
       base[k + 1] = base[k] + lanes[k];
@@ -146,22 +107,42 @@ struct Layout {
   }
   int64_t first(int64_t k) const { return off[k]; }
   int64_t count(int64_t k) const { return off[k + 1] - off[k]; }
-  int64_t busy() const {  // modules with rows
-    int64_t n = 0;
-    for (int64_t k = 0; k < K; ++k) n += count(k) > 0;
-    return n;
-  }
+  bool any_own() const { return std::find(own.begin(), own.end(), 1) != own.end(); }
 };
 
-// The dedicated kernels' domain: few rows per module.
-bool few_rows(const Layout& L, int64_t T) {
-  return T <= kFewRows * std::max<int64_t>(1, L.busy());
+// Per module: whether all its source rows (src[rows[t]], or src[t]) are finite. float32 /
+// float64 src [*, C]; other dtypes: false.
+std::vector<char> finite_modules(const at::Tensor& src, const int64_t* rows, const Layout& L) {
+  std::vector<char> out(L.K, 0);
+  if (src.scalar_type() != at::kFloat && src.scalar_type() != at::kDouble) return out;
+  const int64_t C = src.size(1);
+  std::vector<char> row_ok(src.size(0));
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "finite_rows", [&] {
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < src.size(0); ++r) row_ok[r] = cpu::finite_values(sp + r * C, C);
+  });
+  for (int64_t k = 0; k < L.K; ++k) {
+    bool ok = true;
+    for (int64_t t = L.first(k); ok && t < L.first(k) + L.count(k); ++t) {
+      ok = row_ok[rows ? rows[t] : t];
+    }
+    out[k] = ok;
+  }
+  return out;
 }
 
-// Module blocks of src float [*, C] (row t of module k is src[rows[t]], or src[t]) in scratch
-// slot `slot`: [C * sum lanes], 32-byte aligned blocks [C, lanes[k]], the lanes past the module's rows zero. keep (if
-// not null): [K, words] bits of the columns where some row of the module is not +-0 (a NaN
-// counts). Column by column: the writes are contiguous, the module's rows are read in step.
+// own[k] for the bit walk (forward from x, grad_x from grad_out): float32, I > 0, at most
+// kFewRows rows, finite source rows, and the walk beats tiles + BLAS at the module's rows.
+void choose_walk(Layout& L, const at::Tensor& src, const int64_t* rows, const at::Tensor& w,
+                 const at::Tensor& p) {
+  if (w.scalar_type() != at::kFloat || w.size(1) == 0 || w.size(0) == 0) return;
+  const auto finite = finite_modules(src, rows, L);
+  for (int64_t k = 0; k < L.K; ++k) {
+    L.own[k] = L.count(k) > 0 && L.count(k) <= kFewRows && finite[k] &&
+               linear_impl::walk_wins(w, p.narrow(0, k, 1), L.count(k));
+  }
+}
+
 // A float buffer of at least n elements, 32-byte aligned, kept by the calling thread between
 // calls (slot 0 or 1): a buffer of hundreds of KB taken from malloc on every call would be
 // mapped and page-faulted afresh each time (glibc serves it with mmap). Its contents are left
@@ -174,6 +155,11 @@ float* scratch(int slot, int64_t n) {
   return reinterpret_cast<float*>(b.data());
 }
 
+// Blocks of the own modules' rows of src float [*, C] (row t of module k is src[rows[t]], or
+// src[t]) in scratch slot `slot`: module k's block [C, lanes[k]] at C * base[k], 32-byte
+// aligned, the lanes past its rows zero. keep (if not null): [K, words] bits of the columns
+// where some row of the module is not +-0 (a NaN counts). Column by column: the writes are
+// contiguous, the module's rows are read in step.
 float* module_blocks(const at::Tensor& src, const int64_t* rows, const Layout& L,
                      std::vector<uint32_t>* keep, int slot) {
   const int64_t C = src.size(1), words = (C + 31) / 32;
@@ -183,6 +169,7 @@ float* module_blocks(const at::Tensor& src, const int64_t* rows, const Layout& L
   at::parallel_for(0, L.K, 1, [&](int64_t k0, int64_t k1) {
     std::vector<const uint32_t*> row;
     for (int64_t k = k0; k < k1; ++k) {
+      if (!L.own[k]) continue;
       const int64_t n_k = L.count(k), np = L.lanes[k];
       row.resize(n_k);
       for (int64_t n = 0; n < n_k; ++n) {
@@ -206,7 +193,9 @@ float* module_blocks(const at::Tensor& src, const int64_t* rows, const Layout& L
   return bp;
 }
 
-// out [T, O] = the module rows of x (W*M_k)^T + bias; float32, x and W finite where keep is used.
+uint32_t last_word_bits(int64_t I) { return (I % 32 == 0) ? ~0u : (1u << (I % 32)) - 1u; }
+
+// out rows of the own modules = their rows of x (W*M_k)^T + bias; float32.
 void walk_forward(const at::Tensor& x, const int64_t* rows, const at::Tensor& w,
                   const at::Tensor& p, const c10::optional<at::Tensor>& bias, const Layout& L,
                   at::Tensor& out) {
@@ -218,12 +207,12 @@ void walk_forward(const at::Tensor& x, const int64_t* rows, const at::Tensor& w,
   const auto* pp = reinterpret_cast<const uint32_t*>(p.const_data_ptr<int32_t>());
   const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
   float* op = out.mutable_data_ptr<float>();
-  const uint32_t last = (I % 32 == 0) ? ~0u : (1u << (I % 32)) - 1u;
+  const uint32_t last = last_word_bits(I);
   at::parallel_for(0, L.K * O, std::max<int64_t>(1, O / 4), [&](int64_t i0, int64_t i1) {
     v8f acc[cpu::kMaxVecs];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t k = item / O, o = item % O, n_k = L.count(k);
-      if (n_k == 0) continue;
+      if (!L.own[k]) continue;
       const cpu::MaskRow row{pp + (k * O + o) * words, words, last,
                              skip ? keep.data() + k * words : nullptr};
       const float* xs = xp + I * L.base[k];
@@ -241,7 +230,7 @@ void walk_forward(const at::Tensor& x, const int64_t* rows, const at::Tensor& w,
   });
 }
 
-// gx [T, I] = g_k (W*M_k) on each module's rows; float32, g finite.
+// gx rows of the own modules = their rows of g (W*M_k); float32, gx [T, I].
 void walk_grad_x(const at::Tensor& g, const at::Tensor& w, const at::Tensor& p, const Layout& L,
                  at::Tensor& gx) {
   const int64_t O = w.size(0), I = w.size(1), words = p.size(2);
@@ -250,9 +239,10 @@ void walk_grad_x(const at::Tensor& g, const at::Tensor& w, const at::Tensor& p, 
   float* dst = gx.mutable_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   const auto* pp = reinterpret_cast<const uint32_t*>(p.const_data_ptr<int32_t>());
-  const uint32_t last = (I % 32 == 0) ? ~0u : (1u << (I % 32)) - 1u;
+  const uint32_t last = last_word_bits(I);
   at::parallel_for(0, L.K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
+      if (!L.own[k]) continue;
       const int64_t n_k = L.count(k), np = L.lanes[k];
       float* blk = gxp + I * L.base[k];
       std::fill(blk, blk + I * np, 0.f);
@@ -275,22 +265,24 @@ void walk_grad_x(const at::Tensor& g, const at::Tensor& w, const at::Tensor& p, 
   });
 }
 
-// gs [K, O, I] = (g_k^T x_k) * W, every element written; float32 / float64. Rows with
-// g[t, o] = 0 are skipped only where x is finite (0 * inf must stay NaN).
+// gs[k] = (g_k^T x_k) * W for the own modules, every element written; float32 / float64.
+// skip_zero[k]: rows with g[t, o] = 0 are skipped (only where the module's x rows are finite:
+// 0 * inf must stay NaN).
 template <typename T>
 void loop_grad_scores(const T* g, const T* x, const int64_t* rows, const T* w, const Layout& L,
-                      int64_t O, int64_t I, bool skip_zero, T* gs) {
+                      const std::vector<char>& skip_zero, int64_t O, int64_t I, T* gs) {
   constexpr int kRowsAtOnce = 4;
   at::parallel_for(0, L.K * O, std::max<int64_t>(1, O / 4), [&](int64_t i0, int64_t i1) {
+    const T* src[kRowsAtOnce];
+    T coef[kRowsAtOnce];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t k = item / O, o = item % O;
+      if (!L.own[k]) continue;
       T* dst = gs + item * I;
       std::fill(dst, dst + I, T(0));
-      const T* src[kRowsAtOnce];
-      T coef[kRowsAtOnce];
       int held = 0;
       const auto flush = [&](int n) {
-        if (n == 4) {
+        if (n == kRowsAtOnce) {
           for (int64_t i = 0; i < I; ++i) {
             dst[i] += coef[0] * src[0][i] + coef[1] * src[1][i] + coef[2] * src[2][i] +
                       coef[3] * src[3][i];
@@ -303,7 +295,7 @@ void loop_grad_scores(const T* g, const T* x, const int64_t* rows, const T* w, c
       };
       for (int64_t t = L.first(k); t < L.first(k) + L.count(k); ++t) {
         const T s = g[t * O + o];
-        if (skip_zero && s == T(0)) continue;
+        if (skip_zero[k] && s == T(0)) continue;
         src[held] = x + (rows ? rows[t] : t) * I;
         coef[held++] = s;
         if (held == kRowsAtOnce) {
@@ -318,24 +310,70 @@ void loop_grad_scores(const T* g, const T* x, const int64_t* rows, const T* w, c
   });
 }
 
-void fast_grad_scores(const at::Tensor& g, const at::Tensor& x, const int64_t* rows,
-                      const at::Tensor& w, const Layout& L, at::Tensor& gs) {
-  const bool skip_zero = cpu::all_finite(x);
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "ragged_grad_scores", [&] {
-    loop_grad_scores<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rows,
-                               w.const_data_ptr<scalar_t>(), L, w.size(0), w.size(1), skip_zero,
-                               gs.mutable_data_ptr<scalar_t>());
-  });
-}
-
-bool is_f32_or_f64(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+// The rows the modules read, [T, I] contiguous.
+at::Tensor gathered(const at::Tensor& x, const c10::optional<at::Tensor>& rows) {
+  return rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
 }
 
 const int64_t* row_ptr(const c10::optional<at::Tensor>& rows, at::Tensor& keep) {
   if (!rows.has_value()) return nullptr;
   keep = rows->contiguous();
   return keep.const_data_ptr<int64_t>();
+}
+
+// fn(k, first row, row count) for every module with rows that L does not own: in parallel over
+// them when there are at least two per thread, else in order (each call parallel inside).
+template <typename Fn>
+void for_other_modules(const Layout& L, Fn fn) {
+  std::vector<int64_t> ks;
+  for (int64_t k = 0; k < L.K; ++k) {
+    if (!L.own[k] && L.count(k) > 0) ks.push_back(k);
+  }
+  const auto body = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) fn(ks[i], L.first(ks[i]), L.count(ks[i]));
+  };
+  const auto n = static_cast<int64_t>(ks.size());
+  if (n >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, n, 1, body);
+  } else {
+    body(0, n);
+  }
+}
+
+// Module k's rows as a one-module problem of the drivers: [1, n, C].
+at::Tensor rows_of(const at::Tensor& v, int64_t first, int64_t n) {
+  return v.narrow(0, first, n).unsqueeze(0);
+}
+
+// gs [K, O, I] <- (g_k^T x_k) * W, every element written (0 * W for a module without rows, as
+// the product of its empty sums).
+void grad_scores_into(const at::Tensor& g, const at::Tensor& x,
+                      const c10::optional<at::Tensor>& rows, const at::Tensor& w,
+                      const at::Tensor& p, const at::Tensor& offs, at::Tensor& gs) {
+  Layout L(offs);
+  at::Tensor rkeep;
+  const int64_t* rp = row_ptr(rows, rkeep);
+  for (int64_t k = 0; k < L.K; ++k) {
+    L.own[k] = L.count(k) <= kFewRows &&
+               (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble);
+  }
+  if (L.any_own()) {
+    const auto skip_zero = finite_modules(x, rp, L);
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "ragged_grad_scores", [&] {
+      loop_grad_scores<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rp,
+                                 w.const_data_ptr<scalar_t>(), L, skip_zero, w.size(0),
+                                 w.size(1), gs.mutable_data_ptr<scalar_t>());
+    });
+  }
+  const auto xs = gathered(x, rows);
+  for (int64_t k = 0; k < L.K; ++k) {
+    if (!L.own[k] && L.count(k) == 0) gs.select(0, k).copy_(w).mul_(0);
+  }
+  for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
+    auto gsk = gs.narrow(0, k, 1);
+    linear_impl::grad_scores_into(rows_of(g, first, n), rows_of(xs, first, n), w,
+                                  p.narrow(0, k, 1), gsk);
+  });
 }
 
 at::Tensor ragged_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -351,35 +389,18 @@ at::Tensor ragged_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   auto out = at::empty({T, w.size(0)}, w.options());
   if (out.numel() == 0) return out;
-  const Layout L(offs);
   const auto xc = x.contiguous();
-  if (w.scalar_type() == at::kFloat && w.size(1) > 0 && few_rows(L, T) &&
-      linear_impl::walk_wins(w, p, (T + L.busy() - 1) / L.busy()) && cpu::all_finite(xc)) {
-    at::Tensor rkeep;
-    walk_forward(xc, row_ptr(rows, rkeep), w, p, b, L, out);
-    return out;
-  }
+  at::Tensor rkeep;
+  const int64_t* rp = row_ptr(rows, rkeep);
+  Layout L(offs);
+  choose_walk(L, xc, rp, w, p);
+  if (L.any_own()) walk_forward(xc, rp, w, p, b, L, out);
   const auto xs = gathered(xc, rows);
-  for_each_module(offs, [&](int64_t k, int64_t first, int64_t n) {
+  for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
     out.narrow(0, first, n)
         .copy_(linear_impl::forward_impl(rows_of(xs, first, n), w, p.narrow(0, k, 1), b)[0]);
   });
   return out;
-}
-
-// gs [K, O, I] <- (g_k^T x_k) * W: the dedicated loops for few rows per module (float32 /
-// float64), else the drivers per module.
-void grad_scores_any(const at::Tensor& g, const at::Tensor& x, const c10::optional<at::Tensor>& rows,
-                     const at::Tensor& w, const at::Tensor& p, const at::Tensor& offs,
-                     at::Tensor& gs) {
-  const Layout L(offs);
-  const int64_t T = g.size(0);
-  if (is_f32_or_f64(w) && few_rows(L, T)) {
-    at::Tensor rkeep;
-    fast_grad_scores(g, x, row_ptr(rows, rkeep), w, L, gs);
-  } else {
-    grad_scores_all(g, gathered(x, rows), w, p, offs, gs);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu(
@@ -397,17 +418,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu
   at::Tensor gx, gs, gb;
   if (output_mask[0]) {
     auto gx_rows = at::empty({T, w.size(1)}, w.options());  // every row is some module's
-    const Layout L(offs);
-    if (T == 0 || w.size(1) == 0) {  // nothing to write
-    } else if (w.size(0) == 0) {
-      gx_rows.zero_();
-    } else if (w.scalar_type() == at::kFloat && few_rows(L, T) &&
-               linear_impl::walk_wins(w, p, (T + L.busy() - 1) / L.busy()) &&
-               cpu::all_finite(g)) {
-      walk_grad_x(g, w, p, L, gx_rows);
-    } else {
+    if (T > 0 && w.size(1) > 0) {
+      Layout L(offs);
+      choose_walk(L, g, nullptr, w, p);
+      if (L.any_own()) walk_grad_x(g, w, p, L, gx_rows);
       const auto xs = gathered(xc, rows);
-      for_each_module(offs, [&](int64_t k, int64_t first, int64_t n) {
+      for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
         auto parts = linear_impl::backward_impl(rows_of(g, first, n), rows_of(xs, first, n), w,
                                                 p.narrow(0, k, 1), {true, false, false});
         gx_rows.narrow(0, first, n).copy_(std::get<0>(parts)[0]);
@@ -417,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu
   }
   if (output_mask[1]) {
     gs = at::empty({p.size(0), w.size(0), w.size(1)}, w.options());
-    grad_scores_any(g, xc, rows, w, p, offs, gs);
+    grad_scores_into(g, xc, rows, w, p, offs, gs);
   }
   if (output_mask[2]) gb = g.sum(0);
   return {gx, gs, gb};
@@ -437,8 +453,8 @@ void ragged_masked_linear_grad_scores_cpu(at::Tensor& out, const at::Tensor& gra
               out.sizes());
   TORCH_CHECK(out.is_contiguous(), "modsplit: out must be contiguous (written in place)");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  grad_scores_any(grad_out.contiguous(), x.contiguous(), rows, weight.contiguous(),
-                  packed.contiguous(), offsets.contiguous(), out);
+  grad_scores_into(grad_out.contiguous(), x.contiguous(), rows, weight.contiguous(),
+                   packed.contiguous(), offsets.contiguous(), out);
 }
 
 }  // namespace
