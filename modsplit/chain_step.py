@@ -24,12 +24,15 @@ in another order.
 
 The chain: an nn.Sequential of nn.Flatten() layers (leading only), then MaskedLinear and
 nn.ReLU layers, the first of them a MaskedLinear (the paper's FC1-FC4, mnist2_fc). Anything
-else, and any step the chain cannot take exactly (see MaskedChain.runs), takes autograd's path.
+else, and any step the chain cannot take exactly (see MaskedChain.runs), takes autograd's path;
+there, sampled negatives still run on ragged row sets when no module hook is in the way
+(MaskedChain.ragged_logits: the same products through autograd, on any backend and device).
 """
 import torch
 import torch.nn as nn
 import torch.nn.modules.module as module_globals
 
+from modsplit import functional as MF
 from modsplit.backend import uses_cpu_kernel
 from modsplit.fused_layers import hookless
 from modsplit.layers import MaskedLinear
@@ -100,6 +103,27 @@ class MaskedChain:
                 return False
         return all(p.dtype == x.dtype and _no_tensor_hooks(p)
                    for p in (grafts.weight, grafts.bias))
+
+    def ragged_runs(self, x: torch.Tensor) -> bool:
+        """Whether ragged_logits may stand for the network's forward under autograd: no module
+        or global module hook (ragged_logits calls no module), every layer with scores of x's
+        dtype and all K modules active. Any backend, any device."""
+        return (_no_global_hooks() and all(hookless(m) for m in self.modules)
+                and all(m.scores is not None and m.active is None and m.scores.dtype == x.dtype
+                        for m in self.masked))
+
+    def ragged_logits(self, x, ragged, shape):
+        """The network's logits on ragged row sets, under autograd (straight-through score
+        gradients, functional.ragged_masked_linear): x float [B, ...] shared; ragged =
+        (offsets, rows, slots) as for gradients(); shape (K, R) of the slots. Returns float
+        [K, R, N], zero in the slots no row fills."""
+        offsets, rows, slots = ragged
+        h = x.reshape(x.shape[0], -1)
+        for i, m in enumerate(self.layers):
+            h = torch.relu(h) if m is None else MF.ragged_masked_linear(
+                h, m.weight, m.scores, m.masks(), offsets, rows if i == 0 else None, m.bias)
+        k, r = shape
+        return h.new_zeros(k * r, h.shape[1]).index_copy(0, slots, h).view(k, r, -1)
 
     def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float,
                   grad_buffer=torch.empty_like, ragged=None):

@@ -149,15 +149,17 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     direct: with CoTrainSGD, a network that is a masked MLP chain (MultiModuleNet.masked_chain)
     computes the step's gradients by direct op calls instead of autograd (the same ops, the
     same values: modsplit.chain_step); False always takes autograd's path (for comparisons).
+    With rows, a masked MLP runs each module on its own rows (ragged_masked_linear) on either
+    path, unless a module hook needs the network's own forward; other networks pad.
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
     trained = [m for m in net.masked_layers().values() if m.scores is not None]
     scores = [m.scores for m in trained]  # net.score_parameters()
     per_module = sum(s[0].numel() for s in scores)
     fused = isinstance(opt, CoTrainSGD)
-    chain = getattr(net, "masked_chain", lambda: None)() if fused and direct else None
-    if chain is not None and not chain.runs(x, grafts):
-        chain = None
+    structure = getattr(net, "masked_chain", lambda: None)()  # a masked MLP, or None
+    chain = structure if fused and direct and structure is not None and structure.runs(
+        x, grafts) else None
     w_pos, w_neg = weights
     if rows is None:
         positive = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, B]
@@ -178,7 +180,12 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
         stem = torch.zeros_like(ce)
     else:
         with raw_score_grad(fused):  # CoTrainSGD multiplies sgn(S) in itself
-            logits = net(x) if rows is None else net.forward_per_module(x[idx])  # [K, R, N]
+            if rows is None:
+                logits = net(x)  # [K, B, N]
+            elif structure is not None and structure.ragged_runs(x):  # each module on its rows
+                logits = structure.ragged_logits(x, ragged_rows(idx, seen), idx.shape)
+            else:  # every module on the rows of the widest, padded
+                logits = net.forward_per_module(x[idx])  # [K, m, N]
             out, ce = graft_ops.graft_cross_entropy(logits, grafts.weight, grafts.bias,
                                                     positive, w.to(logits.dtype),
                                                     1.0 / x.shape[0])
@@ -352,7 +359,9 @@ def decompose(model, train_loader, num_classes: int, config: DecomposeConfig = N
     Sampled negatives (neg_ratio=r, default None = the loss above): module k trains on its
     positives in the batch plus about r negatives per positive drawn from the batch, weighted
     so that its CE_k is an unbiased estimate of the full class-balanced CE_k (the estimator is
-    in sample_rows' docstring); the per-step work is about (1 + r) B rows instead of K B. The
+    in sample_rows' docstring); a masked MLP's step (modsplit.chain_step) runs about (1 + r) B
+    rows (ragged_masked_linear) instead of K B; other networks run every module on the rows of
+    the module that draws the most (padded to [K, m]), still below K B. The
     draws are seeded by (seed, epoch, step), identical on every rank, so a resumed or sharded
     run draws the same negatives. module_acc then counts the rows each module saw.
 

@@ -40,7 +40,8 @@ class DecomposeConfig:
                  sampled negatives, each module trains on its positives in the batch plus
                  about r negatives per positive, reweighted so that its loss is an unbiased
                  estimate of the full class-balanced loss (decompose.sample_rows); the work per
-                 step is about (1 + r) B rows instead of K B
+                 step of a masked MLP is about (1 + r) B rows instead of K B (other networks
+                 pad every module to the rows of the one that draws the most)
     batchnorm    "module" (default): every BatchNorm of the model gets per-module statistics
                  (modsplit.module_norm: batch statistics in the training steps, per-module
                  running statistics everywhere else); "frozen": the base model's statistics

@@ -119,23 +119,56 @@ def _assert_close_run(a, b, tol):
     torch.testing.assert_close(grafts_a.bias, grafts_b.bias, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("arch", ["fc2", "mnist2-like"])
-def test_ragged_step_with_sampled_negatives_is_the_padded_autograd_step(arch, dtype,
-                                                                        monkeypatch):
-    """Sampled negatives: the direct step runs each module on its own rows only
-    (ragged_masked_linear); autograd's path on the rows padded to [K, m]. Same run up to
-    rounding."""
-    k = 4
+def _sampled_case(arch, dtype, k=4):
     model = {"fc2": lambda: FC2(20, k, hidden=10),
              "mnist2-like": lambda: mnist2_fc(1, hidden=12, num_classes=k)}[arch]()
     shape = (1, 28, 56) if arch == "mnist2-like" else (20,)
     net, grafts, cfg = _setup(model, k, dtype)
-    batches = _batches(shape, k, steps=5, b=24, dtype=dtype)
-    _assert_close_run(_steps(net, grafts, cfg, batches, k, True, rows=2.0, dtype=dtype,
-                             monkeypatch=monkeypatch, direct_steps=5),
-                      _steps(net, grafts, cfg, batches, k, False, rows=2.0, dtype=dtype),
+    return net, grafts, cfg, _batches(shape, k, steps=5, b=24, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("arch", ["fc2", "mnist2-like"])
+def test_ragged_direct_step_is_the_ragged_autograd_step(arch, dtype, monkeypatch):
+    """Sampled negatives: the direct step and autograd's path both run each module on its own
+    rows only (ragged_masked_linear), the same ops: the same run bit for bit."""
+    k = 4
+    net, grafts, cfg, batches = _sampled_case(arch, dtype, k)
+    direct = _steps(net, grafts, cfg, batches, k, True, rows=2.0, dtype=dtype,
+                    monkeypatch=monkeypatch, direct_steps=5)
+    ragged = []
+    original = MaskedChain.ragged_logits
+    monkeypatch.setattr(MaskedChain, "ragged_logits",
+                        lambda self, *a: ragged.append(1) or original(self, *a))
+    _assert_same_run(direct, _steps(net, grafts, cfg, batches, k, False, rows=2.0, dtype=dtype))
+    assert len(ragged) == len(batches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("arch", ["fc2", "mnist2-like"])
+def test_ragged_step_is_the_padded_step(arch, dtype):
+    """A module hook keeps the network's own forward: every module then runs on the rows of
+    the widest, padded to [K, m]. Same run as the ragged step up to rounding."""
+    k = 4
+    net, grafts, cfg, batches = _sampled_case(arch, dtype, k)
+    hooked = copy.deepcopy(net)
+    hooked.net[-2].register_forward_hook(lambda m, i, o: None)  # the last ReLU
+    assert not hooked.masked_chain().ragged_runs(batches[0][0])
+    _assert_close_run(_steps(net, grafts, cfg, batches, k, True, rows=2.0, dtype=dtype),
+                      _steps(hooked, grafts, cfg, batches, k, True, rows=2.0, dtype=dtype),
                       1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_ragged_autograd_step_on_the_torch_backend(monkeypatch):
+    """Off the CPU kernels (here the torch backend) the ragged products run through autograd,
+    with the same result as the CPU kernels' direct step up to rounding."""
+    k = 4
+    net, grafts, cfg, batches = _sampled_case("fc2", torch.float64, k)
+    direct = _steps(net, grafts, cfg, batches, k, True, rows=2.0, dtype=torch.float64)
+    monkeypatch.setattr(backend, "_selected", "torch")
+    _assert_close_run(direct, _steps(net, grafts, cfg, batches, k, True, rows=2.0,
+                                     dtype=torch.float64, monkeypatch=monkeypatch,
+                                     direct_steps=0), 1e-12)
 
 
 def test_ragged_rows_of_sampled_rows():
