@@ -11,6 +11,9 @@ arithmetic as TFLOP/s against cuBLAS on the same shapes. Rows:
   linear K=10       M = 1, 16: one modsplit call vs a loop of F.linear(x, W*M_k)
   linear large      M = 256, 4096, K = 1: TFLOP/s vs F.linear(x, W) (cuBLAS)
   conv              K = 10 modules, shared input: vs one cuDNN grouped conv of pre-expanded W*M
+  ragged            K = 10 modules on 8 or 32 rows each sampled from a batch of 32, 4096² bf16:
+                    ragged_masked_linear (cuda, triton) vs the torch backend's twin
+                    (modsplit.torch_backend.ragged_masked_linear: rows padded, batched GEMM)
   topk              10 x 4096 x 4096 scores: multi_topk_mask vs torch.topk + scatter
 Design targets (kernel-notes): >= 70 % of the copy at M = 1, K = 1; >= 5x the loop at K = 10.
 """
@@ -21,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from modsplit import backend, ops
+from modsplit import backend, ops, torch_backend
 from modsplit import reference as ref
 
 
@@ -112,6 +115,36 @@ def conv_rows():
             for c_, ms in times.items()]
 
 
+def ragged_rows(copy_bps):
+    k, n, batch = 10, 4096, 32
+    w = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    packed = torch.randint(0, 2**31 - 1, (k, n, n // 32), device="cuda", dtype=torch.int32)
+    x = torch.randn(batch, n, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for per in (8, 32):  # rows per module: the fused kernel, the expanded path
+        rows = torch.randint(0, batch, (k * per,), device="cuda")
+        offsets = torch.arange(0, k * per + 1, per, device="cuda")
+        moved = 2 * n * n + k * n * n / 8 + 2 * 2 * k * per * n  # W, bits, x rows read, y
+        cases = {name: _with(name, lambda: ops.ragged_masked_linear(x, w, packed, offsets, rows))
+                 for name in ("cuda", "triton")}
+        cases["torch twin"] = lambda: torch_backend.ragged_masked_linear(x, w, packed, offsets,
+                                                                         rows)
+        times = {}
+        for c, f in cases.items():
+            try:
+                times[c] = _time(f)
+            except Exception as exc:  # one failing implementation must not hide the others
+                out.append(f"| ragged bf16 4096² K={k} {per} rows each | {c} | (error) "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0]} | | |")
+        base = times.get("torch twin")
+        for c, ms in times.items():
+            gbs = moved / (ms * 1e-3)
+            out.append(f"| ragged bf16 4096² K={k} {per} rows each | {c} | {ms * 1e3:.1f} µs | "
+                       f"{gbs / 1e9:.0f} GB/s ({100 * gbs / copy_bps:.0f} % of copy) | "
+                       f"{f'{base / ms:.2f}x' if base else ''} |")
+    return out
+
+
 def topk_rows(copy_bps):
     k, n = 10, 4096
     scores = torch.randn(k, n, n, device="cuda")
@@ -156,7 +189,8 @@ def main(argv=None):
 
     print("\n".join(lines), flush=True)
     failed = False
-    for part in (lambda: linear_rows(copy_bps), conv_rows, lambda: topk_rows(copy_bps)):
+    for part in (lambda: linear_rows(copy_bps), conv_rows, lambda: ragged_rows(copy_bps),
+                 lambda: topk_rows(copy_bps)):
         try:
             emit(part())
         except Exception as exc:  # one failing part must not hide the others' numbers

@@ -8,6 +8,9 @@ of the fused-row threshold), K in {1, 9, 10}, shared and per-module inputs, bflo
 backends cuda and triton; forward and grad_x, against the float64 reference on the GPU, with
 flash-attention's bound (twice the reference's own error in the same dtype, plus a floor). Prints
 one line per failure and a summary; exit status 1 on any failure.
+Ragged: ragged_masked_linear and its backward (K = 10 modules on rows sampled from a batch of 32,
+modules with few rows (fused kernel, split-K for a long I) and many (expanded), with and without
+rows), backends cuda and triton in bfloat16 / float32, cuda also in float64.
 """
 import argparse
 import sys
@@ -17,7 +20,8 @@ import torch
 from modsplit import backend, ops
 from modsplit import reference as ref
 
-FLOOR = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-3}  # float32: TF32 allowed
+FLOOR = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-3,  # float32: TF32 allowed
+         torch.float64: 1e-9}
 
 
 def _bound_ok(got, want64, low):
@@ -69,6 +73,60 @@ def odd_sizes():
                                 failures.append(line)
                                 print(line, flush=True)
     print(f"odd sizes: {count - len(failures)}/{count} cases within the bound")
+    return not failures
+
+
+RAGGED_FEW = [3, 8, 1, 0, 12, 4, 6, 2, 9, 5]  # at most 16 rows per module: the fused kernel
+RAGGED_MANY = [32, 17, 0, 40, 5, 32, 64, 1, 20, 32]  # above it: the expanded path
+RAGGED_CASES = ((257, 784, RAGGED_FEW, True), (257, 784, RAGGED_MANY, True),
+                (31, 33, RAGGED_FEW, False), (9, 4096, RAGGED_FEW, True))  # (O, I, counts, rows)
+
+
+def check_ragged(name, o, i, counts, with_rows, dtype):
+    """ragged_masked_linear and the three gradients of its backward on backend `name`, K =
+    len(counts) modules on rows drawn from a batch of 32 (or x's own rows); '' or a failure line."""
+    dev, k, t = "cuda", len(counts), sum(counts)
+    w = torch.randn(o, i, device=dev)
+    packed = ref.multi_topk_mask(torch.randn(k, o, i, device=dev), 0.3)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=dev)
+    rows = torch.randint(0, 32, (t,), device=dev) if with_rows else None
+    x = torch.randn(32 if with_rows else t, i, device=dev)
+    b = torch.randn(o, device=dev)
+    g = torch.randn(t, o, device=dev)
+    lw, lx, lb, lg = (v.to(dtype) for v in (w, x, b, g))
+    what = f"{name} {dtype} O={o} I={i} K={k} counts={counts} rows={with_rows}"
+    try:
+        with backend.use(name):
+            y = ops.ragged_masked_linear(lx, lw, packed, offsets, rows, lb)
+            got = backend.ops_for(lx).ragged_masked_linear_backward(lg, lx, lw, packed, offsets,
+                                                                    rows, [True, True, True])
+    except Exception as exc:  # reported as a failure, and the other cases still run
+        return f"FAIL {what}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    want = (ref.ragged_masked_linear(lx.double(), lw.double(), packed, offsets, rows, lb.double()),
+            *ref.ragged_masked_linear_backward(lg.double(), lx.double(), lw.double(), packed,
+                                               offsets, rows))
+    low = (ref.ragged_masked_linear(lx, lw, packed, offsets, rows, lb),
+           *ref.ragged_masked_linear_backward(lg, lx, lw, packed, offsets, rows))
+    bad = []
+    for label, a, w64, lo in zip(("y", "grad_x", "grad_scores", "grad_bias"), (y, *got), want, low):
+        ok, err = _bound_ok(a, w64, lo) if a.shape == w64.shape else (False, float("nan"))
+        if not ok:
+            bad.append(f"{label} err {err:.3g} shape {list(a.shape)}")
+    return f"FAIL {what}: " + ", ".join(bad) if bad else ""
+
+
+def ragged():
+    failures, count = [], 0
+    for name, dtypes in (("cuda", (torch.bfloat16, torch.float32, torch.float64)),
+                         ("triton", (torch.bfloat16, torch.float32))):
+        for dtype in dtypes:
+            for o, i, counts, with_rows in RAGGED_CASES:
+                count += 1
+                line = check_ragged(name, o, i, counts, with_rows, dtype)
+                if line:
+                    failures.append(line)
+                    print(line, flush=True)
+    print(f"ragged: {count - len(failures)}/{count} cases within the bound")
     return not failures
 
 
@@ -129,6 +187,13 @@ def tiny():
     cy = ops.multi_masked_conv2d(cx, cw, cp, None, [1, 1], [1, 1], [1, 1], 2)
     backend.ops_for(cx).multi_masked_conv2d_backward(torch.ones_like(cy), cx, cw, cp, [1, 1],
                                                      [1, 1], [1, 1], 2, [True, True, True])
+    rx = torch.randn(5, 37, device="cuda")
+    rows = torch.tensor([4, 0, 0, 2, 1, 3, 4, 4] + [1, 2] * 9, device="cuda")
+    for counts in ([2, 0, 6], [20, 6, 0]):  # both paths
+        offsets = torch.tensor([0, counts[0], counts[0] + counts[1], sum(counts)], device="cuda")
+        ry = ops.ragged_masked_linear(rx, w, p, offsets, rows[:sum(counts)], None)
+        backend.ops_for(rx).ragged_masked_linear_backward(torch.ones_like(ry), rx, w, p, offsets,
+                                                          rows[:sum(counts)], [True, True, True])
     torch.cuda.synchronize()
     print("tiny: every op ran")
     return True
@@ -146,6 +211,7 @@ def main(argv=None):
     torch.manual_seed(0)
     ok = stream_and_graph()
     ok &= odd_sizes()
+    ok &= ragged()
     return 0 if ok else 1
 
 

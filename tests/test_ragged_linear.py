@@ -75,6 +75,23 @@ def test_forward_and_backward_match_the_reference(k, o, i, counts, r, dtype, bac
     _close(gb, wb, dtype)
 
 
+@pytest.mark.parametrize("k,o,i,counts,r", [SHAPES[2], SHAPES[4], SHAPES[5], SHAPES[7]])
+def test_the_device_kernels_match_the_reference(k, o, i, counts, r, device):
+    """The compiled kernels of each device (CUDA where a GPU is, the C++ ones on the CPU), the
+    "auto" backend, against the reference computed on the CPU."""
+    x, weight, packed, offsets, rows, bias = _case(k, o, i, counts, r)
+    g = torch.randn(sum(counts), o)
+    on = [None if t is None else t.to(device) for t in (x, weight, packed, offsets, rows, bias, g)]
+    with backend.use("auto"):
+        y = ops.ragged_masked_linear(*on[:6])
+        got = backend.ops_for(on[0]).ragged_masked_linear_backward(on[6], *on[:5], [True] * 3)
+    _close(y.cpu(), _ref(R.ragged_masked_linear, x, weight, packed, offsets, rows, bias),
+           torch.float32)
+    for a, b in zip(got, _ref(R.ragged_masked_linear_backward, g, x, weight, packed, offsets,
+                              rows)):
+        _close(a.cpu(), b, torch.float32)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.02, 1.0])
 def test_extreme_densities(density):
     x, weight, packed, offsets, rows, bias = _case(3, 40, 100, [5, 9, 2], 12, density=density)
