@@ -33,9 +33,10 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
   modsplit, sampled     (extra row with --ratio r) decompose's step with sampled negatives
                         (on a masked MLP each module runs on its own rows only:
                         ragged_masked_linear in modsplit.chain_step);
-  modsplit, sampled negatives, padded autograd step  (extra row with --ratio and
-                        --unfused-row, FC workloads) the same through autograd, each module's
-                        rows padded to the widest module's [K, m] (the step before stop 18);
+  modsplit, sampled negatives, padded rows  (extra row with --ratio and --unfused-row, FC
+                        workloads) the same with every module on the rows of the widest,
+                        padded to [K, m], through autograd (train_step(ragged=False): the step
+                        before stop 18);
   modsplit, top-k not fused   (extra row with --unfused-row) decompose's step with
                         fuse_topk=False: the top-k of the next forward instead of the one fused
                         into the score update (the step before stop 14);
@@ -263,10 +264,10 @@ class ModsplitSide:
     decompose's inclusion probabilities min(1, B n_c / n)."""
 
     def __init__(self, model, net, grafts, classes, weights, anchors, ratio=None, counts=None,
-                 fuse_topk=True, fuse_layers=True, direct=True):
+                 fuse_topk=True, fuse_layers=True, direct=True, ragged=True):
         self.net, self.grafts = copy.deepcopy(net), copy.deepcopy(grafts)
         self.net.fuse_layers = fuse_layers
-        self.fuse_topk, self.direct = fuse_topk, direct
+        self.fuse_topk, self.direct, self.ragged = fuse_topk, direct, ragged
         self.classes, self.weights, self.anchors = classes, weights, anchors
         self.ratio, self.steps = ratio, 0
         if ratio is not None:
@@ -283,7 +284,8 @@ class ModsplitSide:
         self.steps += 1
         out, _, ce, stem, _ = train_step(self.net, self.grafts, self.opt, x, y, self.classes,
                                          self.weights, ALPHA, P, self.anchors, rows,
-                                         fuse_topk=self.fuse_topk, direct=self.direct)
+                                         fuse_topk=self.fuse_topk, direct=self.direct,
+                                         ragged=self.ragged)
         return out, ce, stem
 
     def masks(self):
@@ -392,9 +394,9 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False
             sides["modsplit, autograd step"] = ModsplitSide(model, net, grafts, classes, weights,
                                                             anchors, direct=False)
             if ratio is not None:
-                sides[f"modsplit, sampled negatives r={ratio:g}, padded autograd step"] = \
+                sides[f"modsplit, sampled negatives r={ratio:g}, padded rows"] = \
                     ModsplitSide(model, net, grafts, classes, weights, anchors, ratio, counts,
-                                 direct=False)
+                                 ragged=False)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl

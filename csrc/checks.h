@@ -80,6 +80,27 @@ inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
   check_packed_for_weight(packed, weight, lead_dims);
 }
 
+// ragged_masked_linear: x [R, I], packed [K, O, words], offsets int64 [K+1] and rows int64 [T]
+// (or none: T = R) on x's device. Checks shapes, dtypes and devices (not offsets' or rows'
+// values, which each backend reads its own way) and returns T.
+inline int64_t check_ragged_shapes(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& packed, const at::Tensor& offsets,
+                                   const c10::optional<at::Tensor>& rows) {
+  check_linear_args(x, weight, packed, 1);
+  TORCH_CHECK(x.dim() == 2, "modsplit: x must be [R, in_features], got shape ", x.sizes());
+  const int64_t K = packed.size(0);
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == K + 1,
+              "modsplit: offsets must be int64 [K+1=", K + 1, "], got ", offsets.scalar_type(),
+              " ", offsets.sizes());
+  check_same_device(offsets, x, "offsets", "x");
+  if (!rows.has_value()) return x.size(0);
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1,
+              "modsplit: rows must be an int64 vector, got ", rows->scalar_type(), " ",
+              rows->sizes());
+  check_same_device(*rows, x, "rows", "x");
+  return rows->size(0);
+}
+
 // pack_mask: mask bool [lead..., rest...] with lead = batch_dims + 1 dims, viewed as rows x cols.
 struct PackGeom {
   int64_t rows, cols, words;

@@ -135,7 +135,7 @@ def ragged_rows(idx, seen):
 
 
 def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows=None,
-               fuse_topk=True, direct=True):
+               fuse_topk=True, direct=True, ragged=True):
     """One co-training step of all K modules on the batch (x, y) (already on the device):
     forward, class-weighted CE + stemming loss (Eq. 1), backward, optimizer step. With a
     CoTrainSGD optimizer (decompose's choice for p = 1) the stemming term is left out of the
@@ -149,8 +149,9 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     direct: with CoTrainSGD, a network that is a masked MLP chain (MultiModuleNet.masked_chain)
     computes the step's gradients by direct op calls instead of autograd (the same ops, the
     same values: modsplit.chain_step); False always takes autograd's path (for comparisons).
-    With rows, a masked MLP runs each module on its own rows (ragged_masked_linear) on either
-    path, unless a module hook needs the network's own forward; other networks pad.
+    ragged: with rows, a masked MLP runs each module on its own rows (ragged_masked_linear) on
+    either path, unless a module hook needs the network's own forward; other networks, and
+    ragged=False (for comparisons), run every module on the rows of the widest ([K, m]).
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
     trained = [m for m in net.masked_layers().values() if m.scores is not None]
@@ -158,6 +159,8 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     per_module = sum(s[0].numel() for s in scores)
     fused = isinstance(opt, CoTrainSGD)
     structure = getattr(net, "masked_chain", lambda: None)()  # a masked MLP, or None
+    if rows is not None and not ragged:
+        structure = None
     chain = structure if fused and direct and structure is not None and structure.runs(
         x, grafts) else None
     w_pos, w_neg = weights

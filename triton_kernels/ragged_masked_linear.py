@@ -42,6 +42,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor, is_fake
 
 from modsplit import torch_backend as tb
+from modsplit.ops.ragged import save_inputs
 from modsplit.ops.schemas import SCHEMAS
 from modsplit.reference import unpack_mask
 
@@ -356,13 +357,6 @@ def ragged_masked_linear_weight_grad(grad_out, x, weight, packed, offsets, rows)
 
 # ---- autograd -----------------------------------------------------------------------------------
 
-def _setup(ctx, inputs, output):
-    x, weight, packed, offsets = inputs[:4]
-    rows = inputs[4] if len(inputs) > 4 else None
-    ctx.has_rows = rows is not None
-    ctx.save_for_backward(x, weight, packed, offsets, *([rows] if ctx.has_rows else []))
-
-
 def _backward(ctx, grad_out):
     """Gradients of (x, weight, packed, offsets, rows, bias): grad_x and grad_bias from the
     backward op, the exact weight gradient sum_k (g_k^T x_k) * M_k."""
@@ -378,4 +372,4 @@ def _backward(ctx, grad_out):
     return gx, gw, None, None, None, gb
 
 
-ragged_masked_linear.register_autograd(_backward, setup_context=_setup)
+ragged_masked_linear.register_autograd(_backward, setup_context=save_inputs)

@@ -37,23 +37,13 @@
 namespace modsplit {
 namespace {
 
-// Checks the arguments (each error names the argument) and returns T, the rows taken.
+// Checks the arguments (each error names the argument), offsets' and rows' values included,
+// and returns T, the rows taken.
 int64_t check_ragged_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
                           const at::Tensor& offsets, const c10::optional<at::Tensor>& rows) {
-  check_linear_args(x, weight, packed, 1);
-  TORCH_CHECK(x.dim() == 2, "modsplit: x must be [R, in_features], got shape ", x.sizes());
+  const int64_t T = check_ragged_shapes(x, weight, packed, offsets, rows);
   const int64_t K = packed.size(0);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == K + 1,
-              "modsplit: offsets must be int64 [K+1=", K + 1, "], got ", offsets.scalar_type(),
-              " ", offsets.sizes());
-  check_same_device(offsets, x, "offsets", "x");
-  int64_t T = x.size(0);
   if (rows.has_value()) {
-    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1,
-                "modsplit: rows must be an int64 vector, got ", rows->scalar_type(), " ",
-                rows->sizes());
-    check_same_device(*rows, x, "rows", "x");
-    T = rows->size(0);
     const auto r = rows->contiguous();
     const int64_t* rp = r.const_data_ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t) {

@@ -38,6 +38,17 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_sum_float(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// VEC elements of T in one aligned vector load / store (16 bytes for the kernels' widths).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
 // Bits of the lanes below this one: 0b0..01..1 with `lane` ones.
 __device__ __forceinline__ unsigned int lanes_below(int lane) { return (1u << lane) - 1u; }
 

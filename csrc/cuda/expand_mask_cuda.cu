@@ -12,11 +12,6 @@
 namespace modsplit {
 namespace cuda {
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
 // Slot s covers VEC consecutive columns of one weight row of one module: s = (k * O + o) * R/VEC
 // + i/VEC. Grid-strided over c * O * R / VEC slots.
 template <typename T, int VEC>
@@ -33,11 +28,11 @@ __global__ void expand_kernel(const T* __restrict__ w, const int32_t* __restrict
     const int64_t i = (rest - o * per_row) * VEC;
     const uint32_t bits = static_cast<uint32_t>(__ldg(packed + (k * O + o) * words + i / 32)) >>
                           (i % 32);
-    Vec<T, VEC> val = *reinterpret_cast<const Vec<T, VEC>*>(w + o * R + i);
+    Pack<T, VEC> val = *reinterpret_cast<const Pack<T, VEC>*>(w + o * R + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) val.v[j] = ((bits >> j) & 1u) ? val.v[j] : zero;
     const int64_t row = group_major ? ((o / Og) * c + k) * Og + o % Og : k * O + o;
-    *reinterpret_cast<Vec<T, VEC>*>(out + row * R + i) = val;
+    *reinterpret_cast<Pack<T, VEC>*>(out + row * R + i) = val;
   }
 }
 

@@ -107,21 +107,7 @@ struct RaggedPlan {
 int64_t check_ragged_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
                           const at::Tensor& offsets, const c10::optional<at::Tensor>& rows) {
   check_cuda(weight, "weight");
-  check_linear_args(x, weight, packed, 1);
-  TORCH_CHECK(x.dim() == 2, "modsplit: x must be [R, in_features], got shape ", x.sizes());
-  const int64_t K = packed.size(0);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == K + 1,
-              "modsplit: offsets must be int64 [K+1=", K + 1, "], got ", offsets.scalar_type(),
-              " ", offsets.sizes());
-  check_same_device(offsets, x, "offsets", "x");
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1,
-                "modsplit: rows must be an int64 vector, got ", rows->scalar_type(), " ",
-                rows->sizes());
-    check_same_device(*rows, x, "rows", "x");
-    return rows->size(0);
-  }
-  return x.size(0);
+  return check_ragged_shapes(x, weight, packed, offsets, rows);
 }
 
 // The one host sync: reads offsets and the range of rows, checks them (call under a guard of the
@@ -163,16 +149,6 @@ RaggedPlan read_offsets(const at::Tensor& offsets_c, const at::Tensor& rows_c, i
 
 // ---- forward, fused -----------------------------------------------------------------------------
 
-__device__ __forceinline__ float ragged_warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) RaggedPack {
-  T v[VEC];
-};
-
 // One warp per (o, k, split): gw = (o * K + k) * splits + split. y [T, O] (splits == 1, with
 // bias) or ws fp32 [splits, T, O] (partial sums, no bias). x [R, I]; rows [T] or nullptr.
 template <typename T, int VEC, int MT>
@@ -210,7 +186,7 @@ ragged_small_kernel(const T* __restrict__ x, const int64_t* __restrict__ rows,
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
 
     for (int64_t i = i_begin + lane * VEC; i < i_end; i += 32 * VEC) {
-      const RaggedPack<T, VEC> wv = *reinterpret_cast<const RaggedPack<T, VEC>*>(wrow + i);
+      const Pack<T, VEC> wv = *reinterpret_cast<const Pack<T, VEC>*>(wrow + i);
       const uint32_t bits = static_cast<uint32_t>(__ldg(prow + i / 32)) >> (i % 32);
       float wm[VEC];
 #pragma unroll
@@ -218,7 +194,7 @@ ragged_small_kernel(const T* __restrict__ x, const int64_t* __restrict__ rows,
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m < n) {
-          const RaggedPack<T, VEC> xv = *reinterpret_cast<const RaggedPack<T, VEC>*>(xp[m] + i);
+          const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(xp[m] + i);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) acc[m] += wm[j] * static_cast<float>(xv.v[j]);
         }
@@ -228,7 +204,7 @@ ragged_small_kernel(const T* __restrict__ x, const int64_t* __restrict__ rows,
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (m < n) {  // uniform: the whole warp takes part in the shuffles
-        const float total = ragged_warp_sum(acc[m]);
+        const float total = warp_sum_float(acc[m]);
         if (lane == m) {
           const int64_t at = (t0 + m) * O + o;
           if (splits == 1) {

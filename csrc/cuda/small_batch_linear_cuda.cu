@@ -24,16 +24,6 @@ namespace cuda {
 
 constexpr int kWarpsPerBlock = 8;
 
-__device__ __forceinline__ float warp_sum_float(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
 // MT: x rows held (M <= MT); KT: modules per warp. y [K, M, O] (splits == 1, with bias) or
 // ws fp32 [splits, K, M, O] (partial sums, no bias). x [Kx, M, I], module stride x_stride.
 template <typename T, int VEC, int MT, int KT>
