@@ -42,8 +42,6 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor, is_fake
 
 from modsplit import torch_backend as tb
-from modsplit.ops.ragged import save_inputs
-from modsplit.ops.schemas import SCHEMAS
 from modsplit.reference import unpack_mask
 
 from .masked_linear import _bucket, _configs, _dot, _load2, _mask_tile, _store2
@@ -312,7 +310,9 @@ def _empty_grads(x, weight, k, output_mask):
 
 # ---- ops ----------------------------------------------------------------------------------------
 
-@register_op("modsplit_triton::ragged_masked_linear", SCHEMAS["ragged_masked_linear"])
+@register_op("modsplit_triton::ragged_masked_linear",
+             "(Tensor x, Tensor weight, Tensor packed, Tensor offsets, Tensor? rows=None, "
+             "Tensor? bias=None) -> Tensor")
 def ragged_masked_linear(x, weight, packed, offsets, rows=None, bias=None):
     """out[t] = x[rows[t]] (W*M_k)^T + b for offsets[k] <= t < offsets[k+1]. x [R, I], weight
     [O, I], packed int32 [K, O, ceil(I/32)], offsets int64 [K+1], rows int64 [T] or None (T = R),
@@ -325,7 +325,8 @@ def ragged_masked_linear(x, weight, packed, offsets, rows=None, bias=None):
 
 
 @register_op("modsplit_triton::ragged_masked_linear_backward",
-             SCHEMAS["ragged_masked_linear_backward"])
+             "(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, Tensor offsets, "
+             "Tensor? rows, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 def ragged_masked_linear_backward(grad_out, x, weight, packed, offsets, rows, output_mask):
     """grad_out [T, O] -> (grad_x shaped like x (with rows: summed over the t with rows[t] = r),
     grad_scores [K, O, I] = (g_k^T x_k) * W, grad_bias [O]); None where output_mask is False."""
@@ -357,6 +358,13 @@ def ragged_masked_linear_weight_grad(grad_out, x, weight, packed, offsets, rows)
 
 # ---- autograd -----------------------------------------------------------------------------------
 
+def _setup(ctx, inputs, output):
+    x, weight, packed, offsets = inputs[:4]
+    rows = inputs[4] if len(inputs) > 4 else None
+    ctx.has_rows = rows is not None
+    ctx.save_for_backward(x, weight, packed, offsets, *([rows] if ctx.has_rows else []))
+
+
 def _backward(ctx, grad_out):
     """Gradients of (x, weight, packed, offsets, rows, bias): grad_x and grad_bias from the
     backward op, the exact weight gradient sum_k (g_k^T x_k) * M_k."""
@@ -372,4 +380,4 @@ def _backward(ctx, grad_out):
     return gx, gw, None, None, None, gb
 
 
-ragged_masked_linear.register_autograd(_backward, setup_context=save_inputs)
+ragged_masked_linear.register_autograd(_backward, setup_context=_setup)

@@ -65,9 +65,7 @@ def _exact_weight_grad(grad_out, x, packed, offsets, rows, weight):
     return total
 
 
-def save_inputs(ctx, inputs, output):
-    """setup_context of ragged_masked_linear's autograd (here and in the Triton twin): saves
-    (x, weight, packed, offsets[, rows]) and whether rows were given."""
+def _setup(ctx, inputs, output):
     x, weight, packed, offsets = inputs[:4]
     rows = inputs[4] if len(inputs) > 4 else None
     ctx.has_rows = rows is not None
@@ -85,4 +83,4 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("modsplit::ragged_masked_linear", _backward,
-                                setup_context=save_inputs)
+                                setup_context=_setup)
