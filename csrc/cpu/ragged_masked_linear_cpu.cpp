@@ -255,47 +255,70 @@ void walk_grad_x(const at::Tensor& g, const at::Tensor& w, const at::Tensor& p, 
   });
 }
 
-// gs[k] = (g_k^T x_k) * W for the own modules, every element written; float32 / float64.
-// skip_zero[k]: rows with g[t, o] = 0 are skipped (only where the module's x rows are finite:
-// 0 * inf must stay NaN).
+// One pass over a row of gs: dst = ((kFirst ? 0 : dst) + sum of N coef[r] * src[r]) times W's
+// row when kLast. Four rows are summed first and then added; fewer are added one by one (the
+// order of the arithmetic is fixed, so results do not depend on the row's path).
+template <typename T, int N, bool kFirst, bool kLast>
+void score_row_pass(T* dst, const T* const* src, const T* coef, const T* wr, int64_t I) {
+  for (int64_t i = 0; i < I; ++i) {
+    T v = kFirst ? T(0) : dst[i];
+    if constexpr (N == 4) {
+      v = v + (coef[0] * src[0][i] + coef[1] * src[1][i] + coef[2] * src[2][i] +
+               coef[3] * src[3][i]);
+    } else {
+      for (int r = 0; r < N; ++r) v += coef[r] * src[r][i];
+    }
+    if constexpr (kLast) v *= wr[i];
+    dst[i] = v;
+  }
+}
+
+template <typename T, int N>
+void score_rows(T* dst, const T* const* src, const T* coef, const T* wr, int64_t I, bool first,
+                bool last) {
+  if (first && last) score_row_pass<T, N, true, true>(dst, src, coef, wr, I);
+  else if (first) score_row_pass<T, N, true, false>(dst, src, coef, wr, I);
+  else if (last) score_row_pass<T, N, false, true>(dst, src, coef, wr, I);
+  else score_row_pass<T, N, false, false>(dst, src, coef, wr, I);
+}
+
+// gs[k] = (g_k^T x_k) * W for the own modules (at most kFewRows rows each), every element
+// written; float32 / float64. A row of gs is written in one pass per four of the module's rows
+// (one pass in all for a module of at most four, the common case of sampled negatives), its
+// first pass writing and its last multiplying by W. skip_zero[k]: rows with g[t, o] = 0 are
+// left out (only where the module's x rows are finite: 0 * inf must stay NaN).
 template <typename T>
 void loop_grad_scores(const T* g, const T* x, const int64_t* rows, const T* w, const Layout& L,
                       const std::vector<char>& skip_zero, int64_t O, int64_t I, T* gs) {
-  constexpr int kRowsAtOnce = 4;
   at::parallel_for(0, L.K * O, std::max<int64_t>(1, O / 4), [&](int64_t i0, int64_t i1) {
-    const T* src[kRowsAtOnce];
-    T coef[kRowsAtOnce];
+    const T* src[kFewRows];
+    T coef[kFewRows];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t k = item / O, o = item % O;
       if (!L.own[k]) continue;
       T* dst = gs + item * I;
-      std::fill(dst, dst + I, T(0));
-      int held = 0;
-      const auto flush = [&](int n) {
-        if (n == kRowsAtOnce) {
-          for (int64_t i = 0; i < I; ++i) {
-            dst[i] += coef[0] * src[0][i] + coef[1] * src[1][i] + coef[2] * src[2][i] +
-                      coef[3] * src[3][i];
-          }
-        } else {
-          for (int r = 0; r < n; ++r) {
-            for (int64_t i = 0; i < I; ++i) dst[i] += coef[r] * src[r][i];
-          }
-        }
-      };
+      const T* wr = w + o * I;
+      int n = 0;
       for (int64_t t = L.first(k); t < L.first(k) + L.count(k); ++t) {
         const T s = g[t * O + o];
         if (skip_zero[k] && s == T(0)) continue;
-        src[held] = x + (rows ? rows[t] : t) * I;
-        coef[held++] = s;
-        if (held == kRowsAtOnce) {
-          flush(held);
-          held = 0;
+        src[n] = x + (rows ? rows[t] : t) * I;
+        coef[n++] = s;
+      }
+      if (n == 0) {  // the empty sum times W
+        for (int64_t i = 0; i < I; ++i) dst[i] = T(0) * wr[i];
+        continue;
+      }
+      for (int r0 = 0; r0 < n; r0 += 4) {
+        const int m = std::min(4, n - r0);
+        const bool first = r0 == 0, last = r0 + m == n;
+        switch (m) {
+          case 1: score_rows<T, 1>(dst, src + r0, coef + r0, wr, I, first, last); break;
+          case 2: score_rows<T, 2>(dst, src + r0, coef + r0, wr, I, first, last); break;
+          case 3: score_rows<T, 3>(dst, src + r0, coef + r0, wr, I, first, last); break;
+          default: score_rows<T, 4>(dst, src + r0, coef + r0, wr, I, first, last); break;
         }
       }
-      flush(held);
-      const T* wr = w + o * I;
-      for (int64_t i = 0; i < I; ++i) dst[i] *= wr[i];
     }
   });
 }
