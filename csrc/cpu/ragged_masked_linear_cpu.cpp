@@ -98,6 +98,12 @@ struct Layout {
   int64_t first(int64_t k) const { return off[k]; }
   int64_t count(int64_t k) const { return off[k + 1] - off[k]; }
   bool any_own() const { return std::find(own.begin(), own.end(), 1) != own.end(); }
+  bool any_other() const {  // a module with rows that the drivers run
+    for (int64_t k = 0; k < K; ++k) {
+      if (!own[k] && count(k) > 0) return true;
+    }
+    return false;
+  }
 };
 
 // Per module: whether all its source rows (src[rows[t]], or src[t]) are finite. float32 /
@@ -378,10 +384,11 @@ void grad_scores_into(const at::Tensor& g, const at::Tensor& x,
                                  w.size(1), gs.mutable_data_ptr<scalar_t>());
     });
   }
-  const auto xs = gathered(x, rows);
   for (int64_t k = 0; k < L.K; ++k) {
     if (!L.own[k] && L.count(k) == 0) gs.select(0, k).copy_(w).mul_(0);
   }
+  if (!L.any_other()) return;
+  const auto xs = gathered(x, rows);
   for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
     auto gsk = gs.narrow(0, k, 1);
     linear_impl::grad_scores_into(rows_of(g, first, n), rows_of(xs, first, n), w,
@@ -408,6 +415,7 @@ at::Tensor ragged_masked_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
   Layout L(offs);
   choose_walk(L, xc, rp, w, p);
   if (L.any_own()) walk_forward(xc, rp, w, p, b, L, out);
+  if (!L.any_other()) return out;
   const auto xs = gathered(xc, rows);
   for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
     out.narrow(0, first, n)
@@ -435,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu
       Layout L(offs);
       choose_walk(L, g, nullptr, w, p);
       if (L.any_own()) walk_grad_x(g, w, p, L, gx_rows);
-      const auto xs = gathered(xc, rows);
+      const auto xs = L.any_other() ? gathered(xc, rows) : at::Tensor();
       for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
         auto parts = linear_impl::backward_impl(rows_of(g, first, n), rows_of(xs, first, n), w,
                                                 p.narrow(0, k, 1), {true, false, false});
