@@ -68,5 +68,7 @@ def test_two_ranks_with_sampled_negatives_equal_one_process(tmp_path):
     """Each module's rows and kernel paths depend on that module alone, not on its shard."""
     _ok(_launch(1, "-", tmp_path / "one", model="fc1_sampled"))
     _ok(_launch(2, "-", tmp_path / "two", model="fc1_sampled"))
+    meta, _ = files.read_file(tmp_path / "one.rank0")
+    assert meta["config"]["neg_ratio"] == 2.0  # the runs did sample their negatives
     for rank in (0, 1):
         same_bank(tmp_path / "one.rank0", tmp_path / f"two.rank{rank}")

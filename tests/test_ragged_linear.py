@@ -85,6 +85,7 @@ def test_the_device_kernels_match_the_reference(k, o, i, counts, r, device):
     with backend.use("auto"):
         y = ops.ragged_masked_linear(*on[:6])
         got = backend.ops_for(on[0]).ragged_masked_linear_backward(on[6], *on[:5], [True] * 3)
+    assert y.device == on[0].device and all(t.device == on[0].device for t in got)
     _close(y.cpu(), _ref(R.ragged_masked_linear, x, weight, packed, offsets, rows, bias),
            torch.float32)
     for a, b in zip(got, _ref(R.ragged_masked_linear_backward, g, x, weight, packed, offsets,
