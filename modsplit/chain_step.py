@@ -18,9 +18,9 @@ plain chain, MaskedChain runs the same ops in the same order without autograd:
 and stores the gradients in .grad, so the optimizer step that follows is the usual one. The
 score gradient is the raw one (before the straight-through sgn(S)), as under
 functional.raw_score_grad(): CoTrainSGD.step(raw_grad=True) multiplies the sign in. The values
-are those of the autograd path bit for bit (tests/test_chain_step.py); the ragged step's equal
-the padded autograd path's ([K, m] rows, modules on x[idx]) up to rounding, as its products sum
-in another order.
+are those of the autograd path bit for bit (tests/test_chain_step.py), the ragged step's those
+of autograd's ragged path (ragged_logits); against the padded path ([K, m] rows, modules on
+x[idx]) they differ by rounding, as the products sum in another order.
 
 The chain: an nn.Sequential of nn.Flatten() layers (leading only), then MaskedLinear and
 nn.ReLU layers, the first of them a MaskedLinear (the paper's FC1-FC4, mnist2_fc). Anything
@@ -48,6 +48,23 @@ def _no_global_hooks() -> bool:
     return not any(getattr(module_globals, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_backward_pre_hooks"))
+
+
+def _in_slots(h, slots, k, r):
+    """Rows h float [T, N] placed in slots [T] of a zeroed [K*R, N], viewed [K, R, N]
+    (differentiable: index_copy)."""
+    return h.new_zeros(k * r, h.shape[1]).index_copy(0, slots, h).view(k, r, -1)
+
+
+def _graft_head(logits, positive, row_weight, grafts, scale):
+    """graft_cross_entropy and its backward: (out [K, R, 2], ce [K], grad of the logits),
+    the grafts' gradients stored in grafts.weight.grad and grafts.bias.grad."""
+    weight, bias = grafts.weight, grafts.bias
+    out, ce = _ops.graft_cross_entropy(logits, weight, bias, positive, row_weight, scale)
+    grad, weight.grad, bias.grad = _ops.graft_cross_entropy_backward(
+        torch.ones_like(ce), logits, weight, out, positive, row_weight, scale,
+        [True, weight.requires_grad, bias.requires_grad])
+    return out, ce, grad
 
 
 def _is_flatten(m: nn.Module) -> bool:
@@ -122,8 +139,7 @@ class MaskedChain:
         for i, m in enumerate(self.layers):
             h = torch.relu(h) if m is None else MF.ragged_masked_linear(
                 h, m.weight, m.scores, m.masks(), offsets, rows if i == 0 else None, m.bias)
-        k, r = shape
-        return h.new_zeros(k * r, h.shape[1]).index_copy(0, slots, h).view(k, r, -1)
+        return _in_slots(h, slots, *shape)
 
     def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float,
                   grad_buffer=torch.empty_like, ragged=None):
@@ -135,9 +151,10 @@ class MaskedChain:
         ragged: None, or (offsets int64 [K+1], rows int64 [T], slots int64 [T]) with x shared:
         module k runs on x's rows rows[offsets[k]:offsets[k+1]] only (ops.ragged_masked_linear,
         T rows in all instead of K*B), and row t lands in slot slots[t] of the flattened
-        [K, R] rows that positive and row_weight describe (the rows of no slot weigh 0). Stores each layer's raw score gradient
-        float [K, O, I] in its scores.grad and the grafts' gradients in grafts.weight.grad
-        and grafts.bias.grad (replacing what was there, as zero_grad + backward would).
+        [K, R] rows that positive and row_weight describe (the rows of no slot weigh 0).
+        Stores each layer's raw score gradient float [K, O, I] in its scores.grad and the
+        grafts' gradients in grafts.weight.grad and grafts.bias.grad (replacing what was
+        there, as zero_grad + backward would).
         grad_buffer(scores) -> the tensor (like scores) to write the layer's score gradient
         into: a fresh one by default, or one the caller keeps between steps
         (CoTrainSGD.grad_buffer), whose memory is then not mapped and zeroed anew each step.
@@ -161,14 +178,8 @@ class MaskedChain:
             acts.append(_ops.ragged_masked_linear(acts[-1], m.weight, packs[-1], offsets,
                                                   rows if i == 0 else None, m.bias))
         k, r = positive.shape
-        logits = acts[-1].new_zeros(k * r, acts[-1].shape[1])
-        logits[slots] = acts[-1]  # [K, R, N]: the rows of no slot weigh 0 in the loss
-        logits = logits.view(k, r, -1)
-        weight, bias = grafts.weight, grafts.bias
-        out, ce = _ops.graft_cross_entropy(logits, weight, bias, positive, row_weight, scale)
-        grad, weight.grad, bias.grad = _ops.graft_cross_entropy_backward(
-            torch.ones_like(ce), logits, weight, out, positive, row_weight, scale,
-            [True, weight.requires_grad, bias.requires_grad])
+        logits = _in_slots(acts[-1], slots, k, r)  # the rows of no slot weigh 0 in the loss
+        out, ce, grad = _graft_head(logits, positive, row_weight, grafts, scale)
         grad = grad.reshape(k * r, -1)[slots]  # [T, N]
         for i in reversed(range(len(self.layers))):
             m = self.layers[i]
@@ -194,11 +205,7 @@ class MaskedChain:
             packs.append(m.masks())
             acts.append(_ops.multi_masked_linear(acts[-1], m.weight, packs[-1], m.bias,
                                                  shared and i == 0))
-        logits, weight, bias = acts[-1], grafts.weight, grafts.bias
-        out, ce = _ops.graft_cross_entropy(logits, weight, bias, positive, row_weight, scale)
-        grad, weight.grad, bias.grad = _ops.graft_cross_entropy_backward(
-            torch.ones_like(ce), logits, weight, out, positive, row_weight, scale,
-            [True, weight.requires_grad, bias.requires_grad])
+        out, ce, grad = _graft_head(acts[-1], positive, row_weight, grafts, scale)
         for i in reversed(range(len(self.layers))):
             m = self.layers[i]
             if m is None:  # autograd's ReLU backward: on the ReLU's output
