@@ -618,8 +618,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gs, gb};
 }
 
-bool walk_wins(const at::Tensor& w, const at::Tensor& p3, int64_t rows) {
-  return use_bit_walk(w, p3, rows);
+bool walk_wins(const at::Tensor& w, const at::Tensor& p3, int64_t module, int64_t rows) {
+  if (rows <= kWalkAlwaysRows) return w.scalar_type() == at::kFloat;  // no module view needed
+  return use_bit_walk(w, p3.narrow(0, module, 1), rows);
 }
 
 }  // namespace linear_impl

@@ -27,9 +27,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
                                                              const at::Tensor& p3,
                                                              std::array<bool, 3> output_mask);
 
-// Whether the float32 bit walk beats tiles + BLAS for `rows` rows per module of weight w [O, I]
-// under masks p3 [K, O, words] (false for other dtypes).
-bool walk_wins(const at::Tensor& w, const at::Tensor& p3, int64_t rows);
+// Whether the float32 bit walk beats tiles + BLAS for `rows` rows of module `module` of weight
+// w [O, I] under masks p3 [K, O, words] (the rule of use_bit_walk; false for other dtypes).
+bool walk_wins(const at::Tensor& w, const at::Tensor& p3, int64_t module, int64_t rows);
 
 }  // namespace linear_impl
 }  // namespace modsplit

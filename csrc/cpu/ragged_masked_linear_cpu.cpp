@@ -135,7 +135,7 @@ void choose_walk(Layout& L, const at::Tensor& src, const int64_t* rows, const at
   const auto finite = finite_modules(src, rows, L);
   for (int64_t k = 0; k < L.K; ++k) {
     L.own[k] = L.count(k) > 0 && L.count(k) <= kFewRows && finite[k] &&
-               linear_impl::walk_wins(w, p.narrow(0, k, 1), L.count(k));
+               linear_impl::walk_wins(w, p, k, L.count(k));
   }
 }
 
