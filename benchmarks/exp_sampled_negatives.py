@@ -9,16 +9,19 @@ Per workload, one process, same base model, same seed, same data order, one afte
             step about (1 + r) * 32 * G / 10, the same for every K, and G * K / 10 times fewer
             optimizer steps per epoch)
   full, same batch   (extra, --control, only where G > 1) full co-training on the sampled run's
-            batches: how much of the difference is the batch size alone
+            batches and learning rates: how much of the difference is the batch size alone
 Reported: wall seconds per epoch (decompose's total time / epochs), JI (metrics.jaccard_index)
 and recomposed accuracy of all classes on the test split (metrics.recomposed_accuracy).
 
-(r, G) is chosen first on validation data carved from the training split (its last --val
+(r, G, L) is chosen first on validation data carved from the training split (its last --val
 examples, never used for decomposition or base training): MNIST FC1, candidates --candidates
-("r:G,..."; --ratios r,... means G = 1); of the candidates whose validation recomposed accuracy
-is within 0.5 point and JI within 0.03 of full co-training's on the same validation data, the
-one with the shortest validation run is used for every workload (the smallest r, G = 1, if
-none is).
+("r:G[:L],..."; L multiplies the sampled run's lr and graft_lr, default 1; --ratios r,... means
+G = L = 1); of the candidates whose validation recomposed accuracy is within 0.5 point and JI
+within 0.03 of full co-training's on the same validation data, the one with the shortest
+validation run is used for every workload (the smallest r, G = L = 1, if none is).
+--loader: both sides' loader, a torch DataLoader (per-example collation, default) or
+modsplit.TensorBatches (slices of the tensors; the data order then comes from torch's global
+RNG, which decompose seeds per epoch).
 
 Workloads (Table 1 settings: density 0.1, alpha 2, p 1, lr 0.1 cosine, batch 32, SGD Nesterov;
 base models per the "paper" protocol, train_classifier's defaults), scaled down to fit a shared
@@ -40,12 +43,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modsplit import decompose, metrics  # noqa: E402
+from modsplit import TensorBatches, decompose, metrics  # noqa: E402
 from modsplit.app.data import load_dataset  # noqa: E402
 from modsplit.app.models import FC1, FC2, FC3, FC4, mnist2_fc, small_vgg  # noqa: E402
 from modsplit.app.train import evaluate, train_classifier  # noqa: E402
 
 SETTINGS = dict(density=0.1, alpha=2.0, p=1, lr=0.1, lr_schedule="cosine")
+GRAFT_LR = 0.01  # decompose's default graft_lr; L scales it with lr
 
 
 def _split(ds, n_first, n_last):
@@ -53,12 +57,16 @@ def _split(ds, n_first, n_last):
     return TensorDataset(x[:n_first], y[:n_first]), TensorDataset(x[-n_last:], y[-n_last:])
 
 
-def _decompose(model, data, k, epochs, seed, ratio, batch=32):
-    loader = DataLoader(data, batch_size=batch, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+def _decompose(model, data, k, epochs, seed, ratio, batch=32, lr_scale=1.0, loader="dataloader"):
+    """decompose() timed; loader "tensor": modsplit.TensorBatches, else a torch DataLoader."""
+    loader = (TensorBatches(data, batch) if loader == "tensor" else
+              DataLoader(data, batch_size=batch, shuffle=True,
+                         generator=torch.Generator().manual_seed(seed)))
+    settings = {**SETTINGS, "lr": SETTINGS["lr"] * lr_scale,
+                "graft_lr": GRAFT_LR * lr_scale}
     t0 = time.perf_counter()
     bank = decompose(model, loader, k, epochs=epochs, seed=seed, progress=False,
-                     neg_ratio=ratio, **SETTINGS)
+                     neg_ratio=ratio, **settings)
     return bank, time.perf_counter() - t0
 
 
@@ -73,17 +81,20 @@ def _batch(group, k):
     return 32 if group == 1 else max(1, round(32 * group * k / 10))
 
 
-def compare(name, model, data, test, k, epochs, seed, ratio, group, log, control=False):
+def compare(name, model, data, test, k, epochs, seed, cand, log, control=False,
+            loader="dataloader"):
+    """cand = (r, G, L): the sampled run's ratio, batch group and learning-rate multiplier."""
+    ratio, group, lr_scale = cand
     out = {"workload": name, "k": k, "decomp_examples": len(data), "epochs": epochs,
-           "seed": seed, "ratio": ratio, "group": group, "sampled_batch": _batch(group, k),
-           "base_test_acc": evaluate(model, test)}
-    modes = [("full", None, 32), ("sampled", ratio, _batch(group, k))]
+           "seed": seed, "ratio": ratio, "group": group, "lr_scale": lr_scale,
+           "sampled_batch": _batch(group, k), "base_test_acc": evaluate(model, test)}
+    modes = [("full", None, 32, 1.0), ("sampled", ratio, _batch(group, k), lr_scale)]
     if control and group != 1:
-        modes.append(("full_same_batch", None, _batch(group, k)))
-    for mode, r, batch in modes:
-        bank, secs = _decompose(model, data, k, epochs, seed, r, batch)
+        modes.append(("full_same_batch", None, _batch(group, k), lr_scale))
+    for mode, r, batch, scale in modes:
+        bank, secs = _decompose(model, data, k, epochs, seed, r, batch, scale, loader)
         out[mode] = {"seconds": secs, "seconds_per_epoch": secs / epochs, "batch": batch,
-                     **_quality(bank, test, k), "history": bank.history}
+                     "lr_scale": scale, **_quality(bank, test, k), "history": bank.history}
         log(f"{name} {mode} (batch {batch}): {secs / epochs:.2f} s/epoch, "
             f"JI {out[mode]['ji']:.3f}, acc {out[mode]['acc']:.4f}")
     out["speedup_per_epoch"] = out["full"]["seconds_per_epoch"] / out["sampled"][
@@ -98,9 +109,11 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/runs/sampled_negatives")
     ap.add_argument("--workloads", default="mnist,mnist2,cifar10")
     ap.add_argument("--ratios", default=None, help="r,... (G = 1); overrides --candidates")
-    ap.add_argument("--candidates", default="1:1,3:1,1:5,3:2,1:3")
+    ap.add_argument("--candidates", default="1:1,3:1,1:5,3:2,1:3",
+                    help="r:G[:L],... (L multiplies lr and graft_lr; default 1)")
     ap.add_argument("--ratio", type=float, default=None, help="skip the validation choice")
     ap.add_argument("--group", type=float, default=1.0, help="G with --ratio")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="L with --ratio")
     ap.add_argument("--control", action="store_true", help="also full co-training on the "
                     "sampled run's batches")
     ap.add_argument("--decomp", type=int, default=10000)
@@ -111,6 +124,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--base-epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loader", choices=("dataloader", "tensor"), default="dataloader",
+                    help="both sides' loader: torch DataLoader (per-example collation) or "
+                         "modsplit.TensorBatches (slices)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,33 +163,37 @@ def main(argv=None):
         models[name] = train_classifier(factory(), base_set, epochs=args.base_epochs,
                                         seed=args.seed, progress=False)
         log(f"base {name}: test acc {evaluate(models[name], mnist_test):.4f}")
-    ratio, group = args.ratio, args.group
-    if ratio is None:  # choose (r, G) on validation data (FC1), never on test
-        cands = ([(float(r), 1.0) for r in args.ratios.split(",")] if args.ratios else
-                 [tuple(float(v) for v in c.split(":")) for c in args.candidates.split(",")])
+    cand = (args.ratio, args.group, args.lr_scale)
+    if args.ratio is None:  # choose (r, G, L) on validation data (FC1), never on test
+        cands = ([(float(r), 1.0, 1.0) for r in args.ratios.split(",")] if args.ratios else
+                 [tuple(float(v) for v in (c + ":1").split(":")[:3])
+                  for c in args.candidates.split(",")])
         val_runs = {}
-        bank, full_secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, None)
+        bank, full_secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, None,
+                                     loader=args.loader)
         full_q = {**_quality(bank, val_set, 10), "seconds": full_secs}
-        for r, g in cands:
+        for c in cands:
+            r, g, scale = c
             bank, secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, r,
-                                    _batch(g, 10))
-            val_runs[(r, g)] = {**_quality(bank, val_set, 10), "seconds": secs}
-            log(f"validation r={r} G={g}: {val_runs[(r, g)]} (full {full_q})")
+                                    _batch(g, 10), scale, args.loader)
+            val_runs[c] = {**_quality(bank, val_set, 10), "seconds": secs}
+            log(f"validation r={r} G={g} L={scale}: {val_runs[c]} (full {full_q})")
         ok = [c for c in cands if abs(val_runs[c]["ji"] - full_q["ji"]) <= 0.03
               and 100 * (full_q["acc"] - val_runs[c]["acc"]) <= 0.5]
-        ratio, group = (min(ok, key=lambda c: val_runs[c]["seconds"]) if ok
-                        else (min(r for r, _ in cands), 1.0))
-        results["choice"] = {"full": full_q, "candidates": {f"{r}:{g}": v for (r, g), v in
-                                                            val_runs.items()},
-                             "within_tolerance": [f"{r}:{g}" for r, g in ok],
-                             "chosen": f"{ratio}:{group}"}
+        cand = (min(ok, key=lambda c: val_runs[c]["seconds"]) if ok
+                else (min(c[0] for c in cands), 1.0, 1.0))
+        name = ":".join
+        results["choice"] = {"full": full_q,
+                             "candidates": {name(map(str, c)): v for c, v in val_runs.items()},
+                             "within_tolerance": [name(map(str, c)) for c in ok],
+                             "chosen": name(map(str, cand))}
         save()
-    log(f"r = {ratio}, G = {group}")
+    log(f"r = {cand[0]}, G = {cand[1]}, L = {cand[2]}")
     if "mnist" in workloads:
         for name in ("fc1", "fc2", "fc3", "fc4"):
             results["runs"].append(compare(f"mnist {name}", models[name], decomp_set,
-                                           mnist_test, 10, args.epochs, args.seed, ratio, group, log,
-                                           args.control))
+                                           mnist_test, 10, args.epochs, args.seed, cand, log,
+                                           args.control, args.loader))
             save()
     if "mnist2" in workloads:
         train2, test2 = load_dataset("mnist2", "train"), load_dataset("mnist2", "test")
@@ -184,8 +204,8 @@ def main(argv=None):
         log(f"base mnist2_fc: test acc {evaluate(model2, test2):.4f}")
         decomp2 = TensorDataset(*(t[:args.decomp] for t in base2.tensors))
         results["runs"].append(compare("mnist2 mnist2_fc(64)", model2, decomp2, test2, 100,
-                                       max(1, args.epochs - 1), args.seed, ratio, group, log,
-                                       args.control))
+                                       max(1, args.epochs - 1), args.seed, cand, log,
+                                       args.control, args.loader))
         save()
     if "cifar10" in workloads:
         train3, test3 = load_dataset("cifar10", "train"), load_dataset("cifar10", "test")
@@ -197,8 +217,8 @@ def main(argv=None):
         decomp3 = TensorDataset(*(t[:args.cifar_decomp or args.decomp // 5]
                                   for t in base3.tensors))
         results["runs"].append(compare("cifar10 small_vgg(16)", model3, decomp3, test3, 10,
-                                       max(1, args.epochs - 1), args.seed, ratio, group, log,
-                                       args.control))
+                                       max(1, args.epochs - 1), args.seed, cand, log,
+                                       args.control, args.loader))
         save()
     results["wall_seconds"] = time.time() - start
     save()

@@ -62,7 +62,8 @@ def steps(arch, skip_build=False):
     """The steps of the check, in order."""
     tests = ["tests/test_masked_linear.py", "tests/test_masked_conv2d.py",
              "tests/test_topk_mask.py", "tests/test_pack_mask.py", "tests/test_cuda_build.py",
-             "tests/test_selftest.py", "tests/test_ragged_linear.py"]
+             "tests/test_selftest.py", "tests/test_ragged_linear.py",
+             "tests/test_ragged_conv.py"]
     selftests = [_py("-m", "modsplit.selftest", "--device", "cuda", "--backend", b, "--dtype", d)
                  for b in ("cuda", "triton") for d in ("float16", "bfloat16", "float32", "float64")]
     sanitizer = shutil.which("compute-sanitizer") or "compute-sanitizer"

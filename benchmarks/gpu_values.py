@@ -10,7 +10,8 @@ flash-attention's bound (twice the reference's own error in the same dtype, plus
 one line per failure and a summary; exit status 1 on any failure.
 Ragged: ragged_masked_linear and its backward (K = 10 modules on rows sampled from a batch of 32,
 modules with few rows (fused kernel, split-K for a long I) and many (expanded), with and without
-rows), backends cuda and triton in bfloat16 / float32, cuda also in float64.
+rows), backends cuda and triton in bfloat16 / float32, cuda also in float64; ragged_masked_conv2d
+and its backward (a small VGG layer, modules with and without rows) on the same backends.
 """
 import argparse
 import sys
@@ -115,6 +116,42 @@ def check_ragged(name, o, i, counts, with_rows, dtype):
     return f"FAIL {what}: " + ", ".join(bad) if bad else ""
 
 
+RAGGED_CONV_CASES = ((16, 32, 16, [6, 0, 9, 4], True), (3, 16, 32, [1, 2, 0], False))  # C, O, HW
+
+
+def check_ragged_conv(name, c, o, hw, counts, with_rows, dtype):
+    """ragged_masked_conv2d (3x3, padding 1) and the three gradients of its backward on backend
+    `name`; '' or a failure line."""
+    dev, k, t = "cuda", len(counts), sum(counts)
+    w = torch.randn(o, c, 3, 3, device=dev)
+    packed = ref.multi_topk_mask(torch.randn(k, o, c, 3, 3, device=dev), 0.3)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=dev)
+    rows = torch.randint(0, 8, (t,), device=dev) if with_rows else None
+    x = torch.randn(8 if with_rows else t, c, hw, hw, device=dev)
+    b, g = torch.randn(o, device=dev), torch.randn(t, o, hw, hw, device=dev)
+    lw, lx, lb, lg = (v.to(dtype) for v in (w, x, b, g))
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    what = f"{name} {dtype} conv C={c} O={o} {hw}x{hw} counts={counts} rows={with_rows}"
+    try:
+        with backend.use(name):
+            y = ops.ragged_masked_conv2d(lx, lw, packed, offsets, rows, lb, *args)
+            got = backend.ops_for(lx).ragged_masked_conv2d_backward(
+                lg, lx, lw, packed, offsets, rows, *args, [True, True, True])
+    except Exception as exc:  # reported as a failure, and the other cases still run
+        return f"FAIL {what}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    up = [v.double() for v in (lx, lw, lb, lg)]
+    want = (ref.ragged_masked_conv2d(up[0], up[1], packed, offsets, rows, up[2], *args),
+            *ref.ragged_masked_conv2d_backward(up[3], up[0], up[1], packed, offsets, rows, *args))
+    low = (ref.ragged_masked_conv2d(lx, lw, packed, offsets, rows, lb, *args),
+           *ref.ragged_masked_conv2d_backward(lg, lx, lw, packed, offsets, rows, *args))
+    bad = []
+    for label, a, w64, lo in zip(("y", "grad_x", "grad_scores", "grad_bias"), (y, *got), want, low):
+        ok, err = _bound_ok(a, w64, lo) if a.shape == w64.shape else (False, float("nan"))
+        if not ok:
+            bad.append(f"{label} err {err:.3g} shape {list(a.shape)}")
+    return f"FAIL {what}: " + ", ".join(bad) if bad else ""
+
+
 def ragged():
     failures, count = [], 0
     for name, dtypes in (("cuda", (torch.bfloat16, torch.float32, torch.float64)),
@@ -123,6 +160,12 @@ def ragged():
             for o, i, counts, with_rows in RAGGED_CASES:
                 count += 1
                 line = check_ragged(name, o, i, counts, with_rows, dtype)
+                if line:
+                    failures.append(line)
+                    print(line, flush=True)
+            for c, o, hw, counts, with_rows in RAGGED_CONV_CASES:
+                count += 1
+                line = check_ragged_conv(name, c, o, hw, counts, with_rows, dtype)
                 if line:
                     failures.append(line)
                     print(line, flush=True)
@@ -194,6 +237,13 @@ def tiny():
         ry = ops.ragged_masked_linear(rx, w, p, offsets, rows[:sum(counts)], None)
         backend.ops_for(rx).ragged_masked_linear_backward(torch.ones_like(ry), rx, w, p, offsets,
                                                           rows[:sum(counts)], [True, True, True])
+    cxr = torch.randn(3, 4, 9, 9, device="cuda")
+    coffsets = torch.tensor([0, 2, 2, 5], device="cuda")
+    crows = torch.tensor([2, 0, 1, 1, 2], device="cuda")
+    cyr = ops.ragged_masked_conv2d(cxr, cw, cp, coffsets, crows, None, [1, 1], [1, 1], [1, 1], 2)
+    backend.ops_for(cxr).ragged_masked_conv2d_backward(torch.ones_like(cyr), cxr, cw, cp, coffsets,
+                                                       crows, [1, 1], [1, 1], [1, 1], 2,
+                                                       [True, True, True])
     torch.cuda.synchronize()
     print("tiny: every op ran")
     return True

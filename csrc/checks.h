@@ -80,15 +80,11 @@ inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
   check_packed_for_weight(packed, weight, lead_dims);
 }
 
-// ragged_masked_linear: x [R, I], packed [K, O, words], offsets int64 [K+1] and rows int64 [T]
+// The ragged ops' row sets for x [R, ...] and K modules: offsets int64 [K+1] and rows int64 [T]
 // (or none: T = R) on x's device. Checks shapes, dtypes and devices (not offsets' or rows'
 // values, which each backend reads its own way) and returns T.
-inline int64_t check_ragged_shapes(const at::Tensor& x, const at::Tensor& weight,
-                                   const at::Tensor& packed, const at::Tensor& offsets,
-                                   const c10::optional<at::Tensor>& rows) {
-  check_linear_args(x, weight, packed, 1);
-  TORCH_CHECK(x.dim() == 2, "modsplit: x must be [R, in_features], got shape ", x.sizes());
-  const int64_t K = packed.size(0);
+inline int64_t check_ragged_index(const at::Tensor& x, int64_t K, const at::Tensor& offsets,
+                                  const c10::optional<at::Tensor>& rows) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == K + 1,
               "modsplit: offsets must be int64 [K+1=", K + 1, "], got ", offsets.scalar_type(),
               " ", offsets.sizes());
@@ -99,6 +95,39 @@ inline int64_t check_ragged_shapes(const at::Tensor& x, const at::Tensor& weight
               rows->sizes());
   check_same_device(*rows, x, "rows", "x");
   return rows->size(0);
+}
+
+// The ragged linear ops' shapes: x [R, I], weight [O, I], packed [K, O, words], offsets and rows
+// as check_ragged_index; returns T.
+inline int64_t check_ragged_shapes(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& packed, const at::Tensor& offsets,
+                                   const c10::optional<at::Tensor>& rows) {
+  check_linear_args(x, weight, packed, 1);
+  TORCH_CHECK(x.dim() == 2, "modsplit: x must be [R, in_features], got shape ", x.sizes());
+  return check_ragged_index(x, packed.size(0), offsets, rows);
+}
+
+// The values of offsets and rows of CPU tensors (checked as check_ragged_index): 0 <= rows < R
+// (x's rows), offsets rising from 0 to T.
+inline void check_ragged_values(int64_t R, const at::Tensor& offsets,
+                                const c10::optional<at::Tensor>& rows, int64_t T) {
+  if (rows.has_value()) {
+    const auto r = rows->contiguous();
+    const int64_t* rp = r.const_data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(rp[t] >= 0 && rp[t] < R, "modsplit: rows must lie in [0, ", R,
+                  ") (the rows of x), got rows[", t, "] = ", rp[t]);
+    }
+  }
+  const auto o = offsets.contiguous();
+  const int64_t* op = o.const_data_ptr<int64_t>();
+  const int64_t K = offsets.size(0) - 1;
+  TORCH_CHECK(op[0] == 0 && op[K] == T, "modsplit: offsets must rise from 0 to ", T,
+              " (the rows the modules take), got offsets[0] = ", op[0], ", offsets[K] = ", op[K]);
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(op[k + 1] >= op[k], "modsplit: offsets must not decrease, got offsets[", k,
+                "] = ", op[k], " > offsets[", k + 1, "] = ", op[k + 1]);
+  }
 }
 
 // pack_mask: mask bool [lead..., rest...] with lead = batch_dims + 1 dims, viewed as rows x cols.

@@ -87,6 +87,19 @@ inline ConvGeom conv_geometry(const at::Tensor& x, const at::Tensor& weight, con
   return g;
 }
 
+// ragged_masked_conv2d: x [R, C, H, W] (g.B = R), packed [K, O, words], offsets / rows as
+// check_ragged_index (T, the rows the modules take, is returned in T).
+inline ConvGeom ragged_conv_geometry(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& packed, const at::Tensor& offsets,
+                                     const c10::optional<at::Tensor>& rows, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups, int64_t& T) {
+  TORCH_CHECK(x.dim() == 4, "modsplit: x must be [R, C, H, W], got shape ", x.sizes());
+  const auto g = conv_geometry(x, weight, packed, stride, padding, dilation, groups, true);
+  T = check_ragged_index(x, g.K, offsets, rows);
+  return g;
+}
+
 inline void check_conv_grad_out(const at::Tensor& grad_out, const at::Tensor& weight, const ConvGeom& g,
                     bool multi) {
   check_same_device(grad_out, weight, "grad_out", "weight");

@@ -11,6 +11,7 @@ from modsplit import metrics, ops  # noqa: F401
 from modsplit._version import __version__
 from modsplit.backend import get_backend, set_backend
 from modsplit.bank import Grafts, ModuleBank
+from modsplit.batching import TensorBatches
 from modsplit.compact import CompactModel
 from modsplit.compose import ComposedModel
 from modsplit.convert import MultiModuleNet, convert
@@ -21,6 +22,6 @@ from modsplit.layers import MaskedConv2d, MaskedLinear
 
 __all__ = ["__version__", "MaskedLinear", "MaskedConv2d", "MultiModuleNet", "convert",
            "decompose", "DecomposeConfig", "Grafts", "ModuleBank", "ComposedModel", "CompactModel",
-           "metrics",
+           "metrics", "TensorBatches",
            "ops", "get_backend", "set_backend", "ModsplitError", "BankFileError",
            "CheckpointError", "ModsplitMemoryError", "BackendError"]

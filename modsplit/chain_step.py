@@ -50,7 +50,7 @@ def _no_global_hooks() -> bool:
         "_global_backward_pre_hooks"))
 
 
-def _in_slots(h, slots, k, r):
+def rows_in_slots(h, slots, k, r):
     """Rows h float [T, N] placed in slots [T] of a zeroed [K*R, N], viewed [K, R, N]
     (differentiable: index_copy)."""
     return h.new_zeros(k * r, h.shape[1]).index_copy(0, slots, h).view(k, r, -1)
@@ -139,7 +139,7 @@ class MaskedChain:
         for i, m in enumerate(self.layers):
             h = torch.relu(h) if m is None else MF.ragged_masked_linear(
                 h, m.weight, m.scores, m.masks(), offsets, rows if i == 0 else None, m.bias)
-        return _in_slots(h, slots, *shape)
+        return rows_in_slots(h, slots, *shape)
 
     def gradients(self, x, shared: bool, positive, row_weight, grafts, scale: float,
                   grad_buffer=torch.empty_like, ragged=None):
@@ -178,7 +178,7 @@ class MaskedChain:
             acts.append(_ops.ragged_masked_linear(acts[-1], m.weight, packs[-1], offsets,
                                                   rows if i == 0 else None, m.bias))
         k, r = positive.shape
-        logits = _in_slots(acts[-1], slots, k, r)  # the rows of no slot weigh 0 in the loss
+        logits = rows_in_slots(acts[-1], slots, k, r)  # the rows of no slot weigh 0 in the loss
         out, ce, grad = _graft_head(logits, positive, row_weight, grafts, scale)
         grad = grad.reshape(k * r, -1)[slots]  # [T, N]
         for i in reversed(range(len(self.layers))):

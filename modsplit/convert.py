@@ -136,6 +136,25 @@ class MultiModuleNet(nn.Module):
         y = self._body()(x.reshape(k * x.shape[1], *x.shape[2:]))
         return y.reshape(k, x.shape[1], *y.shape[1:])
 
+    def forward_ragged(self, x, offsets, rows=None):
+        """Every module on its own rows (decompose's sampled negatives, no padding): x [B, ...]
+        the batch; offsets int64 [K+1] rising from 0 to T; rows int64 [T] (batch rows; None:
+        x's rows themselves, T = B). Module k runs on x[rows[offsets[k]:offsets[k+1]]].
+        Returns [T, ...]. The masked layers and ModuleBatchNorms run their ragged ops; the
+        layers between them must act row by row (as the module-folded layout assumes)."""
+        k = self.n_modules if self.active is None else len(self.active)
+        if offsets.shape != (k + 1,):
+            raise ValueError(f"modsplit: forward_ragged expects offsets [K+1={k + 1}], got shape "
+                             f"{tuple(offsets.shape)}")
+        layers = self._per_module_layers()
+        for m in layers:
+            m.ragged_offsets = offsets
+        try:
+            return self._body()(x if rows is None else x.index_select(0, rows))
+        finally:
+            for m in layers:
+                m.ragged_offsets = None
+
     def _run_shared(self, x, k):
         """(self.net(x) with x marked as the modules' shared input, None), or (None, why) where
         the network mixed x with module activations (a shape error, or an output that is not

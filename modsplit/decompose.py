@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 from modsplit import checkpoint, files, memory, metrics
 from modsplit.backend import uses_cpu_kernel
 from modsplit.bank import Grafts, ModuleBank
+from modsplit.chain_step import rows_in_slots
 from modsplit.convert import convert
 from modsplit.decompose_config import SCHEDULES, DecomposeConfig
 from modsplit.errors import CheckpointError
@@ -149,9 +150,11 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
     direct: with CoTrainSGD, a network that is a masked MLP chain (MultiModuleNet.masked_chain)
     computes the step's gradients by direct op calls instead of autograd (the same ops, the
     same values: modsplit.chain_step); False always takes autograd's path (for comparisons).
-    ragged: with rows, a masked MLP runs each module on its own rows (ragged_masked_linear) on
-    either path, unless a module hook needs the network's own forward; other networks, and
-    ragged=False (for comparisons), run every module on the rows of the widest ([K, m]).
+    ragged: with rows, each module runs on its own rows: a masked MLP through
+    ragged_masked_linear on either path (unless a module hook needs the network's own forward),
+    other networks through MultiModuleNet.forward_ragged (the ragged linear and conv ops and
+    ModuleBatchNorm's ragged statistics). ragged=False (for comparisons), and a masked MLP with
+    a module hook, run every module on the rows of the widest ([K, m]).
     Returns (out float [K, R, 2] detached, positive bool [K, R], ce float [K], stem float [K],
     seen bool [K, R]) with R = B, or m with rows (seen: the rows that count)."""
     trained = [m for m in net.masked_layers().values() if m.scores is not None]
@@ -187,6 +190,10 @@ def train_step(net, grafts, opt, x, y, classes, weights, alpha, p, anchors, rows
                 logits = net(x)  # [K, B, N]
             elif structure is not None and structure.ragged_runs(x):  # each module on its rows
                 logits = structure.ragged_logits(x, ragged_rows(idx, seen), idx.shape)
+            elif ragged and structure is None:  # each module on its rows, the network's forward
+                offsets, batch_rows, slots = ragged_rows(idx, seen)
+                logits = rows_in_slots(net.forward_ragged(x, offsets, batch_rows), slots,
+                                       *idx.shape)
             else:  # every module on the rows of the widest, padded
                 logits = net.forward_per_module(x[idx])  # [K, m, N]
             out, ce = graft_ops.graft_cross_entropy(logits, grafts.weight, grafts.bias,
@@ -288,13 +295,13 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _epoch_batches(loader, seed: int, epoch: int, skip: int):
     """Iterator over the loader's batches of `epoch`, in an order fixed by (seed, epoch): torch's
-    global generator and the sampler's own generator (if any) are seeded before the loader's
-    iterator is made. The first `skip` batches (done before a resume) are drawn and dropped
+    global generator and the generator of the loader or of its samplers (if any) are seeded
+    before the loader's iterator is made. The first `skip` batches (done before a resume) are drawn and dropped
     here, before the function returns."""
     torch.manual_seed(_epoch_seed(seed, epoch))
-    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        if isinstance(getattr(sampler, "generator", None), torch.Generator):
-            sampler.generator.manual_seed(_epoch_seed(seed, epoch))
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if isinstance(getattr(owner, "generator", None), torch.Generator):
+            owner.generator.manual_seed(_epoch_seed(seed, epoch))
     batches = iter(loader)
     for done in range(skip):
         if next(batches, None) is None:

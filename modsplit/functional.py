@@ -100,6 +100,31 @@ class _MultiMaskedConv2d(torch.autograd.Function):
         return gx, None, gs, None, gb, None, None, None, None
 
 
+class _RaggedMaskedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scores, packed, offsets, rows, bias, stride, padding, dilation,
+                groups):
+        _check_scores(scores, weight, packed)
+        ctx.save_for_backward(x, weight, scores, packed, offsets,
+                              *([] if rows is None else [rows]))
+        ctx.has_rows, ctx.raw = rows is not None, _RAW[0]
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.ops = ops_for(x)  # the backward runs on the forward's backend
+        return ctx.ops.ragged_masked_conv2d(x, weight, packed, offsets, rows, bias,
+                                            *ctx.conv_args)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scores, packed, offsets, *rest = ctx.saved_tensors
+        need_x, _, need_s, _, _, _, need_b = ctx.needs_input_grad[:7]
+        gx, gs, gb = ctx.ops.ragged_masked_conv2d_backward(
+            grad_out.contiguous(), x, weight, packed, offsets, rest[0] if ctx.has_rows else None,
+            *ctx.conv_args, [need_x, need_s, need_b])
+        if gs is not None and not ctx.raw:
+            gs = gs * scores.sign()
+        return gx, None, gs, None, None, None, gb, None, None, None, None
+
+
 def multi_masked_linear(x, weight, scores, packed, bias=None, shared_input=False):
     """K modules' masked linear with the straight-through score gradient.
 
@@ -125,3 +150,12 @@ def multi_masked_conv2d(x, weight, scores, packed, bias=None, stride=1, padding=
     """
     return _MultiMaskedConv2d.apply(x, weight, scores, packed, bias, _pair(stride), _pair(padding),
                                     _pair(dilation), int(groups))
+
+
+def ragged_masked_conv2d(x, weight, scores, packed, offsets, rows=None, bias=None, stride=1,
+                         padding=0, dilation=1, groups=1):
+    """ops.ragged_masked_conv2d (module k on its own rows) with the straight-through score
+    gradient. x [R, C, H, W], weight [O, C/groups, kh, kw] (frozen), scores [K, *weight.shape],
+    packed int32 [K, O, words], offsets int64 [K+1], rows int64 [T] or None -> [T, O, Ho, Wo]."""
+    return _RaggedMaskedConv2d.apply(x, weight, scores, packed, offsets, rows, bias, _pair(stride),
+                                     _pair(padding), _pair(dilation), int(groups))

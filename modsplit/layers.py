@@ -8,6 +8,9 @@ Shared input: while `shared_rows` is B (MultiModuleNet.forward sets it for the d
 pass), a layer that receives [B, ...] instead of [K*B, ...] takes it as the input every module
 shares (the network's input, before any masked layer): the op reads it once (one GEMM / one conv
 over all K modules' weights, no K-fold copy) and the layer returns the folded [K*B, ...].
+Ragged rows: while `ragged_offsets` is set (int64 [K+1], MultiModuleNet.forward_ragged), module k
+owns rows offsets[k] .. offsets[k+1] - 1 of a [T, ...] input, which runs through the ragged ops
+(ops.ragged_masked_linear / ragged_masked_conv2d: each module on its own rows, no padding).
 
 Each layer holds
   weight, bias   the trained tensors, frozen (parameters with requires_grad=False, so the layer's
@@ -73,6 +76,7 @@ class _MaskedMixin:
         self.register_buffer("fixed_masks", None)
         self._mask_cache = None
         self.shared_rows = None
+        self.ragged_offsets = None
 
     @classmethod
     def from_dense(cls, layer, n_modules: int, density: float, shared_init: bool = True,
@@ -139,6 +143,14 @@ class _MaskedMixin:
                              f"folded module copies, got batch {x.shape[0]}")
         return x.reshape(k, x.shape[0] // k, *x.shape[1:]), False
 
+    def _ragged(self, k):
+        """The ragged row offsets int64 [K+1] in force, or None."""
+        offsets = getattr(self, "ragged_offsets", None)  # absent in layers pickled before it
+        if offsets is not None and offsets.shape != (k + 1,):
+            raise ValueError(f"modsplit: {type(self).__name__} holds {k} active modules, but "
+                             f"ragged_offsets has shape {tuple(offsets.shape)}")
+        return offsets
+
     def extra_repr(self):
         return f"{super().extra_repr()}, n_modules={self.n_modules}, density={self.density}"
 
@@ -161,12 +173,26 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 
     def forward(self, x):
         scores, packed = self._selected()
+        offsets = self._ragged(packed.shape[0])
+        if offsets is not None:
+            return self._forward_ragged(x, scores, packed, offsets)
         xk, shared = self._unfold(x, packed.shape[0])
         if scores is None:
             y = ops.multi_masked_linear(xk, self.weight, packed, self.bias, shared)
         else:
             y = MF.multi_masked_linear(xk, self.weight, scores, packed, self.bias, shared)
         return y.reshape(-1, *y.shape[2:])
+
+    def _forward_ragged(self, x, scores, packed, offsets):
+        """x [T, *, I] -> [T, *, O]: the rows of x[t] (all of its * positions) are module k's
+        for offsets[k] <= t < offsets[k+1]."""
+        per_row = x[0].numel() // max(x.shape[-1], 1) if x.shape[0] else 1
+        h, off = x.reshape(-1, x.shape[-1]), offsets * per_row
+        if scores is None:
+            y = ops.ragged_masked_linear(h, self.weight, packed, off, None, self.bias)
+        else:
+            y = MF.ragged_masked_linear(h, self.weight, scores, packed, off, None, self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -199,8 +225,13 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     def forward(self, x):
         scores, packed = self._selected()
         x, padding = self._padded(x)
-        xk, _ = self._unfold(x, packed.shape[0])  # the op takes a 4-d x as shared
         args = (self.bias, self.stride, padding, self.dilation, self.groups)
+        offsets = self._ragged(packed.shape[0])
+        if offsets is not None:  # x [T, C, H, W] -> [T, O, Ho, Wo]
+            if scores is None:
+                return ops.ragged_masked_conv2d(x, self.weight, packed, offsets, None, *args)
+            return MF.ragged_masked_conv2d(x, self.weight, scores, packed, offsets, None, *args)
+        xk, _ = self._unfold(x, packed.shape[0])  # the op takes a 4-d x as shared
         if scores is None:
             y = ops.multi_masked_conv2d(xk, self.weight, packed, *args)
         else:

@@ -21,6 +21,10 @@ B rows instead of K*B reads the modules' shared input (before any masked layer);
 are then the same for every module (training mode: the batch's, and every active module's
 running statistics get the same update; eval mode: the first active module's), and it returns B
 rows.
+
+Ragged rows: while `ragged_offsets` is set (int64 [K+1], MultiModuleNet.forward_ragged) module k
+owns rows offsets[k] .. offsets[k+1] - 1 of the input (decompose's sampled negatives); its
+statistics come from those rows (a module without rows keeps its running statistics).
 """
 import torch
 import torch.nn as nn
@@ -56,7 +60,7 @@ class ModuleBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features, **kw), False) if affine else None
         self.register_buffer("running_mean", torch.zeros(n_modules, num_features, **kw))
         self.register_buffer("running_var", torch.ones(n_modules, num_features, **kw))
-        self.active, self.shared_rows = None, None
+        self.active, self.shared_rows, self.ragged_offsets = None, None, None
 
     @classmethod
     def from_batchnorm(cls, bn, n_modules: int) -> "ModuleBatchNorm":
@@ -100,6 +104,9 @@ class ModuleBatchNorm(nn.Module):
         self._check(x)
         idx = self._rows(x.device)
         k = len(idx)
+        offsets = getattr(self, "ragged_offsets", None)  # absent in layers pickled before it
+        if offsets is not None:
+            return self._forward_ragged(x, idx, offsets, relu)
         shared = k > 1 and self.shared_rows is not None and x.shape[0] == self.shared_rows
         groups = 1 if shared else k
         if x.shape[0] % groups:
@@ -119,6 +126,31 @@ class ModuleBatchNorm(nn.Module):
         mean, var = self.running_mean[idx[:groups]], self.running_var[idx[:groups]]
         scale, shift = self._affine(mean, var)
         return affine_ops.channel_affine(x, groups, scale.to(x.dtype), shift.to(x.dtype), relu)
+
+    def _forward_ragged(self, x, idx, offsets, relu):
+        """forward on ragged rows: module idx[k] on rows offsets[k] .. offsets[k+1] - 1."""
+        if offsets.shape != (len(idx) + 1,):
+            raise ValueError(f"modsplit: {type(self).__name__} holds {len(idx)} active modules, "
+                             f"but ragged_offsets has shape {tuple(offsets.shape)}")
+        counts = offsets.diff()
+        if self.training:
+            y, mean, invstd = norm_ops.module_batch_norm(x, len(idx), self.weight, self.bias,
+                                                         self.eps, relu, offsets)
+            with torch.no_grad():
+                n = (counts * (x[0].numel() // self.num_features)).double()[:, None]  # [K, 1]
+                var = invstd.double().pow(-2).sub(self.eps).clamp(min=0)  # biased, [K, C]
+                m = torch.where(counts[:, None] > 0, self.momentum, 0.0)  # no rows: unchanged
+                v = (var * (n / (n - 1).clamp(min=1))).to(self.running_var.dtype)
+                self.running_mean[idx] = ((1 - m) * self.running_mean[idx]
+                                          + m * mean.to(self.running_mean.dtype))
+                self.running_var[idx] = (1 - m) * self.running_var[idx] + m * v
+            return y
+        if x.shape[0] == 0:
+            return torch.relu(x) if relu else x
+        scale, shift = self._affine(self.running_mean[idx], self.running_var[idx])
+        rows = torch.repeat_interleave(counts, output_size=x.shape[0])
+        return affine_ops.channel_affine(x, x.shape[0], scale.to(x.dtype)[rows],
+                                         shift.to(x.dtype)[rows], relu)
 
     def module_affine(self, modules) -> tuple:
         """(scale, shift) float [len(modules), C] of the listed modules in eval mode:

@@ -164,6 +164,29 @@ def multi_masked_conv2d_backward(grad_out, x, weight, packed, stride, padding, d
             torch.stack([p[2] for p in parts]).sum(0))
 
 
+def ragged_masked_conv2d(x, weight, packed, offsets, rows, bias, stride, padding, dilation,
+                         groups):
+    """Module k on its rows: out[t] = conv2d(x[rows[t]], W*M_k) + b for offsets[k] <= t <
+    offsets[k+1]. x [R, C, H, W], packed [K, O, words], offsets int64 [K+1], rows int64 [T] or
+    None (x's own rows, T = R) -> [T, O, Ho, Wo]."""
+    xs = x if rows is None else x[rows]
+    return torch.cat([masked_conv2d(xs[a:b], weight, packed[k], bias, stride, padding, dilation,
+                                    groups) for k, (a, b) in enumerate(_ragged_slices(offsets))])
+
+
+def ragged_masked_conv2d_backward(grad_out, x, weight, packed, offsets, rows, stride, padding,
+                                  dilation, groups):
+    """-> (grad_x like x (with rows: summed over the t with rows[t] = r), grad_scores
+    [K, *weight.shape] = dL/d(W*M_k) * W (0 * W for a module without rows), grad_bias [O])."""
+    xs = x if rows is None else x[rows]
+    parts = [masked_conv2d_backward(grad_out[a:b], xs[a:b], weight, packed[k], stride, padding,
+                                    dilation, groups)
+             for k, (a, b) in enumerate(_ragged_slices(offsets))]
+    gx_rows = torch.cat([p[0] for p in parts])
+    gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
+    return gx, torch.stack([p[1] for p in parts]), grad_out.sum((0, 2, 3))
+
+
 def csr_to_dense(row_ptr, col_idx, values, cols: int) -> torch.Tensor:
     """CSR of K modules (row_ptr int64 [K, O+1] offsets into col_idx int32 [nnz] and values [nnz])
     -> dense weights [K, O, cols] (entries outside the CSR are 0; repeated columns add up)."""
@@ -318,11 +341,19 @@ def _groups_view(x, groups):
     return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
 
 
-def module_batch_norm(x, groups, weight, bias, eps, relu=False):
+def module_batch_norm(x, groups, weight, bias, eps, relu=False, offsets=None):
     """Training-mode BatchNorm with one set of batch statistics per group of rows: x float
     [G*N, C, *] (G module groups of N rows each, C channels), weight / bias [C] or None ->
     (y like x, mean [G, C], invstd [G, C]) with the biased variance, as nn.BatchNorm in
-    training mode computes per group; relu: torch.relu(y)."""
+    training mode computes per group; relu: torch.relu(y). offsets int64 [G+1]: ragged groups
+    (group g holds rows offsets[g] .. offsets[g+1] - 1; one without rows: mean 0, invstd
+    1/sqrt(1 + eps))."""
+    if offsets is not None:
+        parts = [module_batch_norm(x[a:b], 1, weight, bias, eps, relu) if b > a else
+                 (x[a:b], x.new_zeros(1, x.shape[1]),
+                  x.new_full((1, x.shape[1]), (1 + eps) ** -0.5))
+                 for a, b in _ragged_slices(offsets)]
+        return tuple(torch.cat(t) for t in zip(*parts))
     xg = _groups_view(x, groups)
     var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
     invstd = torch.rsqrt(var + eps)
@@ -336,9 +367,19 @@ def module_batch_norm(x, groups, weight, bias, eps, relu=False):
     return y.reshape(x.shape), mean, invstd
 
 
-def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, out=None):
+def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, out=None, offsets=None):
     """-> (grad_x like x, grad_weight [C], grad_bias [C]) of module_batch_norm; out: its
-    output under relu (grad_y counts where out > 0: torch's ReLU gradient rule)."""
+    output under relu (grad_y counts where out > 0: torch's ReLU gradient rule); offsets: its
+    ragged groups."""
+    if offsets is not None:
+        parts = [module_batch_norm_backward(grad_y[a:b], x[a:b], 1, weight, mean[g:g + 1],
+                                            invstd[g:g + 1], None if out is None else out[a:b])
+                 for g, (a, b) in enumerate(_ragged_slices(offsets)) if b > a]
+        if not parts:
+            zero = x.new_zeros(x.shape[1])
+            return torch.zeros_like(x), zero, zero
+        return (torch.cat([p[0] for p in parts]), sum(p[1] for p in parts),
+                sum(p[2] for p in parts))
     if out is not None:
         grad_y = torch.where(out <= 0, torch.zeros_like(grad_y), grad_y)
     xg, gy = _groups_view(x, groups), _groups_view(grad_y, groups)

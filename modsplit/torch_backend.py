@@ -244,8 +244,13 @@ def check_ragged(x, weight, packed, offsets, rows, bias=None):
     _check(x.dim() == 2, f"x must be [R, I], got {list(x.shape)}")
     _check(x.shape[1] == weight.shape[1], f"x has {x.shape[1]} features, weight {weight.shape[1]}")
     _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
-    k = packed.shape[0]
-    _check_packed(packed, (k,), weight)
+    _check_packed(packed, (packed.shape[0],), weight)
+    return _check_ragged_rows(x, packed.shape[0], offsets, rows)
+
+
+def _check_ragged_rows(x, k, offsets, rows):
+    """Validate offsets int64 [K+1] (rising from 0 to T) and rows (int64 [T] in [0, R), or None:
+    T = R) for x [R, ...]; returns (K, T)."""
     _check(isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64
            and tuple(offsets.shape) == (k + 1,),
            f"offsets must be int64 [K+1={k + 1}], got "
@@ -323,6 +328,68 @@ def ragged_masked_linear_grad_scores_(out, grad_out, x, weight, packed, offsets,
     """out [K, O, I] <- ragged_masked_linear_backward's grad_scores, in place."""
     out.copy_(ragged_masked_linear_backward(grad_out, x, weight, packed, offsets, rows,
                                             [False, True, False])[1])
+
+
+def check_ragged_conv(x, weight, packed, offsets, rows, bias, groups):
+    """Validate ragged_masked_conv2d's arguments; returns (K, T)."""
+    _check(x.dim() == 4, f"x must be [R, C, H, W], got {list(x.shape)}")
+    _check(packed.dim() == 3, f"packed must be [K, O, words], got {list(packed.shape)}")
+    _check_conv(x, weight, packed, bias, (packed.shape[0],), groups)
+    return _check_ragged_rows(x, packed.shape[0], offsets, rows)
+
+
+def ragged_masked_conv2d(x, weight, packed, offsets, rows, bias, stride, padding, dilation,
+                         groups):
+    """x [R, C, H, W], packed [K, O, words], offsets int64 [K+1], rows int64 [T] or None ->
+    [T, O, Ho, Wo]: module k on its rows (modsplit.ops.schemas), one conv_expanded call per
+    module with rows."""
+    k, t = check_ragged_conv(x, weight, packed, offsets, rows, bias, groups)
+    xs = x if rows is None else x.index_select(0, rows)
+    bounds = offsets.tolist()
+    hw = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1)
+          // stride[d] + 1 for d in range(2)]
+    _check(min(hw) > 0, f"the kernel {list(weight.shape[2:])} (dilation {list(dilation)}) does "
+                        f"not fit the padded input {list(x.shape[2:])} (padding {list(padding)})")
+    out = x.new_empty(t, weight.shape[0], *hw)  # every row is some module's
+    for m in range(k):
+        a, b = bounds[m], bounds[m + 1]
+        if b > a:
+            out[a:b] = conv_expanded(xs[a:b], weight, packed[m:m + 1], bias, stride, padding,
+                                     dilation, groups)[0]
+    return out
+
+
+def ragged_masked_conv2d_backward(grad_out, x, weight, packed, offsets, rows, stride, padding,
+                                  dilation, groups, output_mask):
+    """-> (grad_x like x, grad_scores [K, *weight.shape] (0 * W for a module without rows),
+    grad_bias [O]); None where output_mask is False. One conv_backward_expanded call per module
+    with rows."""
+    k, t = check_ragged_conv(x, weight, packed, offsets, rows, None, groups)
+    _check(grad_out.dim() == 4 and grad_out.shape[:2] == (t, weight.shape[0])
+           and grad_out.dtype == x.dtype,
+           f"grad_out must be {x.dtype} [{t}, {weight.shape[0]}, Ho, Wo], got {grad_out.dtype} "
+           f"{list(grad_out.shape)}")
+    xs = x if rows is None else x.index_select(0, rows)
+    bounds = offsets.tolist()
+    gx_rows = xs.new_zeros(xs.shape) if output_mask[0] else None
+    gs = weight.new_empty((k, *weight.shape)) if output_mask[1] else None
+    for m in range(k):
+        a, b = bounds[m], bounds[m + 1]
+        if b == a:
+            if gs is not None:
+                gs[m] = weight * 0
+            continue
+        gx, gsm, _ = conv_backward_expanded(grad_out[None, a:b], xs[a:b], weight,
+                                            packed[m:m + 1], stride, padding, dilation, groups,
+                                            [output_mask[0], output_mask[1], False])
+        if gx is not None:
+            gx_rows[a:b] = gx
+        if gsm is not None:
+            gs[m] = gsm[0]
+    gx = None
+    if output_mask[0]:
+        gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
+    return gx, gs, grad_out.sum((0, 2, 3)) if output_mask[2] else None
 
 
 # ---- conv ---------------------------------------------------------------------------------------
@@ -530,12 +597,17 @@ def sparse_conv2d(x, row_ptr, col_idx, values, bias, kernel_size, stride, paddin
 
 # ---- per-module BatchNorm (training mode) -------------------------------------------------------
 
-def _check_module_norm(x, groups, weight, bias=None):
+def _check_module_norm(x, groups, weight, bias=None, offsets=None):
     _check_float("x", x)
     _check(x.dim() >= 2, f"x must be [G*N, C, *], got shape {list(x.shape)}")
-    _check(groups >= 1 and x.shape[0] % groups == 0 and x.numel() > 0,
-           f"groups={groups} must be positive and divide the rows of x (shape "
-           f"{list(x.shape)})")
+    if offsets is None:
+        _check(groups >= 1 and x.shape[0] % groups == 0 and x.numel() > 0,
+               f"groups={groups} must be positive and divide the rows of x (shape "
+               f"{list(x.shape)})")
+    else:
+        _check(groups >= 1 and x.numel() > 0,
+               f"groups={groups} must be positive and x (shape {list(x.shape)}) non-empty")
+        _check_ragged_rows(x, groups, offsets, None)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _check(t.dtype == x.dtype and tuple(t.shape) == (x.shape[1],) and t.device == x.device,
@@ -548,20 +620,21 @@ def _stats_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def module_batch_norm(x, groups, weight, bias, eps, relu=False):
+def module_batch_norm(x, groups, weight, bias, eps, relu=False, offsets=None):
     """reference.module_batch_norm after the kernels' argument checks; float16 / bfloat16 run in
     float32 (y in x's dtype, mean / invstd float32)."""
-    _check_module_norm(x, groups, weight, bias)
+    _check_module_norm(x, groups, weight, bias, offsets)
     _check(eps >= 0, f"eps must be >= 0, got {eps}")
     up = [None if t is None else t.to(_stats_dtype(x)) for t in (x, weight, bias)]
-    y, mean, invstd = ref.module_batch_norm(up[0], groups, *up[1:], eps, relu)
+    y, mean, invstd = ref.module_batch_norm(up[0], groups, *up[1:], eps, relu, offsets)
     return y.to(x.dtype), mean, invstd
 
 
-def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_mask, out=None):
+def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_mask, out=None,
+                               offsets=None):
     """reference.module_batch_norm_backward -> (grad_x, grad_weight, grad_bias), None where
     output_mask is False."""
-    _check_module_norm(x, groups, weight)
+    _check_module_norm(x, groups, weight, None, offsets)
     _check(grad_y.shape == x.shape and grad_y.dtype == x.dtype,
            f"grad_y must be {x.dtype} {list(x.shape)}, got {grad_y.dtype} {list(grad_y.shape)}")
     stats = (groups, x.shape[1])
@@ -572,7 +645,8 @@ def module_batch_norm_backward(grad_y, x, groups, weight, mean, invstd, output_m
         _check(out.shape == x.shape and out.dtype == x.dtype,
                f"out must be {x.dtype} {list(x.shape)}, got {out.dtype} {list(out.shape)}")
     up = [None if t is None else t.to(_stats_dtype(x)) for t in (grad_y, x, weight, out)]
-    grads = ref.module_batch_norm_backward(up[0], up[1], groups, up[2], mean, invstd, up[3])
+    grads = ref.module_batch_norm_backward(up[0], up[1], groups, up[2], mean, invstd, up[3],
+                                           offsets)
     return tuple(g.to(x.dtype) if want else None for g, want in zip(grads, output_mask))
 
 

@@ -36,7 +36,7 @@ def test_public_names_are_the_users():
     assert set(modsplit.__all__) == {
         "__version__", "MaskedLinear", "MaskedConv2d", "MultiModuleNet", "convert", "decompose",
         "DecomposeConfig", "Grafts", "ModuleBank", "ComposedModel", "CompactModel", "metrics",
-        "ops",
+        "ops", "TensorBatches",
         "get_backend", "set_backend", "ModsplitError", "BankFileError", "CheckpointError",
         "ModsplitMemoryError", "BackendError"}
     assert all(hasattr(modsplit, n) for n in modsplit.__all__)

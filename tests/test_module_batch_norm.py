@@ -226,3 +226,64 @@ def test_fused_relu_opcheck():
     torch.library.opcheck(ops.module_batch_norm_backward,
                           (torch.randn_like(x), x.detach(), 2, w, mean, invstd,
                            [True, True, True], out))
+
+
+# ---- ragged groups (offsets): decompose's sampled negatives ------------------------------------
+
+RAGGED = [([0, 3, 3, 8], (8, 4, 5)), ([0, 1], (1, 2, 3, 3)), ([0, 0, 5, 6, 6], (6, 3, 7, 2)),
+          ([0, 9, 12], (12, 5, 33))]  # groups without rows, one row, S off the 8-lane grid
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bounds,shape", RAGGED, ids=str)
+def test_ragged_groups_match_reference(bounds, shape, dtype, impl, relu):
+    """Each ragged group normalised with its own rows' statistics (the reference: one call per
+    group); a group without rows: mean 0, invstd 1/sqrt(1 + eps), no gradient."""
+    x, w, b = _inputs(shape, dtype, True)
+    offsets = torch.tensor(bounds)
+    groups = len(bounds) - 1
+    fn = ops.module_batch_norm if impl == "kernel" else torch_backend.module_batch_norm
+    y, mean, invstd = fn(x, groups, w, b, 1e-5, relu, offsets)
+    up = [t.double() for t in (x, w, b)]
+    want = reference.module_batch_norm(up[0], groups, *up[1:], 1e-5, relu, offsets)
+    for got, ref in zip((y, mean, invstd), want):
+        _close(got, ref, dtype)
+    for g, (a, c) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a == c:
+            assert torch.all(mean[g] == 0)
+            torch.testing.assert_close(invstd[g].double(), torch.full_like(
+                invstd[g], (1 + 1e-5) ** -0.5, dtype=torch.float64))
+        else:  # a one-group call on the group's rows gives the same statistics
+            _close(mean[g], reference.module_batch_norm(up[0][a:c], 1, *up[1:], 1e-5)[1][0],
+                   dtype)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    back = (ops.module_batch_norm_backward if impl == "kernel"
+            else torch_backend.module_batch_norm_backward)
+    got = back(grad_y, x, groups, w, mean, invstd, [True, True, True], y if relu else None,
+               offsets)
+    want = reference.module_batch_norm_backward(grad_y.double(), up[0], groups, up[1],
+                                                mean.double(), invstd.double(),
+                                                y.double() if relu else None, offsets)
+    for g, r in zip(got, want):
+        _close(g, r, dtype)
+
+
+def test_ragged_autograd_and_opcheck():
+    x, w, b = _inputs((7, 3, 6), torch.float64, True)
+    offsets = torch.tensor([0, 2, 2, 7])
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda *a: module_batch_norm(a[0], 3, *a[1:], 1e-5, True, offsets)[0], leaves)
+    torch.library.opcheck(ops.module_batch_norm, (x.clone().requires_grad_(), 3, w, b, 1e-5,
+                                                  False, offsets))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+@pytest.mark.parametrize("bounds", [[0, 2, 9], [1, 3, 6], [0, 4, 3], [0, 6]])
+def test_bad_ragged_offsets_name_the_argument(impl, bounds):
+    x, w, b = _inputs((6, 4, 5), torch.float32, True)
+    fn = ops.module_batch_norm if impl == "kernel" else torch_backend.module_batch_norm
+    with pytest.raises((RuntimeError, ValueError), match=r"\boffsets\b"):
+        fn(x, 2, w, b, 1e-5, False, torch.tensor(bounds))

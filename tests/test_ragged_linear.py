@@ -105,7 +105,7 @@ def test_extreme_densities(density):
 
 
 @pytest.mark.parametrize("where", ["x", "weight", "grad"])
-@pytest.mark.parametrize("counts", [[3, 0, 9, 5], [90, 70, 0, 80]])  # few / many rows
+@pytest.mark.parametrize("counts", [[3, 0, 9, 5], [30, 0, 20, 40], [90, 70, 0, 80]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_non_finite_values_propagate_as_in_the_reference(where, counts, dtype):
     """inf and NaN reach the outputs as in the reference (0 * inf = NaN): the kernels skip
@@ -175,6 +175,32 @@ def test_module_loop_threads_give_the_same_bits(threads):
         torch.set_num_threads(previous)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("counts", [[20, 0, 64, 5, 33], [17, 40]])
+def test_blank_input_columns(counts, dtype):
+    """Image-like x (runs of all-zero columns, as an image's blank border): modules of more than
+    a few rows take the score-gradient GEMM over x's nonzero columns only; the values match the
+    reference and the zero columns give exact zeros."""
+    k = len(counts)
+    x, weight, packed, offsets, rows, bias = _case(k, 49, 300, counts, 48, dtype=dtype)
+    blank = torch.zeros(300, dtype=torch.bool)
+    for a, b in ((0, 40), (97, 130), (200, 203), (260, 300)):
+        blank[a:b] = True
+    x[:, blank] = 0
+    g = torch.randn(int(offsets[-1]), 49, dtype=dtype)
+    out = torch.full((k, 49, 300), float("nan"), dtype=dtype)
+    ops.ragged_masked_linear_grad_scores_(out, g, x, weight, packed, offsets, rows)
+    want = _ref(R.ragged_masked_linear_backward, g, x, weight, packed, offsets, rows)
+    _close(out, want[1], dtype)
+    assert torch.equal(out[:, :, blank], torch.zeros_like(out[:, :, blank]))
+    gx, gs, _ = _ops.ragged_masked_linear_backward(g, x, weight, packed, offsets, rows,
+                                                   [True, True, False])
+    assert torch.equal(gs, out)
+    _close(gx, want[0], dtype)
+    _close(ops.ragged_masked_linear(x, weight, packed, offsets, rows, bias),
+           _ref(R.ragged_masked_linear, x, weight, packed, offsets, rows, bias), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

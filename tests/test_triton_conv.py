@@ -1,5 +1,6 @@
-"""Triton masked_conv2d / multi_masked_conv2d (unfold + masked GEMM): outputs and gradients
-against the reference. Without a GPU the kernels run under the Triton interpreter."""
+"""Triton masked_conv2d / multi_masked_conv2d (unfold + masked GEMM) and ragged_masked_conv2d
+(per module, through them): outputs and gradients against the reference. Without a GPU the
+kernels run under the Triton interpreter."""
 import importlib.util
 
 import pytest
@@ -81,3 +82,49 @@ def test_noncontiguous_input():
     x = x.transpose(2, 3).contiguous().transpose(2, 3)
     _assert_close_cpu(T.multi_masked_conv2d(*_d(x, weight, packed, bias), *args),
            ref.multi_masked_conv2d(x, weight, packed, bias, *args))
+
+
+def _ragged(case, counts, r, density=0.4):
+    """(x [R or T, C, H, W], weight, packed [K, O, words], offsets, rows or None, bias, args)."""
+    b, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    weight = torch.randn(o, c // groups, kh, kw)
+    packed = ref.multi_topk_mask(torch.randn(len(counts), *weight.shape), density)
+    t = sum(counts)
+    x = torch.randn(t if r is None else r, c, h, w)
+    rows = None if r is None else torch.randint(0, r, (t,))
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    return x, weight, packed, offsets, rows, torch.randn(o), (stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("counts,r", [([2, 0, 3], 4), ([1, 2], None), ([0, 0], 3)])
+def test_ragged_masked_conv2d(case, counts, r):
+    x, weight, packed, offsets, rows, bias, args = _ragged(CASES[case], counts, r)
+    opt = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    y = T.ragged_masked_conv2d(*_d(x, weight, packed, offsets), opt(rows), opt(bias), *args)
+    _assert_close_cpu(y, ref.ragged_masked_conv2d(x, weight, packed, offsets, rows, bias, *args))
+    g = torch.randn(y.shape)
+    got = T.ragged_masked_conv2d_backward(*_d(g, x, weight, packed, offsets), opt(rows), *args,
+                                          [True, True, True])
+    want = ref.ragged_masked_conv2d_backward(g, x, weight, packed, offsets, rows, *args)
+    for a, e in zip(got, want):
+        _assert_close_cpu(a, e)
+
+
+def test_ragged_autograd_exact_weight_grad():
+    x, weight, packed, offsets, rows, bias, args = _ragged(CASES[0], [2, 0, 3], 4, density=0.1)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    dev = [t.detach().to(DEVICE).requires_grad_() for t in (x, weight, bias)]
+    y = ref.ragged_masked_conv2d(leaves[0], leaves[1], packed, offsets, rows, leaves[2], *args)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    T.ragged_masked_conv2d(dev[0], dev[1], *_d(packed, offsets, rows), dev[2],
+                           *args).backward(g.to(DEVICE))
+    for a, e in zip(dev, leaves):
+        _assert_close_cpu(a.grad, e.grad)
+
+
+def test_ragged_bad_offsets_are_named():
+    x, weight, packed, offsets, rows, bias, args = _ragged(CASES[0], [2, 1], 4)
+    with pytest.raises(ValueError, match="offsets"):
+        T.ragged_masked_conv2d(*_d(x, weight, packed, torch.tensor([0, 2, 2]), rows, bias), *args)

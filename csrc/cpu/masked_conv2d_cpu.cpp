@@ -1,4 +1,4 @@
-// masked_conv2d / multi_masked_conv2d forward and backward on the CPU.
+// masked_conv2d / multi_masked_conv2d / ragged_masked_conv2d forward and backward on the CPU.
 //
 // Notation (all ops reduce to it): x5 [Kx, B, C, H, W] with Kx = 1 (shared input; also the
 // single-module ops, K = 1) or Kx = K (one input per module); weight [O, Cg, kh, kw] with
@@ -238,6 +238,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_conv2d_backward_cpu(
   return {gx.defined() ? gx.view(x.sizes()) : gx, gs.defined() ? gs.view(gs_shape) : gs, gb};
 }
 
+// ragged_masked_conv2d: module k's rows x[rows[t]] (or x[t]), offsets[k] <= t < offsets[k+1],
+// as one single-module problem of conv_forward / conv_backward (its own path choice, dense or
+// sparse, from its own mask), the modules in order (each convolution is parallel inside).
+
+// The rows the modules read, [T, C, H, W] contiguous.
+static at::Tensor ragged_rows(const at::Tensor& x, const c10::optional<at::Tensor>& rows) {
+  return rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
+}
+
+at::Tensor ragged_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& packed, const at::Tensor& offsets,
+                                    const c10::optional<at::Tensor>& rows,
+                                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups) {
+  int64_t T = 0;
+  const auto g = ragged_conv_geometry(x, weight, packed, offsets, rows, stride, padding,
+                                      dilation, groups, T);
+  check_bias(bias, weight);
+  check_ragged_values(x.size(0), offsets, rows, T);
+  auto out = at::empty({T, g.O, g.Ho, g.Wo}, x.options());  // every row is some module's
+  const auto xs = ragged_rows(x, rows);
+  const auto off = offsets.contiguous();
+  const int64_t* op = off.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t n = op[k + 1] - op[k];
+    if (n == 0) continue;
+    const auto xk = xs.narrow(0, op[k], n);
+    const auto pk = packed.select(0, k);
+    const auto gk = conv_geometry(xk, weight, pk, stride, padding, dilation, groups, false);
+    out.narrow(0, op[k], n).copy_(conv_forward(xk.unsqueeze(0), weight, pk.unsqueeze(0), bias, gk)[0]);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& packed, const at::Tensor& offsets, const c10::optional<at::Tensor>& rows,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  int64_t T = 0;
+  const auto g = ragged_conv_geometry(x, weight, packed, offsets, rows, stride, padding,
+                                      dilation, groups, T);
+  check_ragged_values(x.size(0), offsets, rows, T);
+  check_same_device(grad_out, weight, "grad_out", "weight");
+  check_same_dtype(grad_out, weight, "grad_out", "weight");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, g.O, g.Ho, g.Wo}),
+              "modsplit: grad_out must have shape ", at::IntArrayRef({T, g.O, g.Ho, g.Wo}),
+              " (the forward output's), got ", grad_out.sizes());
+  const bool need_gx = output_mask[0], need_gs = output_mask[1];
+  at::Tensor gx_rows, gs, gb;
+  if (output_mask[2]) gb = grad_out.sum({0, 2, 3});
+  if (!need_gx && !need_gs) return {gx_rows, gs, gb};
+  const auto xs = ragged_rows(x, rows);
+  const auto go = grad_out.contiguous();
+  if (need_gx) gx_rows = at::empty_like(xs);  // every row is some module's
+  if (need_gs) gs = at::empty({g.K, g.O, g.Cg, g.kh, g.kw}, x.options());
+  const auto off = offsets.contiguous();
+  const int64_t* op = off.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t n = op[k + 1] - op[k];
+    if (n == 0) {  // the empty sum times W
+      if (need_gs) gs.select(0, k).copy_(weight).mul_(0);
+      continue;
+    }
+    const auto xk = xs.narrow(0, op[k], n);
+    const auto pk = packed.select(0, k);
+    const auto gk = conv_geometry(xk, weight, pk, stride, padding, dilation, groups, false);
+    auto [dx, ds, unused] = conv_backward_any(go.narrow(0, op[k], n).unsqueeze(0), xk.unsqueeze(0),
+                                              weight, pk.unsqueeze(0), gk,
+                                              {need_gx, need_gs, false});
+    if (need_gx) gx_rows.narrow(0, op[k], n).copy_(dx.view(xk.sizes()));
+    if (need_gs) gs.select(0, k).copy_(ds.view(weight.sizes()));
+  }
+  at::Tensor gx;
+  if (need_gx) gx = rows.has_value() ? at::zeros_like(x).index_add_(0, *rows, gx_rows) : gx_rows;
+  return {gx, gs, gb};
+}
+
 }  // namespace modsplit
 
 TORCH_LIBRARY_IMPL(modsplit, CPU, m) {
@@ -245,4 +324,6 @@ TORCH_LIBRARY_IMPL(modsplit, CPU, m) {
   m.impl("masked_conv2d_backward", &modsplit::masked_conv2d_backward_cpu);
   m.impl("multi_masked_conv2d", &modsplit::multi_masked_conv2d_cpu);
   m.impl("multi_masked_conv2d_backward", &modsplit::multi_masked_conv2d_backward_cpu);
+  m.impl("ragged_masked_conv2d", &modsplit::ragged_masked_conv2d_cpu);
+  m.impl("ragged_masked_conv2d_backward", &modsplit::ragged_masked_conv2d_backward_cpu);
 }

@@ -435,11 +435,8 @@ void grad_scores_tiled(const at::Tensor& g3, const at::Tensor& x3, const at::Ten
     // One input for all modules: a single GEMM [K*O, N] x [N, I] (BLAS runs a tall product at a
     // better rate than K products of O rows), then W broadcast over the modules.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto gt = g3.transpose(1, 2).contiguous().view({K * O, g3.size(1)});
-    if (grad_scores_zero_columns(gt, x3.select(0, 0), w, gs)) return;
-    auto flat = gs.view({K * O, I});
-    at::mm_out(flat, gt, x3.select(0, 0));
-    gs.mul_(w.unsqueeze(0));
+    linear_impl::grad_scores_gemm(g3.transpose(1, 2).contiguous().view({K * O, g3.size(1)}),
+                                  x3.select(0, 0), w, gs);
     return;
   }
   const int64_t T = tile_rows(O, I, w.element_size(), kScoreTileBytes, 1);
@@ -498,6 +495,14 @@ at::Tensor per_module(const at::Tensor& x3, int64_t K) {
 // ---- shared drivers (masked_linear_impl.h) ------------------------------------------------
 
 namespace linear_impl {
+
+void grad_scores_gemm(const at::Tensor& gt, const at::Tensor& x, const at::Tensor& w,
+                      at::Tensor& gs) {
+  if (grad_scores_zero_columns(gt, x, w, gs)) return;
+  auto flat = gs.view({gt.size(0), x.size(1)});
+  at::mm_out(flat, gt, x);
+  gs.view({-1, w.size(0), w.size(1)}).mul_(w.unsqueeze(0));
+}
 
 // x3 [S, N, I], p3 [K, O, words] -> [K, N, O].
 at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at::Tensor& p3,

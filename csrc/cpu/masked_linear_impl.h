@@ -19,6 +19,11 @@ at::Tensor forward_impl(const at::Tensor& x3, const at::Tensor& weight, const at
 void grad_scores_into(const at::Tensor& g3, const at::Tensor& x3, const at::Tensor& w,
                       const at::Tensor& p3, at::Tensor& gs);
 
+// gs (contiguous, gt.size(0) * I elements) = (gt [M, N] x [N, I]) * W with M = K*O (row r
+// times W's row r % O): one GEMM, on x's nonzero columns only where it has enough zero ones.
+void grad_scores_gemm(const at::Tensor& gt, const at::Tensor& x, const at::Tensor& w,
+                      at::Tensor& gs);
+
 // g3 [K, N, O], x3 [S, N, I] -> (grad_x [S, N, I] (summed over the modules when S = 1),
 // grad_scores [K, O, I], grad_bias [O]); undefined where output_mask is false.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g3,

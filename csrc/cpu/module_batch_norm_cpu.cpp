@@ -3,7 +3,10 @@
 //
 // x [G*N, C, *] (contiguous after the call's .contiguous()), seen as [G, N, C, S]: group g's rows
 // n = 0..N-1, channel c, the S positions of the trailing dims; the statistics of (g, c) reduce
-// over N x S, each row a contiguous run of S values. y and grad_x have x's shape. Work items
+// over N x S, each row a contiguous run of S values. With offsets (int64 [G+1], rising from 0 to
+// x's rows: ragged groups, decompose's sampled negatives) group g holds rows offsets[g] ..
+// offsets[g+1] - 1 instead; a group without rows gets mean 0 and invstd 1/sqrt(1 + eps) (no
+// value to normalise) and adds nothing to the weight and bias gradients. y and grad_x have x's shape. Work items
 // are the G*C pairs (at::parallel_for); per pair:
 //  forward   one pass of shifted sums (shift: the pair's first value, so the variance
 //            E[(x-k)^2] - E[x-k]^2 does not cancel; float32 sums in vector lanes over blocks of
@@ -32,16 +35,30 @@ constexpr int kChains = 8;  // independent accumulators per sum (latency hiding)
 
 struct NormShape {
   int64_t G, N, C, S;
+  const int64_t* off;  // ragged groups (offsets [G+1]), or nullptr: G groups of N rows
+  int64_t first(int64_t g) const { return off ? off[g] : g * N; }
+  int64_t rows(int64_t g) const { return off ? off[g + 1] - off[g] : N; }
 };
 
+// offsets_c: the contiguous offsets the returned shape points into (kept alive by the caller).
 NormShape check_norm(const at::Tensor& x, int64_t groups, const c10::optional<at::Tensor>& weight,
-                     const c10::optional<at::Tensor>& bias) {
+                     const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& offsets, at::Tensor& offsets_c) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "modsplit: x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 2, "modsplit: x must be [G*N, C, *], got shape ", x.sizes());
-  TORCH_CHECK(groups >= 1 && x.size(0) % groups == 0 && x.size(0) > 0 && x.numel() > 0,
-              "modsplit: groups=", groups, " must be positive and divide the rows of x (shape ",
-              x.sizes(), ")");
+  if (offsets.has_value()) {
+    TORCH_CHECK(groups >= 1 && x.size(0) > 0 && x.numel() > 0, "modsplit: groups=", groups,
+                " must be positive and x (shape ", x.sizes(), ") non-empty");
+    check_same_device(*offsets, x, "offsets", "x");
+    check_ragged_index(x, groups, *offsets, c10::nullopt);
+    check_ragged_values(x.size(0), *offsets, c10::nullopt, x.size(0));
+    offsets_c = offsets->contiguous();
+  } else {
+    TORCH_CHECK(groups >= 1 && x.size(0) % groups == 0 && x.size(0) > 0 && x.numel() > 0,
+                "modsplit: groups=", groups, " must be positive and divide the rows of x (shape ",
+                x.sizes(), ")");
+  }
   for (const auto& [t, name] : {std::make_pair(&weight, "weight"), std::make_pair(&bias, "bias")}) {
     if (!t->has_value()) continue;
     TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == x.size(1), "modsplit: ", name,
@@ -49,7 +66,8 @@ NormShape check_norm(const at::Tensor& x, int64_t groups, const c10::optional<at
     check_same_dtype(**t, x, name, "x");
     check_same_device(**t, x, name, "x");
   }
-  return {groups, x.size(0) / groups, x.size(1), x.numel() / (x.size(0) * x.size(1))};
+  return {groups, x.size(0) / groups, x.size(1), x.numel() / (x.size(0) * x.size(1)),
+          offsets_c.defined() ? offsets_c.const_data_ptr<int64_t>() : nullptr};
 }
 
 // (sum (a - ca), sum (a - ca) * (b - cb)) over n values of two arrays (b may be a), added to
@@ -118,13 +136,14 @@ inline void run_moments(const double* pa, double ca, const double* pb, double cb
   }
 }
 
-// The same over the N runs of S values of pair (g, c) of two tensors of the same layout.
+// The same over the runs of S values (one per row of group g) of pair (g, c) of two tensors of
+// the same layout.
 template <bool Masked, typename T>
 std::pair<double, double> pair_moments(const T* a, T ca, const T* b, T cb, const T* z,
                                        const NormShape& s, int64_t g, int64_t c) {
   double su = 0, sv = 0;
-  for (int64_t n = 0; n < s.N; ++n) {
-    const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
+  for (int64_t r = s.first(g); r < s.first(g) + s.rows(g); ++r) {
+    const int64_t off = (r * s.C + c) * s.S;
     run_moments<Masked>(a + off, ca, b + off, cb, Masked ? z + off : nullptr, s.S, su, sv);
   }
   return {su, sv};
@@ -136,8 +155,8 @@ std::pair<double, double> pair_moments(const T* a, T ca, const T* b, T cb, const
 template <bool MaskA, bool Relu, typename T>
 void pair_affine(T* out, const T* a, const T* b, const T* z, const NormShape& s, int64_t g,
                  int64_t c, T alpha, T beta, T center, T gamma) {
-  for (int64_t n = 0; n < s.N; ++n) {
-    const int64_t off = ((g * s.N + n) * s.C + c) * s.S;
+  for (int64_t r = s.first(g); r < s.first(g) + s.rows(g); ++r) {
+    const int64_t off = (r * s.C + c) * s.S;
     T* __restrict__ po = out + off;
     const T* pa = a + off;
     const T* pb = b + off;
@@ -152,14 +171,18 @@ void pair_affine(T* out, const T* a, const T* b, const T* z, const NormShape& s,
   }
 }
 
-int64_t grain(const NormShape& s) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(s.N * s.S, 1));
+// (group, channel) pairs per task: about 64K values (the mean pair's).
+int64_t grain(const at::Tensor& x, int64_t groups) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) * groups * x.size(1) /
+                                  std::max<int64_t>(x.numel(), 1));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
     const at::Tensor& x_in, int64_t groups, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps, bool relu) {
-  const NormShape s = check_norm(x_in, groups, weight, bias);
+    const c10::optional<at::Tensor>& bias, double eps, bool relu,
+    const c10::optional<at::Tensor>& offsets) {
+  at::Tensor offsets_c;
+  const NormShape s = check_norm(x_in, groups, weight, bias, offsets, offsets_c);
   TORCH_CHECK(eps >= 0, "modsplit: eps must be >= 0, got ", eps);
   const auto x = x_in.contiguous();
   const auto wc = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -167,7 +190,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
   auto y = at::empty_like(x);
   auto mean = at::empty({s.G, s.C}, x.options());
   auto invstd = at::empty({s.G, s.C}, x.options());
-  const double count = static_cast<double>(s.N * s.S);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "module_batch_norm_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* w = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
@@ -175,10 +197,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
     scalar_t* pi = invstd.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.G * s.C, grain(x, s.G), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / s.C, c = item % s.C;
-        const scalar_t shift = px[(g * s.N * s.C + c) * s.S];  // the pair's first value
+        if (s.rows(g) == 0) {  // a ragged group without rows
+          pm[item] = scalar_t(0);
+          pi[item] = static_cast<scalar_t>(1.0 / std::sqrt(1.0 + eps));
+          continue;
+        }
+        const double count = static_cast<double>(s.rows(g) * s.S);
+        const scalar_t shift = px[(s.first(g) * s.C + c) * s.S];  // the pair's first value
         const double k = static_cast<double>(shift);
         const auto [d, dd] = pair_moments<false>(px, shift, px, shift, px, s, g, c);
         const double m = d / count;
@@ -200,8 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, int64_t groups,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& out_in) {
-  const NormShape s = check_norm(x_in, groups, weight, c10::nullopt);
+    std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& out_in,
+    const c10::optional<at::Tensor>& offsets) {
+  at::Tensor offsets_c;
+  const NormShape s = check_norm(x_in, groups, weight, c10::nullopt, offsets, offsets_c);
   check_same_dtype(grad_y_in, x_in, "grad_y", "x");
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "modsplit: grad_y must have x's shape ",
               x_in.sizes(), ", got ", grad_y_in.sizes());
@@ -227,7 +257,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
   at::Tensor gx = output_mask[0] ? at::empty_like(x) : at::Tensor();
   auto sum_g = at::empty({s.G, s.C}, x.options().dtype(at::kDouble));   // sum grad_y
   auto sum_gx = at::empty({s.G, s.C}, x.options().dtype(at::kDouble));  // sum grad_y * xhat
-  const double count = static_cast<double>(s.N * s.S);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "module_batch_norm_backward_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pg = gy.const_data_ptr<scalar_t>();
@@ -241,9 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> module_batch_norm_backward_cpu(
     const auto moments = masked ? pair_moments<true, scalar_t> : pair_moments<false, scalar_t>;
     const auto affine = masked ? pair_affine<true, false, scalar_t>
                                : pair_affine<false, false, scalar_t>;
-    at::parallel_for(0, s.G * s.C, grain(s), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.G * s.C, grain(x, s.G), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / s.C, c = item % s.C;
+        const double count = static_cast<double>(s.rows(g) * s.S);
         const double inv = static_cast<double>(pi[item]);
         const auto [a, ax] = moments(pg, scalar_t(0), px, pm[item], pz, s, g, c);
         sg[item] = a;

@@ -42,23 +42,7 @@ namespace {
 int64_t check_ragged_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
                           const at::Tensor& offsets, const c10::optional<at::Tensor>& rows) {
   const int64_t T = check_ragged_shapes(x, weight, packed, offsets, rows);
-  const int64_t K = packed.size(0);
-  if (rows.has_value()) {
-    const auto r = rows->contiguous();
-    const int64_t* rp = r.const_data_ptr<int64_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(rp[t] >= 0 && rp[t] < x.size(0), "modsplit: rows must lie in [0, ", x.size(0),
-                  ") (the rows of x), got rows[", t, "] = ", rp[t]);
-    }
-  }
-  const auto o = offsets.contiguous();
-  const int64_t* op = o.const_data_ptr<int64_t>();
-  TORCH_CHECK(op[0] == 0 && op[K] == T, "modsplit: offsets must rise from 0 to ", T,
-              " (the rows the modules take), got offsets[0] = ", op[0], ", offsets[K] = ", op[K]);
-  for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(op[k + 1] >= op[k], "modsplit: offsets must not decrease, got offsets[", k,
-                "] = ", op[k], " > offsets[", k + 1, "] = ", op[k + 1]);
-  }
+  check_ragged_values(x.size(0), offsets, rows, T);
   return T;
 }
 
@@ -74,6 +58,7 @@ using cpu::v8f;
 
 // Modules of at most kFewRows rows run the kernels of their own.
 constexpr int64_t kFewRows = 64;
+constexpr int64_t kFewScoreRows = 16;
 constexpr int64_t kBlockRows = cpu::kMaxVecs * cpu::kLanes;  // rows per walk block
 
 int64_t lanes_for(int64_t n) { return (n + cpu::kLanes - 1) / cpu::kLanes * cpu::kLanes; }
@@ -368,12 +353,12 @@ at::Tensor rows_of(const at::Tensor& v, int64_t first, int64_t n) {
 // the product of its empty sums).
 void grad_scores_into(const at::Tensor& g, const at::Tensor& x,
                       const c10::optional<at::Tensor>& rows, const at::Tensor& w,
-                      const at::Tensor& p, const at::Tensor& offs, at::Tensor& gs) {
+                      const at::Tensor& offs, at::Tensor& gs) {
   Layout L(offs);
   at::Tensor rkeep;
   const int64_t* rp = row_ptr(rows, rkeep);
   for (int64_t k = 0; k < L.K; ++k) {
-    L.own[k] = L.count(k) <= kFewRows &&
+    L.own[k] = L.count(k) <= kFewScoreRows &&
                (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble);
   }
   if (L.any_own()) {
@@ -390,9 +375,10 @@ void grad_scores_into(const at::Tensor& g, const at::Tensor& x,
   if (!L.any_other()) return;
   const auto xs = gathered(x, rows);
   for_other_modules(L, [&](int64_t k, int64_t first, int64_t n) {
-    auto gsk = gs.narrow(0, k, 1);
-    linear_impl::grad_scores_into(rows_of(g, first, n), rows_of(xs, first, n), w,
-                                  p.narrow(0, k, 1), gsk);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads start in grad mode
+    auto gsk = gs.select(0, k);
+    linear_impl::grad_scores_gemm(g.narrow(0, first, n).t().contiguous(), xs.narrow(0, first, n),
+                                  w, gsk);
   });
 }
 
@@ -454,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_linear_backward_cpu
   }
   if (output_mask[1]) {
     gs = at::empty({p.size(0), w.size(0), w.size(1)}, w.options());
-    grad_scores_into(g, xc, rows, w, p, offs, gs);
+    grad_scores_into(g, xc, rows, w, offs, gs);
   }
   if (output_mask[2]) gb = g.sum(0);
   return {gx, gs, gb};
@@ -475,7 +461,7 @@ void ragged_masked_linear_grad_scores_cpu(at::Tensor& out, const at::Tensor& gra
   TORCH_CHECK(out.is_contiguous(), "modsplit: out must be contiguous (written in place)");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   grad_scores_into(grad_out.contiguous(), x.contiguous(), rows, weight.contiguous(),
-                   packed.contiguous(), offsets.contiguous(), out);
+                   offsets.contiguous(), out);
 }
 
 }  // namespace

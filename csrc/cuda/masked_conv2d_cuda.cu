@@ -1,4 +1,5 @@
-// masked_conv2d / multi_masked_conv2d forward and backward on CUDA: always the expanded path of
+// masked_conv2d / multi_masked_conv2d / ragged_masked_conv2d forward and backward on CUDA: always
+// the expanded path of
 // routing.cuh (rows = batch x output pixels are many). Per chunk of c modules (the scratch bound),
 // expand_mask_cuda.cu writes W*M_k into a reused buffer and one cuDNN call (at::convolution,
 // at::convolution_backward) does the arithmetic:
@@ -7,7 +8,8 @@
 //   per-module    [K, B, C, H, W]: the chunk's inputs folded into the channels [B, c*C, H, W],
 //                 groups = c*G, rows ordered (module, group, row).
 // grad_scores = dL/d(W*M_k) * W (cuDNN's grad_weight, then one in-place product); grad_bias: an
-// ATen reduction. Same structure as the CPU kernels (oneDNN) in csrc/cpu/masked_conv2d_cpu.cpp.
+// ATen reduction. ragged_masked_conv2d: one host read of offsets (and of rows' range), then each
+// module with rows as a one-module shared-input problem of the same two functions. Same structure as the CPU kernels (oneDNN) in csrc/cpu/masked_conv2d_cpu.cpp.
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
 
@@ -176,6 +178,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_conv2d_backward_cuda
                        true);
 }
 
+// ---- ragged_masked_conv2d --------------------------------------------------------------------
+
+// The one host read of a ragged call: offsets (and, with rows, their minimum and maximum) in one
+// device-to-host copy, checked on the host (check_ragged_values); returns offsets [K+1].
+static std::vector<int64_t> read_ragged(const at::Tensor& x, const at::Tensor& offsets,
+                                        const c10::optional<at::Tensor>& rows, int64_t T) {
+  const int64_t K = offsets.size(0) - 1;
+  const bool range = rows.has_value() && T > 0;
+  at::Tensor buf = offsets;
+  if (range) {
+    const auto [lo, hi] = at::aminmax(*rows);
+    buf = at::cat({offsets, lo.view({1}), hi.view({1})});
+  }
+  const auto host = buf.to(at::kCPU);
+  const int64_t* h = host.const_data_ptr<int64_t>();
+  if (range) {
+    TORCH_CHECK(h[K + 1] >= 0 && h[K + 2] < x.size(0), "modsplit: rows must lie in [0, ",
+                x.size(0), ") (the rows of x), got values in [", h[K + 1], ", ", h[K + 2], "]");
+  }
+  check_ragged_values(x.size(0), host.narrow(0, 0, K + 1), c10::nullopt, T);
+  return std::vector<int64_t>(h, h + K + 1);
+}
+
+at::Tensor ragged_masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& packed, const at::Tensor& offsets,
+                                     const c10::optional<at::Tensor>& rows,
+                                     const c10::optional<at::Tensor>& bias,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  check_cuda(weight, "weight");
+  int64_t T = 0;
+  const ConvGeom s = ragged_conv_geometry(x, weight, packed, offsets, rows, stride, padding,
+                                          dilation, groups, T);
+  check_bias(bias, weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const auto off = read_ragged(x, offsets, rows, T);
+  auto out = at::empty({T, s.O, s.Ho, s.Wo}, x.options());  // every row is some module's
+  const auto xs = rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
+  const auto w = weight.contiguous();
+  const auto p = packed.contiguous();
+  for (int64_t k = 0; k < s.K; ++k) {
+    const int64_t n = off[k + 1] - off[k];
+    if (n == 0) continue;
+    const auto xk = xs.narrow(0, off[k], n);
+    const auto pk = p.narrow(0, k, 1);
+    const ConvGeom sk = conv_geometry(xk, w, pk, stride, padding, dilation, groups, true);
+    auto yk = out.narrow(0, off[k], n).unsqueeze(0);  // [1, n, O, Ho, Wo], contiguous
+    forward(xk.unsqueeze(0), w, pk, bias, sk, yk);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& packed, const at::Tensor& offsets, const c10::optional<at::Tensor>& rows,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  check_cuda(weight, "weight");
+  int64_t T = 0;
+  const ConvGeom s = ragged_conv_geometry(x, weight, packed, offsets, rows, stride, padding,
+                                          dilation, groups, T);
+  check_same_device(grad_out, weight, "grad_out", "weight");
+  check_same_dtype(grad_out, weight, "grad_out", "weight");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, s.O, s.Ho, s.Wo}),
+              "modsplit: grad_out must have shape ", at::IntArrayRef({T, s.O, s.Ho, s.Wo}),
+              " (the forward output's), got ", grad_out.sizes());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const bool need_gx = output_mask[0], need_gs = output_mask[1];
+  at::Tensor gx, gs, gb;
+  if (output_mask[2]) gb = grad_out.sum(at::IntArrayRef{0, 2, 3});
+  if (!need_gx && !need_gs) return {gx, gs, gb};
+  const auto off = read_ragged(x, offsets, rows, T);
+  const auto xs = rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
+  const auto go = grad_out.contiguous();
+  const auto w = weight.contiguous();
+  const auto p = packed.contiguous();
+  at::Tensor gx_rows = need_gx ? at::empty_like(xs) : at::Tensor();  // every row is a module's
+  if (need_gs) gs = at::empty({s.K, s.O, s.Cg, s.kh, s.kw}, w.options());
+  for (int64_t k = 0; k < s.K; ++k) {
+    const int64_t n = off[k + 1] - off[k];
+    if (n == 0) {  // the empty sum times W
+      if (need_gs) gs.select(0, k).copy_(w).mul_(0);
+      continue;
+    }
+    const auto xk = xs.narrow(0, off[k], n);
+    const auto pk = p.narrow(0, k, 1);
+    const ConvGeom sk = conv_geometry(xk, w, pk, stride, padding, dilation, groups, true);
+    auto [dx, ds] = backward(go.narrow(0, off[k], n).unsqueeze(0), xk.unsqueeze(0), w, pk, sk,
+                             need_gx, need_gs);
+    if (need_gx) gx_rows.narrow(0, off[k], n).copy_(dx[0]);
+    if (need_gs) gs.narrow(0, k, 1).copy_(ds);
+  }
+  if (need_gx) gx = rows.has_value() ? at::zeros_like(x).index_add_(0, *rows, gx_rows) : gx_rows;
+  return {gx, gs, gb};
+}
+
 }  // namespace cuda
 }  // namespace modsplit
 
@@ -184,4 +282,6 @@ TORCH_LIBRARY_IMPL(modsplit, CUDA, m) {
   m.impl("masked_conv2d_backward", &modsplit::cuda::masked_conv2d_backward_cuda);
   m.impl("multi_masked_conv2d", &modsplit::cuda::multi_masked_conv2d_cuda);
   m.impl("multi_masked_conv2d_backward", &modsplit::cuda::multi_masked_conv2d_backward_cuda);
+  m.impl("ragged_masked_conv2d", &modsplit::cuda::ragged_masked_conv2d_cuda);
+  m.impl("ragged_masked_conv2d_backward", &modsplit::cuda::ragged_masked_conv2d_backward_cuda);
 }

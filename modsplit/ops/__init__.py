@@ -12,7 +12,8 @@ from modsplit.ops.linear import (masked_linear, multi_masked_linear,
 from modsplit.ops.mask import multi_topk_mask, pack_mask, topk_mask, unpack_mask
 from modsplit.ops.norm import module_batch_norm
 from modsplit.ops.pool import max_pool2x2
-from modsplit.ops.ragged import ragged_masked_linear, ragged_masked_linear_grad_scores_
+from modsplit.ops.ragged import (ragged_masked_conv2d, ragged_masked_linear,
+                                 ragged_masked_linear_grad_scores_)
 from modsplit.ops.sparse import sparse_conv2d, sparse_linear, sparse_linear_chain
 
 __all__ = [
@@ -20,5 +21,5 @@ __all__ = [
     "multi_masked_linear", "masked_conv2d", "multi_masked_conv2d", "sparse_linear",
     "sparse_linear_chain", "sparse_conv2d", "module_batch_norm", "channel_affine", "max_pool2x2",
     "graft_cross_entropy", "multi_masked_linear_grad_scores_", "ragged_masked_linear",
-    "ragged_masked_linear_grad_scores_",
+    "ragged_masked_linear_grad_scores_", "ragged_masked_conv2d",
 ]

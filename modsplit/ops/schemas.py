@@ -52,6 +52,14 @@ SCHEMAS = {
                             "-> Tensor"),
     "multi_masked_conv2d_backward": (f"(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
                                      f"{_ARGS}, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
+    # K modules over one conv weight, module k on its own rows offsets[k] .. offsets[k+1] - 1
+    # of the output, reading x[rows[t]] (x's own rows without rows): x [R, C, H, W] ->
+    # [T, O, Ho, Wo]; the backward's grad_scores is [K, *weight.shape].
+    "ragged_masked_conv2d": ("(Tensor x, Tensor weight, Tensor packed, Tensor offsets, "
+                             f"Tensor? rows, Tensor? bias, {_ARGS}) -> Tensor"),
+    "ragged_masked_conv2d_backward": ("(Tensor grad_out, Tensor x, Tensor weight, Tensor packed, "
+                                      f"Tensor offsets, Tensor? rows, {_ARGS}, "
+                                      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"),
     # compact (CSR) inference ops of modsplit.compact; no autograd
     "sparse_linear": ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias=None, "
                       "bool relu=False) -> Tensor"),
@@ -77,11 +85,14 @@ SCHEMAS = {
     # x [G*N, C, *] (G groups of N rows), weight / bias [C] -> (y like x, mean [G, C],
     # invstd [G, C]).
     # relu: ReLU on y in the same pass; the backward's out (y under relu) applies its gradient.
+    # offsets: int64 [G+1] rising from 0 to x's rows: ragged groups (group g: rows offsets[g] ..
+    # offsets[g+1] - 1; one without rows gets mean 0, invstd 1/sqrt(1 + eps)).
     "module_batch_norm": ("(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, "
-                          "bool relu=False) -> (Tensor, Tensor, Tensor)"),
+                          "bool relu=False, Tensor? offsets=None) -> (Tensor, Tensor, Tensor)"),
     "module_batch_norm_backward": ("(Tensor grad_y, Tensor x, int groups, Tensor? weight, "
                                    "Tensor mean, Tensor invstd, bool[3] output_mask, "
-                                   "Tensor? out=None) -> (Tensor, Tensor, Tensor)"),
+                                   "Tensor? out=None, Tensor? offsets=None) "
+                                   "-> (Tensor, Tensor, Tensor)"),
     # A per-(group, channel) affine map, then ReLU with relu (BatchNorm in eval mode and the ReLU
     # after it; modsplit.fused_layers): x [G*N, C, *], scale / shift [G, C] -> y like x. The
     # backward gives grad_x only (out: the forward's output, needed with relu).
