@@ -31,12 +31,12 @@ Sides, all timed on the same pre-drawn batches, interleaved round by round in th
   batched compiled      the same forward + loss under torch.compile, and the optimizer step
                         compiled too (torch.compile(opt.step));
   modsplit, sampled     (extra row with --ratio r) decompose's step with sampled negatives
-                        (on a masked MLP each module runs on its own rows only:
-                        ragged_masked_linear in modsplit.chain_step);
-  modsplit, sampled negatives, padded rows  (extra row with --ratio and --unfused-row, FC
-                        workloads) the same with every module on the rows of the widest,
-                        padded to [K, m], through autograd (train_step(ragged=False): the step
-                        before stop 18);
+                        (each module runs on its own rows only: ragged_masked_linear in
+                        modsplit.chain_step for a masked MLP, MultiModuleNet.forward_ragged
+                        for a conv net);
+  modsplit, sampled negatives, padded rows  (extra row with --ratio and --unfused-row) the same
+                        with every module on the rows of the widest, padded to [K, m]
+                        (train_step(ragged=False): the step before stop 18 (FC) / 19 (conv));
   modsplit, top-k not fused   (extra row with --unfused-row) decompose's step with
                         fuse_topk=False: the top-k of the next forward instead of the one fused
                         into the score update (the step before stop 14);
@@ -393,10 +393,10 @@ def build_sides(name, steps, with_loop, compiled=True, ratio=None, unfused=False
         if net.masked_chain() is not None:
             sides["modsplit, autograd step"] = ModsplitSide(model, net, grafts, classes, weights,
                                                             anchors, direct=False)
-            if ratio is not None:
-                sides[f"modsplit, sampled negatives r={ratio:g}, padded rows"] = \
-                    ModsplitSide(model, net, grafts, classes, weights, anchors, ratio, counts,
-                                 ragged=False)
+        if ratio is not None:
+            sides[f"modsplit, sampled negatives r={ratio:g}, padded rows"] = \
+                ModsplitSide(model, net, grafts, classes, weights, anchors, ratio, counts,
+                             ragged=False)
     if with_loop:
         sides["per-module loop"] = LoopSide(model, scores, grafts, classes, weights, anchors)
     return sides, batches, impl
