@@ -18,7 +18,8 @@ examples, never used for decomposition or base training): MNIST FC1, candidates 
 ("r:G[:L],..."; L multiplies the sampled run's lr and graft_lr, default 1; --ratios r,... means
 G = L = 1); of the candidates whose validation recomposed accuracy is within 0.5 point and JI
 within 0.03 of full co-training's on the same validation data, the one with the shortest
-validation run is used for every workload (the smallest r, G = L = 1, if none is).
+validation run is used for every workload (the smallest r, G = L = 1, if none is); with
+--per-workload, FC2-FC4 each choose theirs the same way on their own validation runs.
 --loader: both sides' loader, a torch DataLoader (per-example collation, default) or
 modsplit.TensorBatches (slices of the tensors; the data order then comes from torch's global
 RNG, which decompose seeds per epoch).
@@ -104,6 +105,32 @@ def compare(name, model, data, test, k, epochs, seed, cand, log, control=False,
     return out
 
 
+def choose(model, cands, decomp_set, val_set, args, log):
+    """(r, G, L) for `model` (K = 10) on the validation set: of the candidates whose recomposed
+    accuracy is within 0.5 point and JI within 0.03 of full co-training's, the one with the
+    shortest run (the smallest r, G = L = 1, if none is). Returns (choice, record)."""
+    val_runs = {}
+    bank, full_secs = _decompose(model, decomp_set, 10, args.epochs, args.seed, None,
+                                 loader=args.loader)
+    full_q = {**_quality(bank, val_set, 10), "seconds": full_secs}
+    for c in cands:
+        r, g, scale = c
+        bank, secs = _decompose(model, decomp_set, 10, args.epochs, args.seed, r, _batch(g, 10),
+                                scale, args.loader)
+        val_runs[c] = {**_quality(bank, val_set, 10), "seconds": secs}
+        log(f"validation r={r} G={g} L={scale}: {val_runs[c]} (full {full_q})")
+    ok = [c for c in cands if abs(val_runs[c]["ji"] - full_q["ji"]) <= 0.03
+          and 100 * (full_q["acc"] - val_runs[c]["acc"]) <= 0.5]
+    cand = (min(ok, key=lambda c: val_runs[c]["seconds"]) if ok
+            else (min(c[0] for c in cands), 1.0, 1.0))
+    name = ":".join
+    log(f"chosen r = {cand[0]}, G = {cand[1]}, L = {cand[2]}")
+    return cand, {"full": full_q,
+                  "candidates": {name(map(str, c)): v for c, v in val_runs.items()},
+                  "within_tolerance": [name(map(str, c)) for c in ok],
+                  "chosen": name(map(str, cand))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/runs/sampled_negatives")
@@ -114,6 +141,9 @@ def main(argv=None):
     ap.add_argument("--ratio", type=float, default=None, help="skip the validation choice")
     ap.add_argument("--group", type=float, default=1.0, help="G with --ratio")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="L with --ratio")
+    ap.add_argument("--per-workload", action="store_true",
+                    help="FC2-FC4 choose their own (r, G, L) on their validation runs "
+                         "(default: FC1's choice for every workload)")
     ap.add_argument("--control", action="store_true", help="also full co-training on the "
                     "sampled run's batches")
     ap.add_argument("--decomp", type=int, default=10000)
@@ -168,31 +198,18 @@ def main(argv=None):
         cands = ([(float(r), 1.0, 1.0) for r in args.ratios.split(",")] if args.ratios else
                  [tuple(float(v) for v in (c + ":1").split(":")[:3])
                   for c in args.candidates.split(",")])
-        val_runs = {}
-        bank, full_secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, None,
-                                     loader=args.loader)
-        full_q = {**_quality(bank, val_set, 10), "seconds": full_secs}
-        for c in cands:
-            r, g, scale = c
-            bank, secs = _decompose(models["fc1"], decomp_set, 10, args.epochs, args.seed, r,
-                                    _batch(g, 10), scale, args.loader)
-            val_runs[c] = {**_quality(bank, val_set, 10), "seconds": secs}
-            log(f"validation r={r} G={g} L={scale}: {val_runs[c]} (full {full_q})")
-        ok = [c for c in cands if abs(val_runs[c]["ji"] - full_q["ji"]) <= 0.03
-              and 100 * (full_q["acc"] - val_runs[c]["acc"]) <= 0.5]
-        cand = (min(ok, key=lambda c: val_runs[c]["seconds"]) if ok
-                else (min(c[0] for c in cands), 1.0, 1.0))
-        name = ":".join
-        results["choice"] = {"full": full_q,
-                             "candidates": {name(map(str, c)): v for c, v in val_runs.items()},
-                             "within_tolerance": [name(map(str, c)) for c in ok],
-                             "chosen": name(map(str, cand))}
+        cand, results["choice"] = choose(models["fc1"], cands, decomp_set, val_set, args, log)
         save()
     log(f"r = {cand[0]}, G = {cand[1]}, L = {cand[2]}")
     if "mnist" in workloads:
         for name in ("fc1", "fc2", "fc3", "fc4"):
+            own = cand
+            if args.per_workload and args.ratio is None and name != "fc1":
+                own, results.setdefault("choices", {})[name] = choose(
+                    models[name], cands, decomp_set, val_set, args, log)
+                save()
             results["runs"].append(compare(f"mnist {name}", models[name], decomp_set,
-                                           mnist_test, 10, args.epochs, args.seed, cand, log,
+                                           mnist_test, 10, args.epochs, args.seed, own, log,
                                            args.control, args.loader))
             save()
     if "mnist2" in workloads:
