@@ -83,6 +83,17 @@ RAGGED_CASES = ((257, 784, RAGGED_FEW, True), (257, 784, RAGGED_MANY, True),
                 (31, 33, RAGGED_FEW, False), (9, 4096, RAGGED_FEW, True))  # (O, I, counts, rows)
 
 
+def _verdict(what, outputs, want, low):
+    """'' or a failure line: each of (y, grad_x, grad_scores, grad_bias) within _bound_ok of the
+    float64 reference `want` (`low`: the reference in the outputs' dtype)."""
+    bad = []
+    for label, a, w64, lo in zip(("y", "grad_x", "grad_scores", "grad_bias"), outputs, want, low):
+        ok, err = _bound_ok(a, w64, lo) if a.shape == w64.shape else (False, float("nan"))
+        if not ok:
+            bad.append(f"{label} err {err:.3g} shape {list(a.shape)}")
+    return f"FAIL {what}: " + ", ".join(bad) if bad else ""
+
+
 def check_ragged(name, o, i, counts, with_rows, dtype):
     """ragged_masked_linear and the three gradients of its backward on backend `name`, K =
     len(counts) modules on rows drawn from a batch of 32 (or x's own rows); '' or a failure line."""
@@ -108,12 +119,7 @@ def check_ragged(name, o, i, counts, with_rows, dtype):
                                                offsets, rows))
     low = (ref.ragged_masked_linear(lx, lw, packed, offsets, rows, lb),
            *ref.ragged_masked_linear_backward(lg, lx, lw, packed, offsets, rows))
-    bad = []
-    for label, a, w64, lo in zip(("y", "grad_x", "grad_scores", "grad_bias"), (y, *got), want, low):
-        ok, err = _bound_ok(a, w64, lo) if a.shape == w64.shape else (False, float("nan"))
-        if not ok:
-            bad.append(f"{label} err {err:.3g} shape {list(a.shape)}")
-    return f"FAIL {what}: " + ", ".join(bad) if bad else ""
+    return _verdict(what, (y, *got), want, low)
 
 
 RAGGED_CONV_CASES = ((16, 32, 16, [6, 0, 9, 4], True), (3, 16, 32, [1, 2, 0], False))  # C, O, HW
@@ -144,12 +150,7 @@ def check_ragged_conv(name, c, o, hw, counts, with_rows, dtype):
             *ref.ragged_masked_conv2d_backward(up[3], up[0], up[1], packed, offsets, rows, *args))
     low = (ref.ragged_masked_conv2d(lx, lw, packed, offsets, rows, lb, *args),
            *ref.ragged_masked_conv2d_backward(lg, lx, lw, packed, offsets, rows, *args))
-    bad = []
-    for label, a, w64, lo in zip(("y", "grad_x", "grad_scores", "grad_bias"), (y, *got), want, low):
-        ok, err = _bound_ok(a, w64, lo) if a.shape == w64.shape else (False, float("nan"))
-        if not ok:
-            bad.append(f"{label} err {err:.3g} shape {list(a.shape)}")
-    return f"FAIL {what}: " + ", ".join(bad) if bad else ""
+    return _verdict(what, (y, *got), want, low)
 
 
 def ragged():

@@ -100,6 +100,16 @@ inline ConvGeom ragged_conv_geometry(const at::Tensor& x, const at::Tensor& weig
   return g;
 }
 
+// ragged_masked_conv2d_backward's grad_out: [T, O, Ho, Wo] on weight's device, weight's dtype.
+inline void check_ragged_conv_grad_out(const at::Tensor& grad_out, const at::Tensor& weight,
+                                       const ConvGeom& g, int64_t T) {
+  check_same_device(grad_out, weight, "grad_out", "weight");
+  check_same_dtype(grad_out, weight, "grad_out", "weight");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, g.O, g.Ho, g.Wo}),
+              "modsplit: grad_out must have shape ", at::IntArrayRef({T, g.O, g.Ho, g.Wo}),
+              " (the forward output's), got ", grad_out.sizes());
+}
+
 inline void check_conv_grad_out(const at::Tensor& grad_out, const at::Tensor& weight, const ConvGeom& g,
                     bool multi) {
   check_same_device(grad_out, weight, "grad_out", "weight");

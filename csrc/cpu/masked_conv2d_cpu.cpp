@@ -282,11 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cpu
   const auto g = ragged_conv_geometry(x, weight, packed, offsets, rows, stride, padding,
                                       dilation, groups, T);
   check_ragged_values(x.size(0), offsets, rows, T);
-  check_same_device(grad_out, weight, "grad_out", "weight");
-  check_same_dtype(grad_out, weight, "grad_out", "weight");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, g.O, g.Ho, g.Wo}),
-              "modsplit: grad_out must have shape ", at::IntArrayRef({T, g.O, g.Ho, g.Wo}),
-              " (the forward output's), got ", grad_out.sizes());
+  check_ragged_conv_grad_out(grad_out, weight, g, T);
   const bool need_gx = output_mask[0], need_gs = output_mask[1];
   at::Tensor gx_rows, gs, gb;
   if (output_mask[2]) gb = grad_out.sum({0, 2, 3});

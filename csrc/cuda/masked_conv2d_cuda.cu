@@ -239,11 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cud
   int64_t T = 0;
   const ConvGeom s = ragged_conv_geometry(x, weight, packed, offsets, rows, stride, padding,
                                           dilation, groups, T);
-  check_same_device(grad_out, weight, "grad_out", "weight");
-  check_same_dtype(grad_out, weight, "grad_out", "weight");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, s.O, s.Ho, s.Wo}),
-              "modsplit: grad_out must have shape ", at::IntArrayRef({T, s.O, s.Ho, s.Wo}),
-              " (the forward output's), got ", grad_out.sizes());
+  check_ragged_conv_grad_out(grad_out, weight, s, T);
   const c10::cuda::CUDAGuard guard(weight.device());
   const bool need_gx = output_mask[0], need_gs = output_mask[1];
   at::Tensor gx, gs, gb;
