@@ -4,7 +4,8 @@
 
 decomposes an untrained, seeded FC1 (MODEL "fc1"; "fc1_bn": FC1 with a BatchNorm1d of random
 statistics after its hidden layer, decomposed with per-module statistics; "fc1_sampled": FC1 with
-sampled negatives, neg_ratio 2) on 256 MNIST images (8 batches of 32 per epoch, 2 epochs),
+sampled negatives, neg_ratio 2, a masked MLP's ragged step; "fc1_bn_sampled": FC1-BN with them,
+MultiModuleNet.forward_ragged) on 256 MNIST images (8 batches of 32 per epoch, 2 epochs),
 sleeping DELAY seconds per batch, checkpointing every 2 steps into FOLDER ("-": none), as one
 rank of a torch.distributed run when WORLD_SIZE is set (else alone), and saves the bank to OUT,
 or OUT.rank<RANK> when RANK is set.
@@ -77,12 +78,12 @@ def main(folder, out, delay, seed, shared_init, model_name="fc1"):
     if "WORLD_SIZE" in os.environ:
         distributed.init_from_env(timeout=datetime.timedelta(seconds=20))
     torch.manual_seed(0)
-    model = fc1_bn() if model_name == "fc1_bn" else FC1().eval()
+    model = fc1_bn() if model_name.startswith("fc1_bn") else FC1().eval()
     loader = _Slow(DataLoader(load_dataset("mnist", "train", limit=256), batch_size=32,
                               shuffle=True), float(delay))
     bank = decompose(model, loader, 10, epochs=2, progress=False, seed=int(seed),
                      distributed="auto", shared_init=bool(int(shared_init)),
-                     neg_ratio=2.0 if model_name == "fc1_sampled" else None,
+                     neg_ratio=2.0 if model_name.endswith("_sampled") else None,
                      checkpoint_dir=None if folder == "-" else folder, checkpoint_every=2)
     bank.save(f"{out}.rank{os.environ['RANK']}" if "RANK" in os.environ else out)
 

@@ -7,6 +7,8 @@ import signal
 import socket
 import time
 
+import pytest
+
 from modsplit import checkpoint, files
 from modsplit.distributed import Shard
 from tests.decompose_child import launch, same_bank
@@ -64,10 +66,12 @@ def test_two_ranks_equal_one_process_and_survive_a_killed_rank(tmp_path):
     same_bank(tmp_path / "one.rank0", tmp_path / "resumed.rank0")
 
 
-def test_two_ranks_with_sampled_negatives_equal_one_process(tmp_path):
-    """Each module's rows and kernel paths depend on that module alone, not on its shard."""
-    _ok(_launch(1, "-", tmp_path / "one", model="fc1_sampled"))
-    _ok(_launch(2, "-", tmp_path / "two", model="fc1_sampled"))
+@pytest.mark.parametrize("model", ["fc1_sampled", "fc1_bn_sampled"])
+def test_two_ranks_with_sampled_negatives_equal_one_process(tmp_path, model):
+    """Each module's rows, kernel paths and (per-module BatchNorm) statistics depend on that
+    module alone, not on its shard: the masked MLP's ragged step and forward_ragged."""
+    _ok(_launch(1, "-", tmp_path / "one", model=model))
+    _ok(_launch(2, "-", tmp_path / "two", model=model))
     meta, _ = files.read_file(tmp_path / "one.rank0")
     assert meta["config"]["neg_ratio"] == 2.0  # the runs did sample their negatives
     for rank in (0, 1):
