@@ -14,6 +14,9 @@ arithmetic as TFLOP/s against cuBLAS on the same shapes. Rows:
   ragged            K = 10 modules on 8 or 32 rows each sampled from a batch of 32, 4096² bf16:
                     ragged_masked_linear (cuda, triton) vs the torch backend's twin
                     (modsplit.torch_backend.ragged_masked_linear: rows padded, batched GEMM)
+  ragged conv       K = 10 modules on 13 images each sampled from a batch of 32 (sampled
+                    negatives, r = 3), 64->64 3x3 32² bf16: ragged_masked_conv2d (cuda, triton)
+                    vs the multi-module op on the rows padded to [K, 32] (the padded step)
   topk              10 x 4096 x 4096 scores: multi_topk_mask vs torch.topk + scatter
 Design targets (kernel-notes): >= 70 % of the copy at M = 1, K = 1; >= 5x the loop at K = 10.
 """
@@ -145,6 +148,26 @@ def ragged_rows(copy_bps):
     return out
 
 
+def ragged_conv_rows():
+    k, per, batch, c, hw, o = 10, 13, 32, 64, 32, 64
+    x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(o, c, 3, 3, device="cuda", dtype=torch.bfloat16)
+    packed = ref.multi_topk_mask(torch.randn(k, o, c, 3, 3, device="cuda"), 0.1)
+    rows = torch.randint(0, batch, (k * per,), device="cuda")
+    offsets = torch.arange(0, k * per + 1, per, device="cuda")
+    padded = x[torch.randint(0, batch, (k, batch), device="cuda")]  # [K, 32, C, H, W]
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    cases = {name: _with(name, lambda: ops.ragged_masked_conv2d(x, w, packed, offsets, rows, None,
+                                                                *args))
+             for name in ("cuda", "triton")}
+    cases["multi_masked_conv2d, rows padded to [K, 32]"] = _with(
+        "cuda", lambda: ops.multi_masked_conv2d(padded, w, packed, None, *args))
+    times = {c_: _time(f) for c_, f in cases.items()}
+    base = times["multi_masked_conv2d, rows padded to [K, 32]"]
+    return [f"| ragged conv bf16 K=10 {per} rows each 64->64 3x3 32² | {c_} | {ms * 1e3:.1f} µs "
+            f"| | {base / ms:.2f}x |" for c_, ms in times.items()]
+
+
 def topk_rows(copy_bps):
     k, n = 10, 4096
     scores = torch.randn(k, n, n, device="cuda")
@@ -190,7 +213,7 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     failed = False
     for part in (lambda: linear_rows(copy_bps), conv_rows, lambda: ragged_rows(copy_bps),
-                 lambda: topk_rows(copy_bps)):
+                 ragged_conv_rows, lambda: topk_rows(copy_bps)):
         try:
             emit(part())
         except Exception as exc:  # one failing part must not hide the others' numbers
