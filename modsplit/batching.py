@@ -30,7 +30,8 @@ class TensorBatches:
         n = len(self.dataset)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
+            end = i + self.batch_size
+            idx = order[i:end] if order is not None else slice(i, end)
             yield tuple(t[idx] for t in self.dataset.tensors)
 
 

@@ -296,8 +296,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _epoch_batches(loader, seed: int, epoch: int, skip: int):
     """Iterator over the loader's batches of `epoch`, in an order fixed by (seed, epoch): torch's
     global generator and the generator of the loader or of its samplers (if any) are seeded
-    before the loader's iterator is made. The first `skip` batches (done before a resume) are drawn and dropped
-    here, before the function returns."""
+    before the loader's iterator is made. The first `skip` batches (done before a resume) are
+    drawn and dropped here, before the function returns."""
     torch.manual_seed(_epoch_seed(seed, epoch))
     for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
         if isinstance(getattr(owner, "generator", None), torch.Generator):

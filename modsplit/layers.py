@@ -186,8 +186,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     def _forward_ragged(self, x, scores, packed, offsets):
         """x [T, *, I] -> [T, *, O]: the rows of x[t] (all of its * positions) are module k's
         for offsets[k] <= t < offsets[k+1]."""
-        per_row = x[0].numel() // max(x.shape[-1], 1) if x.shape[0] else 1
-        h, off = x.reshape(-1, x.shape[-1]), offsets * per_row
+        h, off = x.reshape(-1, x.shape[-1]), offsets * math.prod(x.shape[1:-1])
         if scores is None:
             y = ops.ragged_masked_linear(h, self.weight, packed, off, None, self.bias)
         else:

@@ -115,13 +115,8 @@ class ModuleBatchNorm(nn.Module):
         if self.training:  # one op (a C++ kernel on the CPU): statistics, normalisation, affine
             y, mean, invstd = norm_ops.module_batch_norm(x, groups, self.weight, self.bias,
                                                          self.eps, relu)
-            with torch.no_grad():
-                n = x.numel() // (groups * self.num_features)
-                var = invstd.double().pow(-2).sub(self.eps).clamp(min=0)  # biased, [G, C]
-                m, v = self.momentum, (var * (n / max(n - 1, 1))).to(self.running_var.dtype)
-                self.running_mean[idx] = ((1 - m) * self.running_mean[idx]
-                                          + m * mean.to(self.running_mean.dtype))
-                self.running_var[idx] = (1 - m) * self.running_var[idx] + m * v
+            n = x.numel() // (groups * self.num_features)
+            self._update_running(idx, mean, invstd, n / max(n - 1, 1), self.momentum)
             return y
         mean, var = self.running_mean[idx[:groups]], self.running_var[idx[:groups]]
         scale, shift = self._affine(mean, var)
@@ -136,14 +131,9 @@ class ModuleBatchNorm(nn.Module):
         if self.training:
             y, mean, invstd = norm_ops.module_batch_norm(x, len(idx), self.weight, self.bias,
                                                          self.eps, relu, offsets)
-            with torch.no_grad():
-                n = (counts * (x[0].numel() // self.num_features)).double()[:, None]  # [K, 1]
-                var = invstd.double().pow(-2).sub(self.eps).clamp(min=0)  # biased, [K, C]
-                m = torch.where(counts[:, None] > 0, self.momentum, 0.0)  # no rows: unchanged
-                v = (var * (n / (n - 1).clamp(min=1))).to(self.running_var.dtype)
-                self.running_mean[idx] = ((1 - m) * self.running_mean[idx]
-                                          + m * mean.to(self.running_mean.dtype))
-                self.running_var[idx] = (1 - m) * self.running_var[idx] + m * v
+            n = (counts * (x[0].numel() // self.num_features)).double()[:, None]  # [K, 1]
+            self._update_running(idx, mean, invstd, n / (n - 1).clamp(min=1),
+                                 torch.where(counts[:, None] > 0, self.momentum, 0.0))
             return y
         if x.shape[0] == 0:
             return torch.relu(x) if relu else x
@@ -151,6 +141,18 @@ class ModuleBatchNorm(nn.Module):
         rows = torch.repeat_interleave(counts, output_size=x.shape[0])
         return affine_ops.channel_affine(x, x.shape[0], scale.to(x.dtype)[rows],
                                          shift.to(x.dtype)[rows], relu)
+
+    def _update_running(self, idx, mean, invstd, unbias, m):
+        """Running statistics of the modules idx after a training pass with batch statistics
+        mean / invstd [G, C] (G = len(idx), or 1 for all): momentum m (a number, or [G, 1]: 0
+        leaves a module unchanged) and the variance times unbias = n / (n - 1) (a number or
+        [G, 1]: unbiased, as nn.BatchNorm keeps it)."""
+        with torch.no_grad():
+            var = invstd.double().pow(-2).sub(self.eps).clamp(min=0)  # biased, [G, C]
+            v = (var * unbias).to(self.running_var.dtype)
+            self.running_mean[idx] = ((1 - m) * self.running_mean[idx]
+                                      + m * mean.to(self.running_mean.dtype))
+            self.running_var[idx] = (1 - m) * self.running_var[idx] + m * v
 
     def module_affine(self, modules) -> tuple:
         """(scale, shift) float [len(modules), C] of the listed modules in eval mode:

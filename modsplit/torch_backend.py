@@ -330,6 +330,12 @@ def ragged_masked_linear_grad_scores_(out, grad_out, x, weight, packed, offsets,
                                             [False, True, False])[1])
 
 
+def conv_out_hw(x, weight, stride, padding, dilation):
+    """[Ho, Wo] of a convolution of x [..., H, W] by weight [O, C/groups, kh, kw]."""
+    return [(x.shape[-2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1)
+            // stride[d] + 1 for d in range(2)]
+
+
 def check_ragged_conv(x, weight, packed, offsets, rows, bias, groups):
     """Validate ragged_masked_conv2d's arguments; returns (K, T)."""
     _check(x.dim() == 4, f"x must be [R, C, H, W], got {list(x.shape)}")
@@ -338,25 +344,57 @@ def check_ragged_conv(x, weight, packed, offsets, rows, bias, groups):
     return _check_ragged_rows(x, packed.shape[0], offsets, rows)
 
 
+def ragged_conv_forward(x, offsets, rows, out_shape, module_out):
+    """ragged_masked_conv2d's module loop (this twin's and the Triton backend's): out of
+    out_shape [T, O, Ho, Wo], module_out(k, xk [n, C, H, W]) -> [n, O, Ho, Wo] for every module
+    k with n > 0 rows (x[rows[offsets[k]:offsets[k+1]]], or x's own rows)."""
+    xs = x if rows is None else x.index_select(0, rows)
+    bounds = offsets.tolist()
+    out = x.new_empty(out_shape)  # every row is some module's
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            out[a:b] = module_out(k, xs[a:b])
+    return out
+
+
+def ragged_conv_backward(grad_out, x, weight, offsets, rows, output_mask, module_grads):
+    """Its backward loop: (grad_x like x, grad_scores [K, *weight.shape] (0 * W for a module
+    without rows), grad_bias [O]), None where output_mask is False; module_grads(k, xk, gk
+    [n, O, Ho, Wo]) -> (grad_x of xk, grad_scores [*weight.shape]), None where not requested."""
+    k = offsets.shape[0] - 1
+    xs = x if rows is None else x.index_select(0, rows)
+    bounds = offsets.tolist()
+    gx_rows = xs.new_zeros(xs.shape) if output_mask[0] else None
+    gs = weight.new_empty((k, *weight.shape)) if output_mask[1] else None
+    for m, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b == a:
+            if gs is not None:
+                gs[m] = weight * 0
+            continue
+        gx, gsm = module_grads(m, xs[a:b], grad_out[a:b])
+        if gx is not None:
+            gx_rows[a:b] = gx
+        if gsm is not None:
+            gs[m] = gsm
+    gx = None
+    if output_mask[0]:
+        gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
+    return gx, gs, grad_out.sum((0, 2, 3)) if output_mask[2] else None
+
+
 def ragged_masked_conv2d(x, weight, packed, offsets, rows, bias, stride, padding, dilation,
                          groups):
     """x [R, C, H, W], packed [K, O, words], offsets int64 [K+1], rows int64 [T] or None ->
     [T, O, Ho, Wo]: module k on its rows (modsplit.ops.schemas), one conv_expanded call per
     module with rows."""
-    k, t = check_ragged_conv(x, weight, packed, offsets, rows, bias, groups)
-    xs = x if rows is None else x.index_select(0, rows)
-    bounds = offsets.tolist()
-    hw = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1)
-          // stride[d] + 1 for d in range(2)]
+    _, t = check_ragged_conv(x, weight, packed, offsets, rows, bias, groups)
+    hw = conv_out_hw(x, weight, stride, padding, dilation)
     _check(min(hw) > 0, f"the kernel {list(weight.shape[2:])} (dilation {list(dilation)}) does "
                         f"not fit the padded input {list(x.shape[2:])} (padding {list(padding)})")
-    out = x.new_empty(t, weight.shape[0], *hw)  # every row is some module's
-    for m in range(k):
-        a, b = bounds[m], bounds[m + 1]
-        if b > a:
-            out[a:b] = conv_expanded(xs[a:b], weight, packed[m:m + 1], bias, stride, padding,
-                                     dilation, groups)[0]
-    return out
+    return ragged_conv_forward(
+        x, offsets, rows, (t, weight.shape[0], *hw),
+        lambda k, xk: conv_expanded(xk, weight, packed[k:k + 1], bias, stride, padding,
+                                    dilation, groups)[0])
 
 
 def ragged_masked_conv2d_backward(grad_out, x, weight, packed, offsets, rows, stride, padding,
@@ -364,32 +402,19 @@ def ragged_masked_conv2d_backward(grad_out, x, weight, packed, offsets, rows, st
     """-> (grad_x like x, grad_scores [K, *weight.shape] (0 * W for a module without rows),
     grad_bias [O]); None where output_mask is False. One conv_backward_expanded call per module
     with rows."""
-    k, t = check_ragged_conv(x, weight, packed, offsets, rows, None, groups)
+    _, t = check_ragged_conv(x, weight, packed, offsets, rows, None, groups)
     _check(grad_out.dim() == 4 and grad_out.shape[:2] == (t, weight.shape[0])
            and grad_out.dtype == x.dtype,
            f"grad_out must be {x.dtype} [{t}, {weight.shape[0]}, Ho, Wo], got {grad_out.dtype} "
            f"{list(grad_out.shape)}")
-    xs = x if rows is None else x.index_select(0, rows)
-    bounds = offsets.tolist()
-    gx_rows = xs.new_zeros(xs.shape) if output_mask[0] else None
-    gs = weight.new_empty((k, *weight.shape)) if output_mask[1] else None
-    for m in range(k):
-        a, b = bounds[m], bounds[m + 1]
-        if b == a:
-            if gs is not None:
-                gs[m] = weight * 0
-            continue
-        gx, gsm, _ = conv_backward_expanded(grad_out[None, a:b], xs[a:b], weight,
-                                            packed[m:m + 1], stride, padding, dilation, groups,
-                                            [output_mask[0], output_mask[1], False])
-        if gx is not None:
-            gx_rows[a:b] = gx
-        if gsm is not None:
-            gs[m] = gsm[0]
-    gx = None
-    if output_mask[0]:
-        gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
-    return gx, gs, grad_out.sum((0, 2, 3)) if output_mask[2] else None
+
+    def module_grads(k, xk, gk):
+        gx, gs, _ = conv_backward_expanded(gk[None], xk, weight, packed[k:k + 1], stride, padding,
+                                           dilation, groups, [output_mask[0], output_mask[1],
+                                                              False])
+        return gx, None if gs is None else gs[0]
+
+    return ragged_conv_backward(grad_out, x, weight, offsets, rows, output_mask, module_grads)
 
 
 # ---- conv ---------------------------------------------------------------------------------------

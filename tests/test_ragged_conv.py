@@ -177,6 +177,7 @@ def test_autograd_of_the_op(with_rows):
         xs[a:b], ref_leaves[1] * R.unpack_mask(packed[k], weight.shape).double(), ref_leaves[2],
         *args) for k, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist()))]
     want = torch.autograd.grad(torch.cat(parts), ref_leaves, g)
+    assert len(got) == 3 and all(a.abs().sum() > 0 for a in got)  # x, weight, bias all reached
     for a, w in zip(got, want):
         _close(a, w, torch.float64)
 

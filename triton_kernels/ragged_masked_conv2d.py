@@ -19,16 +19,7 @@ from .utils import register_op
 
 
 def _out_shape(x, weight, t, stride, padding, dilation):
-    hw = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1)
-          // stride[d] + 1 for d in range(2)]
-    return (t, weight.shape[0], *hw)
-
-
-def _spans(offsets, rows, x):
-    """(rows taken [T, C, H, W], [(k, first, end)] of the modules with rows): the host read."""
-    bounds = offsets.tolist()
-    xs = x if rows is None else x.index_select(0, rows)
-    return xs, [(k, a, b) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    return (t, weight.shape[0], *tb.conv_out_hw(x, weight, stride, padding, dilation))
 
 
 @register_op("modsplit_triton::ragged_masked_conv2d",
@@ -41,12 +32,10 @@ def ragged_masked_conv2d(x, weight, packed, offsets, rows, bias, stride, padding
         t = x.shape[0] if rows is None else rows.shape[0]
         return x.new_empty(_out_shape(x, weight, t, stride, padding, dilation))
     _, t = tb.check_ragged_conv(x, weight, packed, offsets, rows, bias, groups)
-    out = x.new_empty(_out_shape(x, weight, t, stride, padding, dilation))
-    xs, spans = _spans(offsets, rows, x)
-    for k, a, b in spans:
-        out[a:b] = _forward_conv(xs[a:b], weight, packed[k], bias, stride, padding, dilation,
-                                 groups)[0]
-    return out
+    return tb.ragged_conv_forward(
+        x, offsets, rows, _out_shape(x, weight, t, stride, padding, dilation),
+        lambda k, xk: _forward_conv(xk, weight, packed[k], bias, stride, padding, dilation,
+                                    groups)[0])
 
 
 @register_op("modsplit_triton::ragged_masked_conv2d_backward",
@@ -66,20 +55,10 @@ def ragged_masked_conv2d_backward(grad_out, x, weight, packed, offsets, rows, st
     if tuple(grad_out.shape) != want or grad_out.dtype != x.dtype:
         raise ValueError(f"modsplit: grad_out must be {x.dtype} {list(want)}, got "
                          f"{grad_out.dtype} {list(grad_out.shape)}")
-    xs, spans = _spans(offsets, rows, x)
-    gx_rows = torch.zeros_like(xs) if output_mask[0] else None
-    gs = (weight * 0).expand(k, *weight.shape).clone() if output_mask[1] else None
-    for m, a, b in spans:
-        gx, gsm, _ = _backward(grad_out[a:b], xs[a:b], weight, packed[m], stride, padding,
-                               dilation, groups, [output_mask[0], output_mask[1], False])
-        if gx is not None:
-            gx_rows[a:b] = gx
-        if gsm is not None:
-            gs[m] = gsm
-    gx = None
-    if output_mask[0]:
-        gx = gx_rows if rows is None else torch.zeros_like(x).index_add_(0, rows, gx_rows)
-    return gx, gs, grad_out.sum((0, 2, 3)) if output_mask[2] else None
+    return tb.ragged_conv_backward(
+        grad_out, x, weight, offsets, rows, output_mask,
+        lambda m, xk, gk: _backward(gk, xk, weight, packed[m], stride, padding, dilation, groups,
+                                    [output_mask[0], output_mask[1], False])[:2])
 
 
 @register_op("modsplit_triton::ragged_masked_conv2d_weight_grad",
@@ -90,11 +69,13 @@ def ragged_masked_conv2d_weight_grad(grad_out, x, weight, packed, offsets, rows,
     """Exact dL/dW [*weight.shape] = sum_k dL/d(W*M_k) * M_k (autograd's weight gradient)."""
     if _traced(grad_out, x, offsets, rows):
         return weight.new_empty(weight.shape)
-    xs, spans = _spans(offsets, rows, x)
+    xs = x if rows is None else x.index_select(0, rows)
+    bounds = offsets.tolist()
     total = torch.zeros_like(weight)
-    for k, a, b in spans:
-        total += masked_conv2d_weight_grad(grad_out[a:b], xs[a:b], weight, packed[k], stride,
-                                           padding, dilation, groups)
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            total += masked_conv2d_weight_grad(grad_out[a:b], xs[a:b], weight, packed[k], stride,
+                                               padding, dilation, groups)
     return total
 
 

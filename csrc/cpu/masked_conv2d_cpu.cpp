@@ -25,6 +25,7 @@
 
 #include "../checks.h"
 #include "../conv_geometry.h"
+#include "../ragged_conv.h"
 #include "masked_conv2d_sparse.h"
 
 namespace modsplit {
@@ -240,11 +241,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_masked_conv2d_backward_cpu(
 
 // ragged_masked_conv2d: module k's rows x[rows[t]] (or x[t]), offsets[k] <= t < offsets[k+1],
 // as one single-module problem of conv_forward / conv_backward (its own path choice, dense or
-// sparse, from its own mask), the modules in order (each convolution is parallel inside).
+// sparse, from its own mask), the modules in order (each convolution is parallel inside);
+// the loops: ragged_conv.h.
 
-// The rows the modules read, [T, C, H, W] contiguous.
-static at::Tensor ragged_rows(const at::Tensor& x, const c10::optional<at::Tensor>& rows) {
-  return rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
+static std::vector<int64_t> offsets_of(const at::Tensor& offsets) {
+  const auto o = offsets.contiguous();
+  return std::vector<int64_t>(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + o.numel());
 }
 
 at::Tensor ragged_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -258,19 +260,12 @@ at::Tensor ragged_masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
                                       dilation, groups, T);
   check_bias(bias, weight);
   check_ragged_values(x.size(0), offsets, rows, T);
-  auto out = at::empty({T, g.O, g.Ho, g.Wo}, x.options());  // every row is some module's
-  const auto xs = ragged_rows(x, rows);
-  const auto off = offsets.contiguous();
-  const int64_t* op = off.const_data_ptr<int64_t>();
-  for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t n = op[k + 1] - op[k];
-    if (n == 0) continue;
-    const auto xk = xs.narrow(0, op[k], n);
-    const auto pk = packed.select(0, k);
-    const auto gk = conv_geometry(xk, weight, pk, stride, padding, dilation, groups, false);
-    out.narrow(0, op[k], n).copy_(conv_forward(xk.unsqueeze(0), weight, pk.unsqueeze(0), bias, gk)[0]);
-  }
-  return out;
+  return ragged_conv_forward(
+      x, rows, offsets_of(offsets), g, T, [&](int64_t k, const at::Tensor& xk, at::Tensor& yk) {
+        const auto pk = packed.select(0, k);
+        const auto gk = conv_geometry(xk, weight, pk, stride, padding, dilation, groups, false);
+        yk.copy_(conv_forward(xk.unsqueeze(0), weight, pk.unsqueeze(0), bias, gk)[0]);
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cpu(
@@ -283,34 +278,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cpu
                                       dilation, groups, T);
   check_ragged_values(x.size(0), offsets, rows, T);
   check_ragged_conv_grad_out(grad_out, weight, g, T);
-  const bool need_gx = output_mask[0], need_gs = output_mask[1];
-  at::Tensor gx_rows, gs, gb;
-  if (output_mask[2]) gb = grad_out.sum({0, 2, 3});
-  if (!need_gx && !need_gs) return {gx_rows, gs, gb};
-  const auto xs = ragged_rows(x, rows);
-  const auto go = grad_out.contiguous();
-  if (need_gx) gx_rows = at::empty_like(xs);  // every row is some module's
-  if (need_gs) gs = at::empty({g.K, g.O, g.Cg, g.kh, g.kw}, x.options());
-  const auto off = offsets.contiguous();
-  const int64_t* op = off.const_data_ptr<int64_t>();
-  for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t n = op[k + 1] - op[k];
-    if (n == 0) {  // the empty sum times W
-      if (need_gs) gs.select(0, k).copy_(weight).mul_(0);
-      continue;
-    }
-    const auto xk = xs.narrow(0, op[k], n);
-    const auto pk = packed.select(0, k);
-    const auto gk = conv_geometry(xk, weight, pk, stride, padding, dilation, groups, false);
-    auto [dx, ds, unused] = conv_backward_any(go.narrow(0, op[k], n).unsqueeze(0), xk.unsqueeze(0),
-                                              weight, pk.unsqueeze(0), gk,
-                                              {need_gx, need_gs, false});
-    if (need_gx) gx_rows.narrow(0, op[k], n).copy_(dx.view(xk.sizes()));
-    if (need_gs) gs.select(0, k).copy_(ds.view(weight.sizes()));
-  }
-  at::Tensor gx;
-  if (need_gx) gx = rows.has_value() ? at::zeros_like(x).index_add_(0, *rows, gx_rows) : gx_rows;
-  return {gx, gs, gb};
+  return ragged_conv_backward(
+      grad_out, x, weight, rows, g, output_mask, [&] { return offsets_of(offsets); },
+      [&](int64_t k, const at::Tensor& xk, const at::Tensor& gk_out) {
+        const auto pk = packed.select(0, k);
+        const auto gk = conv_geometry(xk, weight, pk, stride, padding, dilation, groups, false);
+        auto [dx, ds, unused] = conv_backward_any(gk_out.unsqueeze(0), xk.unsqueeze(0), weight,
+                                                  pk.unsqueeze(0), gk,
+                                                  {output_mask[0], output_mask[1], false});
+        return std::make_pair(dx, ds);
+      });
 }
 
 }  // namespace modsplit

@@ -1,19 +1,21 @@
 // masked_conv2d / multi_masked_conv2d / ragged_masked_conv2d forward and backward on CUDA: always
-// the expanded path of
-// routing.cuh (rows = batch x output pixels are many). Per chunk of c modules (the scratch bound),
-// expand_mask_cuda.cu writes W*M_k into a reused buffer and one cuDNN call (at::convolution,
-// at::convolution_backward) does the arithmetic:
+// the expanded path of routing.cuh (rows = batch x output pixels are many). Per chunk of c
+// modules (the scratch bound), expand_mask_cuda.cu writes W*M_k into a reused buffer and one
+// cuDNN call (at::convolution, at::convolution_backward) does the arithmetic:
 //   shared input  [B, C, H, W]: groups = G, the weight's rows ordered (group, module, row), so the
 //                 input is read once for the chunk's modules and never repeated;
 //   per-module    [K, B, C, H, W]: the chunk's inputs folded into the channels [B, c*C, H, W],
 //                 groups = c*G, rows ordered (module, group, row).
 // grad_scores = dL/d(W*M_k) * W (cuDNN's grad_weight, then one in-place product); grad_bias: an
 // ATen reduction. ragged_masked_conv2d: one host read of offsets (and of rows' range), then each
-// module with rows as a one-module shared-input problem of the same two functions. Same structure as the CPU kernels (oneDNN) in csrc/cpu/masked_conv2d_cpu.cpp.
+// module with rows as a one-module shared-input problem of the same two functions (the loops:
+// ../ragged_conv.h, shared with the CPU kernel). Same structure as the CPU kernels (oneDNN) in
+// csrc/cpu/masked_conv2d_cpu.cpp.
 // Not yet run on a GPU (written and compiled on a GPU-less machine).
 #include <torch/library.h>
 
 #include "../conv_geometry.h"
+#include "../ragged_conv.h"
 #include "common.cuh"
 #include "expand_mask.cuh"
 #include "routing.cuh"
@@ -213,21 +215,16 @@ at::Tensor ragged_masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weig
                                           dilation, groups, T);
   check_bias(bias, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const auto off = read_ragged(x, offsets, rows, T);
-  auto out = at::empty({T, s.O, s.Ho, s.Wo}, x.options());  // every row is some module's
-  const auto xs = rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed.contiguous();
-  for (int64_t k = 0; k < s.K; ++k) {
-    const int64_t n = off[k + 1] - off[k];
-    if (n == 0) continue;
-    const auto xk = xs.narrow(0, off[k], n);
-    const auto pk = p.narrow(0, k, 1);
-    const ConvGeom sk = conv_geometry(xk, w, pk, stride, padding, dilation, groups, true);
-    auto yk = out.narrow(0, off[k], n).unsqueeze(0);  // [1, n, O, Ho, Wo], contiguous
-    forward(xk.unsqueeze(0), w, pk, bias, sk, yk);
-  }
-  return out;
+  return ragged_conv_forward(
+      x, rows, read_ragged(x, offsets, rows, T), s, T,
+      [&](int64_t k, const at::Tensor& xk, at::Tensor& yk) {
+        const auto pk = p.narrow(0, k, 1);
+        const ConvGeom sk = conv_geometry(xk, w, pk, stride, padding, dilation, groups, true);
+        auto y5 = yk.unsqueeze(0);  // [1, n, O, Ho, Wo], contiguous
+        forward(xk.unsqueeze(0), w, pk, bias, sk, y5);
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cuda(
@@ -241,33 +238,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_masked_conv2d_backward_cud
                                           dilation, groups, T);
   check_ragged_conv_grad_out(grad_out, weight, s, T);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const bool need_gx = output_mask[0], need_gs = output_mask[1];
-  at::Tensor gx, gs, gb;
-  if (output_mask[2]) gb = grad_out.sum(at::IntArrayRef{0, 2, 3});
-  if (!need_gx && !need_gs) return {gx, gs, gb};
-  const auto off = read_ragged(x, offsets, rows, T);
-  const auto xs = rows.has_value() ? x.index_select(0, *rows) : x.contiguous();
-  const auto go = grad_out.contiguous();
   const auto w = weight.contiguous();
   const auto p = packed.contiguous();
-  at::Tensor gx_rows = need_gx ? at::empty_like(xs) : at::Tensor();  // every row is a module's
-  if (need_gs) gs = at::empty({s.K, s.O, s.Cg, s.kh, s.kw}, w.options());
-  for (int64_t k = 0; k < s.K; ++k) {
-    const int64_t n = off[k + 1] - off[k];
-    if (n == 0) {  // the empty sum times W
-      if (need_gs) gs.select(0, k).copy_(w).mul_(0);
-      continue;
-    }
-    const auto xk = xs.narrow(0, off[k], n);
-    const auto pk = p.narrow(0, k, 1);
-    const ConvGeom sk = conv_geometry(xk, w, pk, stride, padding, dilation, groups, true);
-    auto [dx, ds] = backward(go.narrow(0, off[k], n).unsqueeze(0), xk.unsqueeze(0), w, pk, sk,
-                             need_gx, need_gs);
-    if (need_gx) gx_rows.narrow(0, off[k], n).copy_(dx[0]);
-    if (need_gs) gs.narrow(0, k, 1).copy_(ds);
-  }
-  if (need_gx) gx = rows.has_value() ? at::zeros_like(x).index_add_(0, *rows, gx_rows) : gx_rows;
-  return {gx, gs, gb};
+  return ragged_conv_backward(
+      grad_out, x, w, rows, s, output_mask, [&] { return read_ragged(x, offsets, rows, T); },
+      [&](int64_t k, const at::Tensor& xk, const at::Tensor& gk_out) {
+        const auto pk = p.narrow(0, k, 1);
+        const ConvGeom sk = conv_geometry(xk, w, pk, stride, padding, dilation, groups, true);
+        return backward(gk_out.unsqueeze(0), xk.unsqueeze(0), w, pk, sk, output_mask[0],
+                        output_mask[1]);
+      });
 }
 
 }  // namespace cuda

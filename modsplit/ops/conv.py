@@ -3,6 +3,7 @@ import torch
 
 from modsplit.backend import ops_for
 from modsplit.reference import unpack_mask as _unpack_ref
+from modsplit.torch_backend import conv_out_hw
 
 _ops = torch.ops.modsplit
 
@@ -25,20 +26,16 @@ def multi_masked_conv2d(x, weight, packed, bias=None, stride=1, padding=0, dilat
                                           _pair(padding), _pair(dilation), int(groups))
 
 
-def _out_hw(x, weight, stride, padding, dilation):
-    return [(x.shape[-2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1)
-            // stride[d] + 1 for d in range(2)]
-
-
 @torch.library.register_fake("modsplit::masked_conv2d")
 def _masked_conv2d_fake(x, weight, packed, bias, stride, padding, dilation, groups):
-    return x.new_empty((x.shape[0], weight.shape[0], *_out_hw(x, weight, stride, padding, dilation)))
+    return x.new_empty((x.shape[0], weight.shape[0],
+                        *conv_out_hw(x, weight, stride, padding, dilation)))
 
 
 @torch.library.register_fake("modsplit::multi_masked_conv2d")
 def _multi_masked_conv2d_fake(x, weight, packed, bias, stride, padding, dilation, groups):
     return x.new_empty((packed.shape[0], x.shape[-4], weight.shape[0],
-                        *_out_hw(x, weight, stride, padding, dilation)))
+                        *conv_out_hw(x, weight, stride, padding, dilation)))
 
 
 def _backward_fake(grad_out, x, weight, packed, stride, padding, dilation, groups, output_mask):

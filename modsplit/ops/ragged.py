@@ -8,7 +8,7 @@ import torch
 
 from modsplit import torch_backend
 from modsplit.backend import ops_for, uses_cpu_kernel
-from modsplit.ops.conv import _out_hw, _pair
+from modsplit.ops.conv import _pair
 from modsplit.ops.linear import _needs
 from modsplit.reference import unpack_mask as _unpack_ref
 
@@ -105,7 +105,8 @@ def ragged_masked_conv2d(x, weight, packed, offsets, rows=None, bias=None, strid
 def _ragged_masked_conv2d_fake(x, weight, packed, offsets, rows, bias, stride, padding, dilation,
                                groups):
     t = x.shape[0] if rows is None else rows.shape[0]
-    return x.new_empty((t, weight.shape[0], *_out_hw(x, weight, stride, padding, dilation)))
+    hw = torch_backend.conv_out_hw(x, weight, stride, padding, dilation)
+    return x.new_empty((t, weight.shape[0], *hw))
 
 
 @torch.library.register_fake("modsplit::ragged_masked_conv2d_backward")
